@@ -1,0 +1,146 @@
+// CPU kernels of the masked additive coupling update (schema and meaning: csrc/ops.cpp).
+// One pass over each row: y, and the next layer's gathered input, are written while the row is hot.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "nice_ext.h"
+
+namespace nice_ext {
+namespace {
+
+// Rows per parallel task: enough work per task to amortise scheduling (about 32k elements).
+int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(features, 1)); }
+
+// shift_col must send the updated features one-to-one onto the columns of shift (-1 marks kept ones).
+void check_shift_col_cpu(const at::Tensor& shift_col, int64_t updated) {
+  std::vector<char> seen(updated, 0);
+  const int32_t* col = shift_col.const_data_ptr<int32_t>();
+  int64_t count = 0;
+  for (int64_t j = 0; j < shift_col.numel(); ++j) {
+    const int32_t c = col[j];
+    if (c == -1) continue;
+    TORCH_CHECK(c >= 0 && c < updated && !seen[c], "nice_ext: shift_col must map the updated features one-to-one onto the ",
+                updated, " columns of shift (and -1 to kept features); entry ", j, " is ", c);
+    seen[c] = 1;
+    ++count;
+  }
+  TORCH_CHECK(count == updated, "nice_ext: the coupling mask updates ", count, " features but shift has ", updated,
+              " columns");
+}
+
+void check_gather_index_cpu(const at::Tensor& gather_index, int64_t features) {
+  std::vector<char> seen(features, 0);
+  const int32_t* idx = gather_index.const_data_ptr<int32_t>();
+  for (int64_t g = 0; g < gather_index.numel(); ++g) {
+    const int32_t j = idx[g];
+    TORCH_CHECK(j >= 0 && j < features && !seen[j], "nice_ext: gather_index must list distinct features in [0, ",
+                features, "); entry ", g, " is ", j);
+    seen[j] = 1;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> coupling_update_cpu(const at::Tensor& x_in, const at::Tensor& shift_in,
+                                                       const at::Tensor& shift_col_in,
+                                                       const at::Tensor& gather_index_in, bool inverse) {
+  check_coupling_update(x_in, shift_in, shift_col_in, gather_index_in);
+  const at::Tensor x = unit_feature_stride(x_in);
+  const at::Tensor shift = unit_feature_stride(shift_in);
+  const at::Tensor shift_col = shift_col_in.contiguous();
+  const at::Tensor gather_index = gather_index_in.contiguous();
+  const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
+  check_shift_col_cpu(shift_col, updated);
+  check_gather_index_cpu(gather_index, features);
+  at::Tensor y = at::empty({batch, features}, x.options());
+  at::Tensor gathered = at::empty({batch, gathered_n}, x.options());
+  if (batch == 0) return {y, gathered};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_update_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    const scalar_t* shift_ptr = shift.const_data_ptr<scalar_t>();
+    const int32_t* col = shift_col.const_data_ptr<int32_t>();
+    const int32_t* gidx = gather_index.const_data_ptr<int32_t>();
+    scalar_t* y_ptr = y.mutable_data_ptr<scalar_t>();
+    scalar_t* g_ptr = gathered.mutable_data_ptr<scalar_t>();
+    const int64_t x_rs = x.stride(0), s_rs = shift.stride(0);
+    at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* xr = x_ptr + b * x_rs;
+        const scalar_t* sr = shift_ptr + b * s_rs;
+        scalar_t* yr = y_ptr + b * features;
+        for (int64_t j = 0; j < features; ++j) {
+          const int32_t c = col[j];
+          yr[j] = c < 0 ? xr[j] : static_cast<scalar_t>(opmath_t(xr[j]) + sign * opmath_t(sr[c]));
+        }
+        scalar_t* gr = g_ptr + b * gathered_n;
+        for (int64_t g = 0; g < gathered_n; ++g) gr[g] = yr[gidx[g]];
+      }
+    });
+  });
+  return {y, gathered};
+}
+
+std::tuple<at::Tensor, at::Tensor> coupling_update_backward_cpu(const at::Tensor& grad_y_in,
+                                                                const c10::optional<at::Tensor>& grad_gathered_in,
+                                                                const at::Tensor& shift_col_in,
+                                                                const at::Tensor& gather_index_in, int64_t updated,
+                                                                bool inverse) {
+  check_coupling_update_backward(grad_y_in, grad_gathered_in, shift_col_in, gather_index_in, updated);
+  const at::Tensor grad_y = unit_feature_stride(grad_y_in);
+  const bool has_gathered = grad_gathered_in.has_value() && grad_gathered_in->defined();
+  const at::Tensor grad_gathered = has_gathered ? unit_feature_stride(*grad_gathered_in) : at::Tensor();
+  const at::Tensor shift_col = shift_col_in.contiguous();
+  const at::Tensor gather_index = gather_index_in.contiguous();
+  const int64_t batch = grad_y.size(0), features = grad_y.size(1);
+  const int64_t gathered_n = has_gathered ? gather_index.size(0) : 0;
+  check_shift_col_cpu(shift_col, updated);
+  check_gather_index_cpu(gather_index, features);
+  at::Tensor grad_x = at::empty({batch, features}, grad_y.options());
+  at::Tensor grad_shift = at::empty({batch, updated}, grad_y.options());
+  if (batch == 0) return {grad_x, grad_shift};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "coupling_update_backward_cpu", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
+    const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
+    const scalar_t* gg_ptr = has_gathered ? grad_gathered.const_data_ptr<scalar_t>() : nullptr;
+    const int32_t* col = shift_col.const_data_ptr<int32_t>();
+    const int32_t* gidx = gather_index.const_data_ptr<int32_t>();
+    scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* gs_ptr = grad_shift.mutable_data_ptr<scalar_t>();
+    const int64_t gy_rs = grad_y.stride(0), gg_rs = has_gathered ? grad_gathered.stride(0) : 0;
+    at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* gyr = gy_ptr + b * gy_rs;
+        scalar_t* gxr = gx_ptr + b * features;
+        scalar_t* gsr = gs_ptr + b * updated;
+        for (int64_t j = 0; j < features; ++j) gxr[j] = gyr[j];
+        // y[j] also went to the next layer as gathered[g]: its gradient adds up here.
+        for (int64_t g = 0; g < gathered_n; ++g) {
+          const int32_t j = gidx[g];
+          gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + opmath_t(gg_ptr[b * gg_rs + g]));
+        }
+        // dy[j]/dshift[c] = sign where c = shift_col[j]: each updated feature owns one shift column.
+        for (int64_t j = 0; j < features; ++j) {
+          const int32_t c = col[j];
+          if (c >= 0) gsr[c] = static_cast<scalar_t>(sign * opmath_t(gxr[j]));
+        }
+      }
+    });
+  });
+  return {grad_x, grad_shift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
+  m.impl("coupling_update", &coupling_update_cpu);
+  m.impl("coupling_update_backward", &coupling_update_backward_cpu);
+}
+
+}  // namespace nice_ext

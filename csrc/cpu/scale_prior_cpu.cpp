@@ -1,0 +1,210 @@
+// CPU kernels of the diagonal scaling + prior log-density (schema and meaning: csrc/ops.cpp).
+// Each row is read once; the inner loops are written for the compiler to vectorise (see vector_math.h).
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/vector_math.h"
+#include "nice_ext.h"
+
+namespace nice_ext {
+namespace {
+
+int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(features, 1)); }
+
+template <typename T>
+inline T log_density(Prior prior, T z) {
+  return prior == Prior::Logistic ? vmath::logistic_log_density(z) : gaussian_log_density(z);
+}
+template <typename T>
+inline T score(Prior prior, T z) {
+  return prior == Prior::Logistic ? vmath::logistic_score(z) : gaussian_score(z);
+}
+
+// exp(sign * log_scale) in the compute type, once per call.
+template <typename scalar_t, typename opmath_t>
+std::vector<opmath_t> exp_log_scale(const at::Tensor& log_scale, opmath_t sign) {
+  const at::Tensor s = log_scale.contiguous();
+  const scalar_t* p = s.const_data_ptr<scalar_t>();
+  std::vector<opmath_t> out(s.numel());
+  for (int64_t d = 0; d < s.numel(); ++d) out[d] = std::exp(sign * opmath_t(p[d]));
+  return out;
+}
+
+template <typename scalar_t, Prior prior>
+void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tensor& z, at::Tensor& log_prob,
+                      bool compute_z) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using out_t = opmath_t;  // log_prob is float32 for half inputs, else the input dtype (= opmath_t)
+  const int64_t batch = h.size(0), features = h.size(1), h_rs = h.stride(0);
+  const std::vector<opmath_t> scale = exp_log_scale<scalar_t, opmath_t>(log_scale, opmath_t(1));
+  const at::Tensor s = log_scale.contiguous();
+  opmath_t log_det = 0;  // sum_d log_scale[d], the scaling layer's log|det J|
+  for (int64_t d = 0; d < features; ++d) log_det += opmath_t(s.const_data_ptr<scalar_t>()[d]);
+  const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+  scalar_t* z_ptr = compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr;
+  out_t* lp_ptr = log_prob.mutable_data_ptr<out_t>();
+  const opmath_t* es = scale.data();
+  at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* hr = h_ptr + b * h_rs;
+      opmath_t acc = 0;
+      if (z_ptr != nullptr) {
+        scalar_t* zr = z_ptr + b * features;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < features; ++d) {
+          const opmath_t zd = opmath_t(hr[d]) * es[d];
+          zr[d] = static_cast<scalar_t>(zd);
+          acc += log_density<opmath_t>(prior, zd);
+        }
+      } else {
+#pragma omp simd reduction(+ : acc)
+        for (int64_t d = 0; d < features; ++d) acc += log_density<opmath_t>(prior, opmath_t(hr[d]) * es[d]);
+      }
+      lp_ptr[b] = acc + log_det;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_prior_cpu(const at::Tensor& h_in, const at::Tensor& log_scale,
+                                                   c10::string_view prior_name, bool compute_z) {
+  check_scale_prior(h_in, log_scale);
+  const Prior prior = parse_prior(std::string(prior_name));
+  const at::Tensor h = unit_feature_stride(h_in);
+  at::Tensor z = compute_z ? at::empty(h.sizes(), h.options()) : at::empty({0}, h.options());
+  at::Tensor log_prob = at::empty({h.size(0)}, h.options().dtype(log_prob_dtype(h.scalar_type())));
+  if (h.size(0) == 0) return {z, log_prob};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cpu", [&] {
+    if (prior == Prior::Logistic) {
+      scale_prior_rows<scalar_t, Prior::Logistic>(h, log_scale, z, log_prob, compute_z);
+    } else {
+      scale_prior_rows<scalar_t, Prior::Gaussian>(h, log_scale, z, log_prob, compute_z);
+    }
+  });
+  return {z, log_prob};
+}
+
+// g[b, d] = dL/dz[b, d] = grad_log_prob[b] * score(z[b, d]) + grad_z[b, d]
+// grad_h[b, d] = g[b, d] * exp(s[d]);   grad_s[d] = sum_b (g[b, d] * z[b, d] + grad_log_prob[b])
+// grad_s is summed per fixed-size chunk of rows, then over chunks in order: the same bits on every run.
+template <typename scalar_t, Prior prior>
+void scale_prior_backward_rows(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
+                               const at::Tensor& log_scale, at::Tensor& grad_h, at::Tensor& grad_s) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t batch = h.size(0), features = h.size(1), h_rs = h.stride(0);
+  const int64_t gz_rs = grad_z.defined() ? grad_z.stride(0) : 0;
+  const std::vector<opmath_t> scale = exp_log_scale<scalar_t, opmath_t>(log_scale, opmath_t(1));
+  const at::Tensor glp = grad_log_prob.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  const opmath_t* glp_ptr = glp.const_data_ptr<opmath_t>();
+  const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
+  const scalar_t* gz_ptr = grad_z.defined() ? grad_z.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* gh_ptr = grad_h.mutable_data_ptr<scalar_t>();
+  const opmath_t* es = scale.data();
+
+  const int64_t rows_per_chunk = reduction_rows_per_chunk(batch);
+  const int64_t chunks = (batch + rows_per_chunk - 1) / rows_per_chunk;
+  std::vector<opmath_t> partial(chunks * features, opmath_t(0));
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    for (int64_t c = chunk_begin; c < chunk_end; ++c) {
+      opmath_t* part = partial.data() + c * features;
+      const int64_t row_end = std::min(batch, (c + 1) * rows_per_chunk);
+      for (int64_t b = c * rows_per_chunk; b < row_end; ++b) {
+        const scalar_t* hr = h_ptr + b * h_rs;
+        const scalar_t* gzr = gz_ptr != nullptr ? gz_ptr + b * gz_rs : nullptr;
+        scalar_t* ghr = gh_ptr + b * features;
+        const opmath_t gl = glp_ptr[b];
+        if (gzr != nullptr) {
+#pragma omp simd
+          for (int64_t d = 0; d < features; ++d) {
+            const opmath_t zd = opmath_t(hr[d]) * es[d];
+            const opmath_t g = gl * score<opmath_t>(prior, zd) + opmath_t(gzr[d]);
+            ghr[d] = static_cast<scalar_t>(g * es[d]);
+            part[d] += g * zd + gl;
+          }
+        } else {
+#pragma omp simd
+          for (int64_t d = 0; d < features; ++d) {
+            const opmath_t zd = opmath_t(hr[d]) * es[d];
+            const opmath_t g = gl * score<opmath_t>(prior, zd);
+            ghr[d] = static_cast<scalar_t>(g * es[d]);
+            part[d] += g * zd + gl;
+          }
+        }
+      }
+    }
+  });
+  scalar_t* gs_ptr = grad_s.mutable_data_ptr<scalar_t>();
+  at::parallel_for(0, features, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d) {
+      opmath_t acc = 0;
+      for (int64_t c = 0; c < chunks; ++c) acc += partial[c * features + d];
+      gs_ptr[d] = static_cast<scalar_t>(acc);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> scale_prior_backward_cpu(const at::Tensor& grad_log_prob,
+                                                            const c10::optional<at::Tensor>& grad_z_in,
+                                                            const at::Tensor& h_in, const at::Tensor& log_scale,
+                                                            c10::string_view prior_name) {
+  check_scale_prior_backward(grad_log_prob, grad_z_in, h_in, log_scale);
+  const Prior prior = parse_prior(std::string(prior_name));
+  const at::Tensor h = unit_feature_stride(h_in);
+  const at::Tensor grad_z =
+      (grad_z_in.has_value() && grad_z_in->defined()) ? unit_feature_stride(*grad_z_in) : at::Tensor();
+  at::Tensor grad_h = at::empty(h.sizes(), h.options());
+  at::Tensor grad_s = at::empty(log_scale.sizes(), log_scale.options());
+  if (h.size(0) == 0) {
+    grad_s.zero_();
+    return {grad_h, grad_s};
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_backward_cpu", [&] {
+    if (prior == Prior::Logistic) {
+      scale_prior_backward_rows<scalar_t, Prior::Logistic>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s);
+    } else {
+      scale_prior_backward_rows<scalar_t, Prior::Gaussian>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s);
+    }
+  });
+  return {grad_h, grad_s};
+}
+
+template <typename scalar_t>
+void scale_inverse_rows(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const std::vector<opmath_t> inv_scale = exp_log_scale<scalar_t, opmath_t>(log_scale, opmath_t(-1));
+  const int64_t features = z.size(1), z_rs = z.stride(0);
+  const scalar_t* z_ptr = z.const_data_ptr<scalar_t>();
+  scalar_t* h_ptr = h.mutable_data_ptr<scalar_t>();
+  const opmath_t* es = inv_scale.data();
+  at::parallel_for(0, z.size(0), row_grain(features), [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const scalar_t* zr = z_ptr + b * z_rs;
+      scalar_t* hr = h_ptr + b * features;
+#pragma omp simd
+      for (int64_t d = 0; d < features; ++d) hr[d] = static_cast<scalar_t>(opmath_t(zr[d]) * es[d]);
+    }
+  });
+}
+
+at::Tensor scale_inverse_cpu(const at::Tensor& z_in, const at::Tensor& log_scale) {
+  check_scale_prior(z_in, log_scale);
+  const at::Tensor z = unit_feature_stride(z_in);
+  at::Tensor h = at::empty(z.sizes(), z.options());
+  if (z.size(0) == 0) return h;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cpu",
+                                  [&] { scale_inverse_rows<scalar_t>(z, log_scale, h); });
+  return h;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
+  m.impl("scale_prior", &scale_prior_cpu);
+  m.impl("scale_prior_backward", &scale_prior_backward_cpu);
+  m.impl("scale_inverse", &scale_inverse_cpu);
+}
+
+}  // namespace nice_ext

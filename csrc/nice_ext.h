@@ -1,0 +1,178 @@
+// Shared by the CPU and CUDA kernels of nice_ext: argument checks (so both backends reject the same
+// inputs with the same messages) and the prior log-densities written once for host and device.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <string>
+
+namespace nice_ext {
+
+// ---------------------------------------------------------------------------------------------------
+// Priors (paper §3.4). Both are written so that they stay finite for any finite z (|z| = 1e4 included).
+// ---------------------------------------------------------------------------------------------------
+enum class Prior { Logistic = 0, Gaussian = 1 };
+
+inline Prior parse_prior(const std::string& name) {
+  if (name == "logistic") return Prior::Logistic;
+  if (name == "gaussian") return Prior::Gaussian;
+  TORCH_CHECK(false, "nice_ext: prior must be 'logistic' or 'gaussian', got '", name, "'");
+}
+
+C10_HOST_DEVICE inline float exp_(float v) { return expf(v); }
+C10_HOST_DEVICE inline double exp_(double v) { return exp(v); }
+C10_HOST_DEVICE inline float log1p_(float v) { return log1pf(v); }
+C10_HOST_DEVICE inline double log1p_(double v) { return log1p(v); }
+C10_HOST_DEVICE inline float tanh_(float v) { return tanhf(v); }
+C10_HOST_DEVICE inline double tanh_(double v) { return tanh(v); }
+
+// log p(z) = -softplus(z) - softplus(-z) = -(|z| + 2 log(1 + e^{-|z|})): no overflow for large |z|.
+template <typename T>
+C10_HOST_DEVICE inline T logistic_log_density(T z) {
+  const T a = z < T(0) ? -z : z;
+  return -(a + T(2) * log1p_(exp_(-a)));
+}
+// d/dz log p(z) = sigmoid(-z) - sigmoid(z) = -tanh(z / 2).
+template <typename T>
+C10_HOST_DEVICE inline T logistic_score(T z) {
+  return -tanh_(z * T(0.5));
+}
+template <typename T>
+C10_HOST_DEVICE inline T gaussian_log_density(T z) {
+  return T(-0.5) * (z * z + T(1.8378770664093454835606594728112));  // log(2 pi)
+}
+template <typename T>
+C10_HOST_DEVICE inline T gaussian_score(T z) {
+  return -z;
+}
+template <typename T>
+C10_HOST_DEVICE inline T prior_log_density(Prior prior, T z) {
+  return prior == Prior::Logistic ? logistic_log_density(z) : gaussian_log_density(z);
+}
+template <typename T>
+C10_HOST_DEVICE inline T prior_score(Prior prior, T z) {
+  return prior == Prior::Logistic ? logistic_score(z) : gaussian_score(z);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Argument checks. Each message names the argument and what was expected.
+// ---------------------------------------------------------------------------------------------------
+inline void check_float_matrix(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "nice_ext: ", name, " must be a 2-D (batch, features) tensor, got ", t.dim(),
+              "-D with shape ", t.sizes());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "nice_ext: ", name,
+              " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+inline void check_index_vector(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 1, "nice_ext: ", name, " must be a 1-D index tensor, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "nice_ext: ", name, " must be int32, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.device() == b.device(), "nice_ext: ", a_name, " and ", b_name,
+              " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const char* a_name, const at::Tensor& b, const char* b_name) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "nice_ext: ", a_name, " and ", b_name,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+}
+
+// Kernels read rows through a row stride and need unit stride along features; any other layout is
+// copied once here (a slice x[:, a:b] or x[a:b] keeps unit feature stride and is never copied).
+inline at::Tensor unit_feature_stride(const at::Tensor& t) {
+  return (t.size(1) <= 1 || t.stride(1) == 1) ? t : t.contiguous();
+}
+
+// Masked additive coupling update (paper §3.2). See csrc/ops.cpp for the meaning of each argument.
+inline void check_coupling_update(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
+                                  const at::Tensor& gather_index) {
+  check_float_matrix(x, "x");
+  check_float_matrix(shift, "shift");
+  check_index_vector(shift_col, "shift_col (from the coupling mask)");
+  check_index_vector(gather_index, "gather_index (from the next layer's mask)");
+  check_same_dtype(x, "x", shift, "shift");
+  check_same_device(x, "x", shift, "shift");
+  check_same_device(x, "x", shift_col, "shift_col");
+  check_same_device(x, "x", gather_index, "gather_index");
+  const int64_t features = x.size(1);
+  TORCH_CHECK(features >= 2, "nice_ext: x must have at least 2 features to be split by a coupling mask, got ",
+              features);
+  TORCH_CHECK(shift.size(0) == x.size(0), "nice_ext: shift must have the batch size of x (", x.size(0),
+              " rows), got ", shift.size(0));
+  TORCH_CHECK(shift_col.size(0) == features, "nice_ext: the coupling mask must have one entry per feature of x (",
+              features, "), got ", shift_col.size(0));
+  TORCH_CHECK(shift.size(1) >= 1 && shift.size(1) < features,
+              "nice_ext: shift must have one column per updated feature, and both parts of the coupling mask "
+              "must be non-empty: expected 1 to ", features - 1, " columns, got ", shift.size(1));
+  TORCH_CHECK(gather_index.size(0) <= features, "nice_ext: gather_index lists ", gather_index.size(0),
+              " features but x has only ", features);
+}
+
+inline void check_coupling_update_backward(const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_gathered,
+                                           const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                           int64_t updated) {
+  check_float_matrix(grad_y, "grad_y");
+  check_index_vector(shift_col, "shift_col (from the coupling mask)");
+  check_index_vector(gather_index, "gather_index (from the next layer's mask)");
+  check_same_device(grad_y, "grad_y", shift_col, "shift_col");
+  check_same_device(grad_y, "grad_y", gather_index, "gather_index");
+  const int64_t features = grad_y.size(1);
+  TORCH_CHECK(shift_col.size(0) == features, "nice_ext: the coupling mask must have one entry per feature of grad_y (",
+              features, "), got ", shift_col.size(0));
+  TORCH_CHECK(updated >= 1 && updated < features, "nice_ext: updated must be between 1 and ", features - 1,
+              " (both parts of the coupling mask non-empty), got ", updated);
+  if (grad_gathered.has_value() && grad_gathered->defined()) {
+    check_float_matrix(*grad_gathered, "grad_gathered");
+    check_same_dtype(grad_y, "grad_y", *grad_gathered, "grad_gathered");
+    check_same_device(grad_y, "grad_y", *grad_gathered, "grad_gathered");
+    TORCH_CHECK(grad_gathered->size(0) == grad_y.size(0) && grad_gathered->size(1) == gather_index.size(0),
+                "nice_ext: grad_gathered must have shape (", grad_y.size(0), ", ", gather_index.size(0), "), got ",
+                grad_gathered->sizes());
+  }
+}
+
+// Diagonal scaling + prior (paper §3.3, §3.4).
+inline void check_scale_prior(const at::Tensor& h, const at::Tensor& log_scale) {
+  check_float_matrix(h, "h");
+  TORCH_CHECK(log_scale.dim() == 1, "nice_ext: log_scale must be a 1-D (features,) tensor, got shape ",
+              log_scale.sizes());
+  check_same_dtype(h, "h", log_scale, "log_scale");
+  check_same_device(h, "h", log_scale, "log_scale");
+  TORCH_CHECK(log_scale.size(0) == h.size(1), "nice_ext: log_scale must have one entry per feature of h (",
+              h.size(1), "), got ", log_scale.size(0));
+}
+
+inline void check_scale_prior_backward(const at::Tensor& grad_log_prob, const c10::optional<at::Tensor>& grad_z,
+                                       const at::Tensor& h, const at::Tensor& log_scale) {
+  check_scale_prior(h, log_scale);
+  TORCH_CHECK(grad_log_prob.dim() == 1 && grad_log_prob.size(0) == h.size(0),
+              "nice_ext: grad_log_prob must have shape (", h.size(0), ",), got ", grad_log_prob.sizes());
+  TORCH_CHECK(at::isFloatingType(grad_log_prob.scalar_type()), "nice_ext: grad_log_prob must be floating-point");
+  check_same_device(h, "h", grad_log_prob, "grad_log_prob");
+  if (grad_z.has_value() && grad_z->defined()) {
+    check_same_dtype(h, "h", *grad_z, "grad_z");
+    check_same_device(h, "h", *grad_z, "grad_z");
+    TORCH_CHECK(grad_z->sizes() == h.sizes(), "nice_ext: grad_z must have the shape of h ", h.sizes(), ", got ",
+                grad_z->sizes());
+  }
+}
+
+// The log-probability of a row is a sum over features: it is accumulated and returned in float32 for
+// half-precision inputs (float32 / float64 inputs keep their dtype).
+inline at::ScalarType log_prob_dtype(at::ScalarType input) {
+  return (input == at::kHalf || input == at::kBFloat16) ? at::kFloat : input;
+}
+
+// Rows per partial sum in the batch reduction of grad(log_scale). It depends on nothing but the batch
+// size, so the reduction order (and the result, bit for bit) is the same on every run and thread count.
+// At most 256 chunks, of at least 8 rows each.
+inline int64_t reduction_rows_per_chunk(int64_t batch) {
+  const int64_t rows = (batch + 255) / 256;
+  return rows < 8 ? 8 : rows;
+}
+
+}  // namespace nice_ext

@@ -1,0 +1,63 @@
+// The nice_ext operator library: every schema is declared here, once. The kernels are registered per
+// backend next to their code (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu) and the dispatcher picks them by
+// device. Autograd formulas and fake (meta) kernels are registered from Python (nice_ext/ops.py).
+#include <Python.h>
+#include <torch/library.h>
+
+#include "nice_ext.h"
+
+TORCH_LIBRARY(nice_ext, m) {
+  // Masked additive coupling update (paper §3.2), forward or inverse, for x of shape (B, D):
+  //   y[:, j] = x[:, j] + sign * shift[:, shift_col[j]]   where shift_col[j] >= 0 (updated part I2)
+  //   y[:, j] = x[:, j]                                     where shift_col[j] == -1 (kept part I1)
+  // with sign = +1 (forward) or -1 (inverse). shift (B, |I2|) is the coupling network's output m(x_I1).
+  // gathered = y[:, gather_index] is the next layer's network input, written contiguous in the same
+  // pass (gather_index may be empty). All index tensors are int32 and derived once from the masks.
+  m.def("coupling_update(Tensor x, Tensor shift, Tensor shift_col, Tensor gather_index, bool inverse)"
+        " -> (Tensor y, Tensor gathered)");
+  // Its backward, with the same index maps (gather_index must not repeat a feature):
+  //   grad_x = grad_y, plus grad_gathered added back at the features gather_index names;
+  //   grad_shift[:, shift_col[j]] = sign * grad_x[:, j] for every updated feature j (updated of them).
+  m.def("coupling_update_backward(Tensor grad_y, Tensor? grad_gathered, Tensor shift_col,"
+        " Tensor gather_index, int updated, bool inverse) -> (Tensor grad_x, Tensor grad_shift)");
+
+  // Diagonal scaling (paper §3.3) with the factorised prior's log-density (§3.4), one pass:
+  //   z = exp(log_scale) * h,   log_prob[b] = sum_d log p_H(z[b, d]) + sum_d log_scale[d]
+  // prior is 'logistic' or 'gaussian'. With compute_z false only log_prob is written (z is empty).
+  m.def("scale_prior(Tensor h, Tensor log_scale, str prior, bool compute_z) -> (Tensor z, Tensor log_prob)");
+  // Its backward for h and for log_scale (the latter reduced over the batch, deterministically).
+  m.def("scale_prior_backward(Tensor grad_log_prob, Tensor? grad_z, Tensor h, Tensor log_scale, str prior)"
+        " -> (Tensor grad_h, Tensor grad_log_scale)");
+  // The inverse scaling used for sampling: h = exp(-log_scale) * z.
+  m.def("scale_inverse(Tensor z, Tensor log_scale) -> Tensor h");
+}
+
+namespace {
+
+bool cuda_kernels_built() {
+#ifdef NICE_EXT_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+PyObject* py_cuda_kernels_built(PyObject*, PyObject*) {
+  if (cuda_kernels_built()) Py_RETURN_TRUE;
+  Py_RETURN_FALSE;
+}
+
+PyMethodDef methods[] = {
+    {"cuda_kernels_built", py_cuda_kernels_built, METH_NOARGS,
+     "True when the CUDA kernels were compiled into this build."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
+                      "nice_ext's compiled kernels; importing it registers the nice_ext operators.", -1,
+                      methods};
+
+}  // namespace
+
+// A plain CPython module: importing nice_ext._C loads the library, whose static initialisers register
+// the operators with the dispatcher.
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }

@@ -1,0 +1,273 @@
+"""The NICE model (Dinh, Krueger & Bengio, 2014): coupling layers, diagonal scaling, factorised prior.
+
+    h^(0) = x
+    h^(l) = coupling_l(h^(l-1))          l = 1..L, kept / updated parts alternating (paper §3.2.3)
+    z     = exp(s) * h^(L)               (§3.3)
+    log p_X(x) = sum_d log p_H(z_d) + sum_d s_d (+ sum of the affine couplings' log-scales)
+
+Additive layers run on the fused ops (``fused=True``, the default) or on their pure-PyTorch reference
+(``fused=False``): the same mathematics and parameters, for cross-checks and benchmarks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from .masks import check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
+
+COUPLINGS = ("additive", "affine")
+PRIORS = ops.PRIORS
+
+
+def coupling_mlp(in_features: int, out_features: int, hidden_dim: int, num_hidden_layers: int) -> nn.Sequential:
+    """The coupling function m: a ReLU MLP with linear output units (paper §5.1), from the kept features
+    to the updated ones. Its last layer starts at zero, so every coupling layer starts as the identity."""
+    layers: List[nn.Module] = []
+    width = in_features
+    for _ in range(num_hidden_layers):
+        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
+        width = hidden_dim
+    out = nn.Linear(width, out_features)
+    nn.init.zeros_(out.weight)
+    nn.init.zeros_(out.bias)
+    layers.append(out)
+    return nn.Sequential(*layers)
+
+
+class CouplingLayer(nn.Module):
+    """One coupling layer: y_I1 = x_I1, y_I2 = g(x_I2; m(x_I1)) with the kept part I1 given by ``mask``.
+
+    ``forward(x, net_input)`` takes the layer input and its kept features x_I1 (contiguous) and returns
+    (y, the next layer's kept features of y, log|det J| per row or None). Handing over the next layer's
+    input lets the fused op write it in the same pass as y.
+    """
+
+    def __init__(self, mask: Tensor, prev_mask: Optional[Tensor], next_mask: Optional[Tensor], hidden_dim: int,
+                 num_hidden_layers: int, coupling: str, fused: bool):
+        super().__init__()
+        self.coupling = coupling
+        self.fused = fused
+        kept = int(mask.sum())
+        updated = mask.numel() - kept
+        out_features = updated if coupling == "additive" else 2 * updated
+        self.net = coupling_mlp(kept, out_features, hidden_dim, num_hidden_layers)
+        shift_col, next_gather = coupling_maps(mask, next_mask)
+        _, prev_gather = coupling_maps(mask, prev_mask)
+        self.register_buffer("mask", mask.clone(), persistent=False)
+        self.register_buffer("shift_col", shift_col, persistent=False)
+        self.register_buffer("next_gather", next_gather, persistent=False)  # forward: next layer's input
+        self.register_buffer("prev_gather", prev_gather, persistent=False)  # inverse: previous layer's
+        self.register_buffer("kept_index", kept_index(mask), persistent=False)
+        self.register_buffer("updated_index", kept_index(~mask), persistent=False)
+
+    def _additive(self, x: Tensor, shift: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor]:
+        update = ops.coupling_update_indexed if self.fused else reference.coupling_update
+        return update(x, shift.to(x.dtype), self.shift_col, gather, inverse)
+
+    def _affine(self, x: Tensor, params: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        # Affine law (paper §3.2.2): y_I2 = x_I2 * exp(a) + b, log|det J| = sum a.
+        log_scale, shift = params.to(x.dtype).chunk(2, dim=1)
+        x_updated = x.index_select(1, self.updated_index)
+        if inverse:
+            y_updated = (x_updated - shift) * torch.exp(-log_scale)
+        else:
+            y_updated = x_updated * torch.exp(log_scale) + shift
+        y = x.index_copy(1, self.updated_index, y_updated)
+        return y, y.index_select(1, gather.long()), log_scale.sum(dim=1)
+
+    def forward(self, x: Tensor, net_input: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        params = self.net(net_input)
+        if self.coupling == "additive":
+            y, next_input = self._additive(x, params, self.next_gather, inverse=False)
+            return y, next_input, None
+        return self._affine(x, params, self.next_gather, inverse=False)
+
+    def inverse(self, y: Tensor, net_input: Tensor) -> Tuple[Tensor, Tensor]:
+        params = self.net(net_input)
+        if self.coupling == "additive":
+            return self._additive(y, params, self.prev_gather, inverse=True)
+        x, prev_input, _ = self._affine(y, params, self.prev_gather, inverse=True)
+        return x, prev_input
+
+
+def _build_masks(data_dim: int, num_layers: int, mask: Union[str, Tensor],
+                 image_shape: Optional[Sequence[int]]) -> List[Tensor]:
+    """Masks of the layers: layer 1 keeps I1 and updates I2, layer 2 the other way round, and so on."""
+    if isinstance(mask, str):
+        if mask == "odd-even":
+            first = odd_even_mask(data_dim, keep_odd=True)
+        elif mask == "checkerboard":
+            if image_shape is None:
+                raise ValueError("mask='checkerboard' needs image_shape=(C, H, W)")
+            if math.prod(int(s) for s in image_shape) != data_dim:
+                raise ValueError(f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} values, "
+                                 f"but data_dim is {data_dim}")
+            first = checkerboard_mask(image_shape, keep_black=True)
+        else:
+            raise ValueError(f"mask must be 'odd-even', 'checkerboard' or a bool tensor of length {data_dim}, "
+                             f"got {mask!r}")
+    else:
+        first = check_mask(mask, data_dim)
+    return [first if layer % 2 == 0 else ~first for layer in range(num_layers)]
+
+
+class NICE(nn.Module):
+    """NICE: a stack of coupling layers, a diagonal scaling and a factorised prior.
+
+    >>> model = NICE(data_dim=784, num_coupling_layers=4, num_hidden_layers=5, hidden_dim=1000)
+    >>> z, log_det = model(x)          # the encoder f and log|det df/dx|, per row
+    >>> log_px = model.log_prob(x)     # nats
+    >>> x_back = model.inverse(z)      # the decoder f^-1
+    """
+
+    def __init__(self, data_dim: int, num_coupling_layers: int = 4, num_hidden_layers: int = 5,
+                 hidden_dim: int = 1000, prior: str = "logistic", coupling: str = "additive",
+                 mask: Union[str, Tensor] = "odd-even", image_shape: Optional[Sequence[int]] = None,
+                 data_range: Tuple[float, float] = (0.0, 1.0), fused: bool = True):
+        super().__init__()
+        for name, value in (("data_dim", data_dim), ("num_coupling_layers", num_coupling_layers),
+                            ("num_hidden_layers", num_hidden_layers), ("hidden_dim", hidden_dim)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if data_dim < 2:
+            raise ValueError(f"data_dim must be at least 2 (a coupling splits the features), got {data_dim}")
+        if num_coupling_layers < 1:
+            raise ValueError(f"num_coupling_layers must be at least 1, got {num_coupling_layers}")
+        if num_hidden_layers < 0 or hidden_dim < 1:
+            raise ValueError(f"num_hidden_layers must be >= 0 and hidden_dim >= 1, got {num_hidden_layers}, "
+                             f"{hidden_dim}")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        self.data_dim = data_dim
+        self.prior = prior
+        self.coupling = coupling
+        self.image_shape = tuple(int(s) for s in image_shape) if image_shape is not None else None
+        self.data_range = (float(data_range[0]), float(data_range[1]))
+        self.fused = fused
+        masks = _build_masks(data_dim, num_coupling_layers, mask, image_shape)
+        self.layers = nn.ModuleList(
+            CouplingLayer(masks[i], masks[i - 1] if i > 0 else None,
+                          masks[i + 1] if i + 1 < len(masks) else None, hidden_dim, num_hidden_layers, coupling,
+                          fused)
+            for i in range(num_coupling_layers))
+        # s of the scaling layer h = exp(s) * h^(L) (paper §3.3); exp(s) starts at 1.
+        self.log_scale = nn.Parameter(torch.zeros(data_dim))
+        self.config = dict(data_dim=data_dim, num_coupling_layers=num_coupling_layers,
+                           num_hidden_layers=num_hidden_layers, hidden_dim=hidden_dim, prior=prior,
+                           coupling=coupling, mask=mask if isinstance(mask, str) else mask.tolist(),
+                           image_shape=self.image_shape, data_range=self.data_range)
+
+    # ---------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor, name: str = "x") -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+        if x.dim() != 2 or x.shape[1] != self.data_dim:
+            raise ValueError(f"{name} must have shape (batch, {self.data_dim}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+        if x.device != self.log_scale.device:
+            raise ValueError(f"{name} is on {x.device} but the model is on {self.log_scale.device}")
+        if x.dtype != self.log_scale.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but the model's parameters are {self.log_scale.dtype}")
+
+    def _couplings(self, x: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """h^(L) and the couplings' log|det J| (None for additive layers, whose determinant is 1)."""
+        net_input = x.index_select(1, self.layers[0].kept_index)
+        log_det = None
+        for layer in self.layers:
+            x, net_input, layer_log_det = layer(x, net_input)
+            if layer_log_det is not None:
+                log_det = layer_log_det if log_det is None else log_det + layer_log_det
+        return x, log_det
+
+    def _scale_prior(self, h: Tensor, compute_z: bool) -> Tuple[Tensor, Tensor]:
+        if self.fused:
+            return ops.scale_prior(h, self.log_scale, self.prior, compute_z=compute_z)
+        return reference.scale_prior(h, self.log_scale, self.prior, compute_z)
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
+        """The encoder: z = f(x) and log|det df/dx| per row."""
+        self._check_input(x)
+        h, log_det = self._couplings(x)
+        z = h * torch.exp(self.log_scale)
+        scale_log_det = self.log_scale.sum().expand(x.shape[0])
+        return z, scale_log_det if log_det is None else log_det + scale_log_det
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """log p_X(x) in nats, per row: sum_d log p_H(f_d(x)) + log|det df/dx| (paper eq. 2)."""
+        self._check_input(x)
+        h, log_det = self._couplings(x)
+        _, log_prob = self._scale_prior(h, compute_z=False)  # includes sum_d s_d
+        return log_prob if log_det is None else log_prob + log_det
+
+    def inverse(self, z: Tensor) -> Tensor:
+        """The decoder f^-1: exact inverse of ``forward``'s z."""
+        self._check_input(z, "z")
+        h = ops.scale_inverse(z, self.log_scale) if self.fused else reference.scale_inverse(z, self.log_scale)
+        net_input = h.index_select(1, self.layers[-1].kept_index)
+        for layer in reversed(self.layers):
+            h, net_input = layer.inverse(h, net_input)
+        return h
+
+    def sample_prior(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+        """n draws of the factorised prior, scaled by ``temperature``."""
+        device, dtype = self.log_scale.device, self.log_scale.dtype
+        if self.prior == "logistic":
+            # inverse CDF of the standard logistic: log u - log(1 - u), u ~ U(0, 1) kept off 0 and 1
+            tiny = torch.finfo(dtype).tiny
+            u = torch.rand(n, self.data_dim, device=device, dtype=dtype, generator=generator).clamp(tiny, 1 - 1e-7)
+            z = torch.log(u) - torch.log1p(-u)
+        else:
+            z = torch.randn(n, self.data_dim, device=device, dtype=dtype, generator=generator)
+        return z * temperature
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
+        """n samples x = f^-1(z), z ~ p_H (times ``temperature``), on the model's device and dtype."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        return self.inverse(self.sample_prior(n, temperature, generator))
+
+    def inpaint(self, x: Tensor, observed: Tensor, steps: int = 1000, generator: Optional[torch.Generator] = None
+                ) -> Tensor:
+        """Fill the unobserved features of x (paper §5.2): projected noisy gradient ascent on log p,
+
+            x_H <- clamp(x_H + a_i (d log p(x_O, x_H) / d x_H + eps)),  eps ~ N(0, I),  a_i = 10 / (100 + i),
+
+        starting from uniform noise over the data range; the observed features stay fixed.
+        ``observed`` is a bool tensor of shape (D,) or (B, D).
+        """
+        self._check_input(x)
+        if not isinstance(observed, Tensor) or observed.dtype != torch.bool:
+            raise TypeError("observed must be a bool tensor of shape (D,) or (B, D)")
+        if observed.shape not in ((self.data_dim,), tuple(x.shape)):
+            raise ValueError(f"observed must have shape ({self.data_dim},) or {tuple(x.shape)}, "
+                             f"got {tuple(observed.shape)}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        low, high = self.data_range
+        observed = observed.to(x.device).expand_as(x)
+        noise_init = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (high - low) + low
+        current = torch.where(observed, x, noise_init).detach()
+        for i in range(steps):
+            current.requires_grad_(True)
+            with torch.enable_grad():
+                grad, = torch.autograd.grad(self.log_prob(current).sum(), current)
+            step = 10.0 / (100.0 + i)
+            eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            with torch.no_grad():
+                proposal = (current + step * (grad + eps)).clamp(low, high)
+                current = torch.where(observed, x, proposal)
+        return current.detach()
+
+    def extra_repr(self) -> str:
+        return f"data_dim={self.data_dim}, prior={self.prior!r}, coupling={self.coupling!r}, fused={self.fused}"

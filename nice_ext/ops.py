@@ -1,0 +1,158 @@
+"""The fused operators of nice_ext: Python entry points, autograd formulas and fake kernels.
+
+The schemas live in ``csrc/ops.cpp``; the kernels in ``csrc/cpu`` and ``csrc/cuda``; the pure-PyTorch
+reference in ``nice_ext/reference.py``. Importing this module loads the compiled library.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
+from .masks import check_mask, coupling_maps
+
+PRIORS = ("logistic", "gaussian")
+
+
+def cuda_kernels_built() -> bool:
+    """True when this build of nice_ext holds the CUDA kernels."""
+    return bool(_C.cuda_kernels_built())
+
+
+def _half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Masked additive coupling update (paper §3.2)
+# ------------------------------------------------------------------------------------------------
+@torch.library.register_fake("nice_ext::coupling_update")
+def _coupling_update_fake(x, shift, shift_col, gather_index, inverse):
+    return x.new_empty(x.shape), x.new_empty((x.shape[0], gather_index.shape[0]))
+
+
+@torch.library.register_fake("nice_ext::coupling_update_backward")
+def _coupling_update_backward_fake(grad_y, grad_gathered, shift_col, gather_index, updated, inverse):
+    return grad_y.new_empty(grad_y.shape), grad_y.new_empty((grad_y.shape[0], updated))
+
+
+def _coupling_update_setup_context(ctx, inputs, output):
+    _, shift, shift_col, gather_index, inverse = inputs
+    ctx.save_for_backward(shift_col, gather_index)
+    ctx.updated = shift.shape[1]
+    ctx.inverse = inverse
+
+
+def _coupling_update_backward(ctx, grad_y, grad_gathered):
+    shift_col, gather_index = ctx.saved_tensors
+    grad_x, grad_shift = torch.ops.nice_ext.coupling_update_backward(
+        grad_y, grad_gathered, shift_col, gather_index, ctx.updated, ctx.inverse)
+    return grad_x, grad_shift, None, None, None
+
+
+torch.library.register_autograd("nice_ext::coupling_update", _coupling_update_backward,
+                                setup_context=_coupling_update_setup_context)
+
+
+def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,
+                            inverse: bool = False) -> Tuple[Tensor, Tensor]:
+    """The fused op on precomputed index maps (see ``masks.coupling_maps``): returns (y, gathered)."""
+    return torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, inverse)
+
+
+def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = False,
+                    next_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Additive coupling update y_I1 = x_I1, y_I2 = x_I2 + shift (or - shift with ``inverse``).
+
+    ``mask`` (bool, D) marks the kept features I1; ``shift`` (B, |I2|) is the coupling network's output
+    for the updated features, in order. With ``next_mask`` also returns y[:, next_mask] contiguous (the
+    next layer's network input), written in the same pass. Layers that call this repeatedly should build
+    the index maps once with ``masks.coupling_maps`` and call ``coupling_update_indexed``.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a (batch, features) tensor, got {getattr(x, 'shape', type(x))}")
+    mask = check_mask(mask, x.shape[1])
+    if next_mask is not None:
+        next_mask = check_mask(next_mask, x.shape[1], name="next_mask")
+    shift_col, gather_index = coupling_maps(mask, next_mask)
+    y, gathered = coupling_update_indexed(x, shift, shift_col.to(x.device), gather_index.to(x.device), inverse)
+    return (y, gathered) if next_mask is not None else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Diagonal scaling + prior log-density (paper §3.3, §3.4)
+# ------------------------------------------------------------------------------------------------
+@torch.library.register_fake("nice_ext::scale_prior")
+def _scale_prior_fake(h, log_scale, prior, compute_z):
+    z = h.new_empty(h.shape) if compute_z else h.new_empty((0,))
+    log_prob = h.new_empty((h.shape[0],), dtype=torch.float32 if _half(h.dtype) else h.dtype)
+    return z, log_prob
+
+
+@torch.library.register_fake("nice_ext::scale_prior_backward")
+def _scale_prior_backward_fake(grad_log_prob, grad_z, h, log_scale, prior):
+    return h.new_empty(h.shape), log_scale.new_empty(log_scale.shape)
+
+
+@torch.library.register_fake("nice_ext::scale_inverse")
+def _scale_inverse_fake(z, log_scale):
+    return z.new_empty(z.shape)
+
+
+def _scale_prior_setup_context(ctx, inputs, output):
+    h, log_scale, prior, compute_z = inputs
+    ctx.save_for_backward(h, log_scale)
+    ctx.prior = prior
+    ctx.compute_z = compute_z
+
+
+def _scale_prior_backward(ctx, grad_z, grad_log_prob):
+    h, log_scale = ctx.saved_tensors
+    grad_h, grad_log_scale = torch.ops.nice_ext.scale_prior_backward(
+        grad_log_prob, grad_z if ctx.compute_z else None, h, log_scale, ctx.prior)
+    return grad_h, grad_log_scale, None, None
+
+
+torch.library.register_autograd("nice_ext::scale_prior", _scale_prior_backward,
+                                setup_context=_scale_prior_setup_context)
+
+
+def _scale_inverse_setup_context(ctx, inputs, output):
+    _, log_scale = inputs
+    ctx.save_for_backward(output, log_scale)
+
+
+def _scale_inverse_backward(ctx, grad_h):
+    h, log_scale = ctx.saved_tensors
+    # h = exp(-s) z:  dL/dz = exp(-s) dL/dh,  dL/ds = -sum_b dL/dh * h
+    grad_z = torch.ops.nice_ext.scale_inverse(grad_h, log_scale)
+    grad_log_scale = -(grad_h * h).sum(dim=0)
+    return grad_z, grad_log_scale
+
+
+torch.library.register_autograd("nice_ext::scale_inverse", _scale_inverse_backward,
+                                setup_context=_scale_inverse_setup_context)
+
+
+def _check_prior(prior: str) -> None:
+    if prior not in PRIORS:
+        raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+
+
+def scale_prior(h: Tensor, log_scale: Tensor, prior: str = "logistic", *,
+                compute_z: bool = True) -> Tuple[Tensor, Tensor]:
+    """z = exp(log_scale) * h and log_prob = sum_d log p_H(z_d) + sum_d log_scale_d, in one pass.
+
+    Returns (z, log_prob); z is an empty tensor when ``compute_z`` is False (training needs only the
+    log-probability). log_prob is float32 for half-precision inputs.
+    """
+    _check_prior(prior)
+    return torch.ops.nice_ext.scale_prior(h, log_scale, prior, compute_z)
+
+
+def scale_inverse(z: Tensor, log_scale: Tensor) -> Tensor:
+    """h = exp(-log_scale) * z: the inverse of the scaling layer (used for sampling)."""
+    return torch.ops.nice_ext.scale_inverse(z, log_scale)

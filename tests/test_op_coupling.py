@@ -1,0 +1,174 @@
+"""The fused masked additive coupling update against its reference, its gradients, and its checks."""
+import pytest
+import torch
+
+from conftest import DEVICES, rel_error, sliced
+from nice_ext import ops, reference
+from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
+
+# dtype -> worst relative error allowed against a float64 result
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def random_mask(d, generator):
+    while True:
+        mask = torch.rand(d, generator=generator) < 0.4
+        if 0 < int(mask.sum()) < d:
+            return mask
+
+
+def make_case(batch, features, mask_kind, device, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if mask_kind == "odd-even":
+        mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, False)
+    else:
+        mask, next_mask = random_mask(features, g), random_mask(features, g)
+    updated = int((~mask).sum())
+    x = torch.randn(batch, features, generator=g, dtype=torch.float64)
+    shift = torch.randn(batch, updated, generator=g, dtype=torch.float64)
+    shift_col, gather_index = coupling_maps(mask, next_mask)
+    return (x.to(device, dtype), shift.to(device, dtype), shift_col.to(device), gather_index.to(device),
+            x, shift)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 3, 257])
+@pytest.mark.parametrize("features", [2, 3, 784, 3072])
+@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_matches_reference_on_sliced_inputs(device, batch, features, mask_kind, inverse):
+    x, shift, shift_col, gather_index, x64, shift64 = make_case(batch, features, mask_kind, device, torch.float32)
+    y, gathered = ops.coupling_update_indexed(sliced(x), sliced(shift), shift_col, gather_index, inverse)
+    y_ref, gathered_ref = reference.coupling_update(x64, shift64, shift_col.cpu(), gather_index.cpu(), inverse)
+    assert y.shape == (batch, features) and y.is_contiguous() and y.device.type == device
+    assert rel_error(y, y_ref) < TOLERANCE[torch.float32]
+    assert rel_error(gathered, gathered_ref) < TOLERANCE[torch.float32]
+    # the kept features are copied bit for bit
+    kept = shift_col.cpu() < 0
+    assert torch.equal(y.cpu()[:, kept], x.cpu()[:, kept])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_dtypes_with_wide_accumulation(device, dtype):
+    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, "random", device, dtype)
+    y, gathered = ops.coupling_update_indexed(x, shift, shift_col, gather_index)
+    assert y.dtype == dtype and gathered.dtype == dtype
+    y_ref, _ = reference.coupling_update(x.double().cpu(), shift.double().cpu(), shift_col.cpu(),
+                                         gather_index.cpu(), False)
+    assert rel_error(y, y_ref) < TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_gradcheck_float64(device, mask_kind, inverse):
+    x, shift, shift_col, gather_index, _, _ = make_case(3, 11, mask_kind, device, torch.float64)
+    x.requires_grad_(True)
+    shift.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: ops.coupling_update_indexed(a, b, shift_col, gather_index, inverse), (x, shift))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradients_match_reference(device):
+    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, "random", device, torch.float32)
+    gy, gg = torch.randn_like(x), torch.randn(x.shape[0], gather_index.numel(), device=device)
+    a, b = x.clone().requires_grad_(), shift.clone().requires_grad_()
+    y, gathered = ops.coupling_update_indexed(a, b, shift_col, gather_index, True)
+    torch.autograd.backward((y, gathered), (gy, gg))
+    a64, b64 = x64.clone().requires_grad_(), shift64.clone().requires_grad_()
+    y64, g64 = reference.coupling_update(a64, b64, shift_col.cpu(), gather_index.cpu(), True)
+    torch.autograd.backward((y64, g64), (gy.double().cpu(), gg.double().cpu()))
+    assert rel_error(a.grad, a64.grad) < 1e-6
+    assert rel_error(b.grad, b64.grad) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for mask_kind, batch, features in (("odd-even", 5, 8), ("random", 3, 13)):
+        x, shift, shift_col, gather_index, _, _ = make_case(batch, features, mask_kind, device, torch.float32)
+        x.requires_grad_(True)
+        shift.requires_grad_(True)
+        for inverse in (False, True):
+            torch.library.opcheck(torch.ops.nice_ext.coupling_update, (x, shift, shift_col, gather_index, inverse))
+        gy, gg = torch.randn_like(x), torch.randn(batch, gather_index.numel(), device=device)
+        torch.library.opcheck(torch.ops.nice_ext.coupling_update_backward,
+                              (gy, gg, shift_col, gather_index, shift.shape[1], False))
+        torch.library.opcheck(torch.ops.nice_ext.coupling_update_backward,
+                              (gy, None, shift_col, gather_index, shift.shape[1], True))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    x, shift, shift_col, gather_index, _, _ = make_case(7, 30, "odd-even", device, torch.float32)
+
+    def step(a, b):
+        y, gathered = ops.coupling_update_indexed(a, b, shift_col, gather_index)
+        return (y.square().sum() + gathered.sum())
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    a, b = x.clone().requires_grad_(), shift.clone().requires_grad_()
+    compiled(a, b).backward()
+    a2, b2 = x.clone().requires_grad_(), shift.clone().requires_grad_()
+    step(a2, b2).backward()
+    assert torch.allclose(a.grad, a2.grad) and torch.allclose(b.grad, b2.grad)
+
+
+def test_mask_wrapper_and_checkerboard():
+    mask = checkerboard_mask((1, 4, 5))
+    x, shift = torch.randn(3, 20), torch.randn(3, 10)
+    y, gathered = ops.coupling_update(x, shift, mask, next_mask=~mask)
+    assert torch.equal(y[:, mask], x[:, mask])
+    assert torch.allclose(y[:, ~mask], x[:, ~mask] + shift)
+    assert torch.equal(gathered, y[:, ~mask])
+    assert torch.allclose(ops.coupling_update(y, shift, mask, inverse=True), x, atol=1e-6)
+
+
+def test_empty_batch():
+    x, shift, shift_col, gather_index, _, _ = make_case(0, 6, "odd-even", "cpu", torch.float32)
+    y, gathered = ops.coupling_update_indexed(x, shift, shift_col, gather_index)
+    assert y.shape == (0, 6) and gathered.shape == (0, 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    x, shift, shift_col, gather_index, _, _ = make_case(4, 10, "odd-even", device, torch.float32)
+    op = ops.coupling_update_indexed
+    with pytest.raises(RuntimeError, match="batch size"):
+        op(x, shift[:3], shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="one entry per feature"):
+        op(x[:, :8], shift, shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="shift must have one column per updated feature"):
+        op(x, torch.randn(4, 10, device=device), shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="floating-point"):
+        op(x.long(), shift.long(), shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="same dtype"):
+        op(x, shift.double(), shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(x, shift, shift_col.long(), gather_index)
+    with pytest.raises(RuntimeError, match="2-D"):
+        op(x[0], shift, shift_col, gather_index)
+    mask = odd_even_mask(10)
+    with pytest.raises(ValueError, match=r"shape \(10,\)"):
+        ops.coupling_update(x, shift, mask[:9])
+    with pytest.raises(ValueError, match="keep some features and update others"):
+        ops.coupling_update(x, shift, torch.ones(10, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool"):
+        ops.coupling_update(x, shift, mask.float())
+    if device == "cpu":
+        bad_col = shift_col.clone()
+        bad_col[1] = bad_col[3]  # two features onto one shift column
+        with pytest.raises(RuntimeError, match="one-to-one"):
+            op(x, shift, bad_col, gather_index)
+        with pytest.raises(RuntimeError, match="distinct features"):
+            op(x, shift, shift_col, torch.tensor([1, 1], dtype=torch.int32))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mixed_devices_raise():
+    x, shift, shift_col, gather_index, _, _ = make_case(4, 10, "odd-even", "cuda", torch.float32)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.coupling_update_indexed(x, shift.cpu(), shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="same device"):
+        ops.coupling_update_indexed(x, shift, shift_col.cpu(), gather_index)

@@ -1,0 +1,166 @@
+"""The fused scaling + prior log-density op against its reference, its gradients, and its checks."""
+import pytest
+import torch
+
+from conftest import DEVICES, rel_error, sliced
+from nice_ext import ops, reference
+
+PRIORS = ["logistic", "gaussian"]
+
+
+def make_case(batch, features, device, dtype, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(batch, features, generator=g, dtype=torch.float64) * scale
+    log_scale = torch.randn(features, generator=g, dtype=torch.float64) * 0.5
+    return h.to(device, dtype), log_scale.to(device, dtype)
+
+
+def plain_torch_error(h, log_scale, prior):
+    """The error plain PyTorch makes at h's precision, against float64: the bar for the kernel."""
+    _, lp = reference.scale_prior(h, log_scale, prior, False)
+    _, lp64 = reference.scale_prior(h.double().cpu(), log_scale.double().cpu(), prior, False)
+    return rel_error(lp, lp64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("batch", [1, 3, 257])
+@pytest.mark.parametrize("features", [2, 3, 784, 3072])
+@pytest.mark.parametrize("prior", PRIORS)
+def test_matches_reference_on_sliced_inputs(device, batch, features, prior):
+    h, log_scale = make_case(batch, features, device, torch.float32)
+    z, log_prob = ops.scale_prior(sliced(h), log_scale, prior)
+    z_ref, lp_ref = reference.scale_prior(h.double().cpu(), log_scale.double().cpu(), prior, True)
+    assert z.shape == h.shape and log_prob.shape == (batch,) and log_prob.dtype == torch.float32
+    assert rel_error(z, z_ref) < 1e-6
+    assert rel_error(log_prob, lp_ref) <= max(2 * plain_torch_error(h, log_scale, prior), 1e-6)
+    z2, lp2 = ops.scale_prior(h, log_scale, prior, compute_z=False)
+    assert z2.numel() == 0 and torch.equal(lp2, log_prob)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("prior", PRIORS)
+def test_dtypes_accumulate_in_float32_or_wider(device, dtype, prior):
+    h, log_scale = make_case(257, 784, device, dtype)
+    _, log_prob = ops.scale_prior(h, log_scale, prior)
+    assert log_prob.dtype == (torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype)
+    _, lp_ref = reference.scale_prior(h.double().cpu(), log_scale.double().cpu(), prior, False)
+    bound = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-5)  # half inputs: exact inputs, fp32 sums
+    assert rel_error(log_prob, lp_ref) < bound
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", PRIORS)
+def test_stable_at_extreme_values(device, prior):
+    h = torch.tensor([[1e4, -1e4, 0.0, 80.0, -80.0, 1e-30]], device=device)
+    log_scale = torch.zeros(6, device=device)
+    z, log_prob = ops.scale_prior(h, log_scale, prior)
+    assert torch.isfinite(log_prob).all()
+    _, lp_ref = reference.scale_prior(h.double().cpu(), log_scale.double().cpu(), prior, False)
+    assert rel_error(log_prob, lp_ref) < 1e-6
+    h.requires_grad_(True)
+    _, log_prob = ops.scale_prior(h, log_scale, prior)
+    log_prob.sum().backward()
+    assert torch.isfinite(h.grad).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("compute_z", [True, False])
+def test_gradcheck_float64(device, prior, compute_z):
+    h, log_scale = make_case(5, 7, device, torch.float64)
+    h.requires_grad_(True)
+    log_scale.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, s: ops.scale_prior(a, s, prior, compute_z=compute_z), (h, log_scale))
+    assert torch.autograd.gradcheck(ops.scale_inverse, (h, log_scale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("batch", [3, 2049])  # 2049: several reduction chunks and a ragged last one
+def test_gradients_match_reference_and_are_deterministic(device, prior, batch):
+    h, log_scale = make_case(batch, 784, device, torch.float32)
+    grad_z, grad_lp = torch.randn_like(h), torch.randn(batch, device=device)
+
+    def grads(fn, a, s):
+        a, s = a.clone().requires_grad_(), s.clone().requires_grad_()
+        z, lp = fn(a, s, prior, True)
+        torch.autograd.backward((z, lp), (grad_z.to(a.dtype), grad_lp.to(lp.dtype)))
+        return a.grad, s.grad
+
+    gh, gs = grads(ops.torch.ops.nice_ext.scale_prior, h, log_scale)
+    gh64, gs64 = grads(reference.scale_prior, h.double().cpu(), log_scale.double().cpu())
+    assert rel_error(gh, gh64) < 1e-5 and rel_error(gs, gs64) < 1e-5
+    gh2, gs2 = grads(ops.torch.ops.nice_ext.scale_prior, h, log_scale)
+    assert torch.equal(gs, gs2) and torch.equal(gh, gh2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_inverse_undoes_scaling(device):
+    h, log_scale = make_case(257, 3072, device, torch.float32)
+    z, _ = ops.scale_prior(h, log_scale)
+    assert rel_error(ops.scale_inverse(sliced(z), log_scale), h) < 1e-6
+    assert rel_error(ops.scale_inverse(z, log_scale), reference.scale_inverse(z, log_scale)) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    h, log_scale = make_case(6, 9, device, torch.float32)
+    h.requires_grad_(True)
+    log_scale.requires_grad_(True)
+    for prior in PRIORS:
+        for compute_z in (True, False):
+            torch.library.opcheck(torch.ops.nice_ext.scale_prior, (h, log_scale, prior, compute_z))
+        # the backward op is not differentiated again: check it on plain tensors
+        glp, hd, sd = torch.randn(6, device=device), h.detach(), log_scale.detach()
+        torch.library.opcheck(torch.ops.nice_ext.scale_prior_backward, (glp, torch.randn_like(hd), hd, sd, prior))
+        torch.library.opcheck(torch.ops.nice_ext.scale_prior_backward, (glp, None, hd, sd, prior))
+    torch.library.opcheck(torch.ops.nice_ext.scale_inverse, (h, log_scale))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    h, log_scale = make_case(9, 20, device, torch.float32)
+
+    def loss(a, s):
+        z, lp = ops.scale_prior(a, s, "logistic")
+        return -lp.mean() + ops.scale_inverse(z, s).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    a, s = h.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    compiled(a, s).backward()
+    a2, s2 = h.clone().requires_grad_(), log_scale.clone().requires_grad_()
+    loss(a2, s2).backward()
+    assert torch.allclose(a.grad, a2.grad, atol=1e-6) and torch.allclose(s.grad, s2.grad, atol=1e-5)
+
+
+def test_empty_batch():
+    h, log_scale = make_case(0, 5, "cpu", torch.float32)
+    h.requires_grad_(True)
+    log_scale.requires_grad_(True)
+    z, lp = ops.scale_prior(h, log_scale)
+    assert z.shape == (0, 5) and lp.shape == (0,)
+    lp.sum().backward()
+    assert torch.equal(log_scale.grad, torch.zeros(5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_inputs_raise_clear_errors(device):
+    h, log_scale = make_case(4, 10, device, torch.float32)
+    with pytest.raises(RuntimeError, match="one entry per feature"):
+        ops.scale_prior(h, log_scale[:9])
+    with pytest.raises(RuntimeError, match="floating-point"):
+        ops.scale_prior(h.int(), log_scale.int())
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ops.scale_prior(h, log_scale.double())
+    with pytest.raises(RuntimeError, match="1-D"):
+        ops.scale_prior(h, log_scale[None])
+    with pytest.raises(RuntimeError, match="2-D"):
+        ops.scale_prior(h[0], log_scale)
+    with pytest.raises(ValueError, match="prior must be one of"):
+        ops.scale_prior(h, log_scale, "laplace")
+    with pytest.raises(RuntimeError, match="prior must be"):
+        torch.ops.nice_ext.scale_prior(h, log_scale, "laplace", True)
+    if device == "cuda":
+        with pytest.raises(RuntimeError, match="same device"):
+            ops.scale_prior(h, log_scale.cpu())
