@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build nice_ext on a CUDA machine, run the test suite, then the CUDA op tests under compute-sanitizer
+# Build nice_ext in place on a CUDA machine (no pip, no network needed), run the test suite, then the CUDA op tests under compute-sanitizer
 # (memcheck, racecheck, initcheck). Logs go to $LOG_DIR (default runs/cuda-check).
 #   usage: bash scripts/check_cuda.sh [pytest -k expression for the sanitizer runs]
 set -uo pipefail
@@ -12,7 +12,7 @@ status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG_DIR/gpu.txt"
 echo "== build"
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; exit 1; }
+  "$PYTHON" setup.py build_ext --inplace > "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; exit 1; }
 "$PYTHON" -c "import nice_ext, torch; print('cuda kernels built:', nice_ext.cuda_kernels_built(), torch.__version__)"
 
 echo "== tests"
