@@ -62,8 +62,10 @@ C10_HOST_DEVICE inline T prior_score(Prior prior, T z) {
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2, "nice_ext: ", name, " must be a 2-D (batch, features) tensor, got ", t.dim(),
               "-D with shape ", t.sizes());
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), "nice_ext: ", name,
-              " must be a floating-point tensor, got ", t.scalar_type());
+  const auto dtype = t.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "nice_ext: ", name, " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
+              dtype);
 }
 
 inline void check_index_vector(const at::Tensor& t, const char* name) {
@@ -174,5 +176,56 @@ inline int64_t reduction_rows_per_chunk(int64_t batch) {
   const int64_t rows = (batch + 255) / 256;
   return rows < 8 ? 8 : rows;
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Kernels, one per backend. The entry points in csrc/coupling.cpp and csrc/scale_prior.cpp check the
+// arguments, give every tensor unit feature stride (rows may be strided), allocate the outputs and call
+// these. The CUDA ones never throw: they return nullptr or a CUDA error string, so that no C++ exception
+// ever unwinds through nvcc-compiled host code (which crashed the unwinder on some systems).
+// ---------------------------------------------------------------------------------------------------
+enum class Backend { CPU, CUDA };
+
+void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
+                                const at::Tensor& gather_index, bool inverse, at::Tensor& y, at::Tensor& gathered);
+void coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                         const at::Tensor& shift_col, const at::Tensor& gather_index, bool inverse,
+                                         at::Tensor& grad_x, at::Tensor& grad_shift);
+void scale_prior_kernel_cpu(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
+                            at::Tensor& log_prob);
+void scale_prior_backward_kernel_cpu(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
+                                     const at::Tensor& log_scale, Prior prior, at::Tensor& grad_h, at::Tensor& grad_s,
+                                     at::Tensor& partial);
+void scale_inverse_kernel_cpu(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h);
+
+// Runs name##_kernel_cpu or name##_kernel_cuda with the same arguments; a CUDA error becomes a c10::Error
+// here, in host code compiled by the C++ compiler.
+#ifdef NICE_EXT_WITH_CUDA
+#define NICE_EXT_RUN_KERNEL(backend, name, ...)                                              \
+  do {                                                                                       \
+    if constexpr (backend == Backend::CPU) {                                                 \
+      name##_kernel_cpu(__VA_ARGS__);                                                        \
+    } else {                                                                                 \
+      const char* error = name##_kernel_cuda(__VA_ARGS__);                                   \
+      TORCH_CHECK(error == nullptr, "nice_ext: " #name " CUDA kernel failed: ", error);      \
+    }                                                                                        \
+  } while (0)
+#else
+#define NICE_EXT_RUN_KERNEL(backend, name, ...) name##_kernel_cpu(__VA_ARGS__)
+#endif
+
+#ifdef NICE_EXT_WITH_CUDA
+const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
+                                        const at::Tensor& gather_index, bool inverse, at::Tensor& y,
+                                        at::Tensor& gathered);
+const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                                 const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                 bool inverse, at::Tensor& grad_x, at::Tensor& grad_shift);
+const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
+                                    at::Tensor& log_prob);
+const char* scale_prior_backward_kernel_cuda(const at::Tensor& grad_log_prob, const at::Tensor& grad_z,
+                                             const at::Tensor& h, const at::Tensor& log_scale, Prior prior,
+                                             at::Tensor& grad_h, at::Tensor& grad_s, at::Tensor& partial);
+const char* scale_inverse_kernel_cuda(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h);
+#endif
 
 }  // namespace nice_ext

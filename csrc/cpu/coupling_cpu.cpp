@@ -3,7 +3,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -43,21 +42,13 @@ void check_gather_index_cpu(const at::Tensor& gather_index, int64_t features) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> coupling_update_cpu(const at::Tensor& x_in, const at::Tensor& shift_in,
-                                                       const at::Tensor& shift_col_in,
-                                                       const at::Tensor& gather_index_in, bool inverse) {
-  check_coupling_update(x_in, shift_in, shift_col_in, gather_index_in);
-  const at::Tensor x = unit_feature_stride(x_in);
-  const at::Tensor shift = unit_feature_stride(shift_in);
-  const at::Tensor shift_col = shift_col_in.contiguous();
-  const at::Tensor gather_index = gather_index_in.contiguous();
+}  // namespace
+
+void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
+                                const at::Tensor& gather_index, bool inverse, at::Tensor& y, at::Tensor& gathered) {
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
   check_shift_col_cpu(shift_col, updated);
   check_gather_index_cpu(gather_index, features);
-  at::Tensor y = at::empty({batch, features}, x.options());
-  at::Tensor gathered = at::empty({batch, gathered_n}, x.options());
-  if (batch == 0) return {y, gathered};
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_update_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
@@ -82,28 +73,16 @@ std::tuple<at::Tensor, at::Tensor> coupling_update_cpu(const at::Tensor& x_in, c
       }
     });
   });
-  return {y, gathered};
 }
 
-std::tuple<at::Tensor, at::Tensor> coupling_update_backward_cpu(const at::Tensor& grad_y_in,
-                                                                const c10::optional<at::Tensor>& grad_gathered_in,
-                                                                const at::Tensor& shift_col_in,
-                                                                const at::Tensor& gather_index_in, int64_t updated,
-                                                                bool inverse) {
-  check_coupling_update_backward(grad_y_in, grad_gathered_in, shift_col_in, gather_index_in, updated);
-  const at::Tensor grad_y = unit_feature_stride(grad_y_in);
-  const bool has_gathered = grad_gathered_in.has_value() && grad_gathered_in->defined();
-  const at::Tensor grad_gathered = has_gathered ? unit_feature_stride(*grad_gathered_in) : at::Tensor();
-  const at::Tensor shift_col = shift_col_in.contiguous();
-  const at::Tensor gather_index = gather_index_in.contiguous();
-  const int64_t batch = grad_y.size(0), features = grad_y.size(1);
+void coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                         const at::Tensor& shift_col, const at::Tensor& gather_index, bool inverse,
+                                         at::Tensor& grad_x, at::Tensor& grad_shift) {
+  const bool has_gathered = grad_gathered.defined();
+  const int64_t batch = grad_y.size(0), features = grad_y.size(1), updated = grad_shift.size(1);
   const int64_t gathered_n = has_gathered ? gather_index.size(0) : 0;
   check_shift_col_cpu(shift_col, updated);
   check_gather_index_cpu(gather_index, features);
-  at::Tensor grad_x = at::empty({batch, features}, grad_y.options());
-  at::Tensor grad_shift = at::empty({batch, updated}, grad_y.options());
-  if (batch == 0) return {grad_x, grad_shift};
-
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "coupling_update_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
@@ -133,14 +112,6 @@ std::tuple<at::Tensor, at::Tensor> coupling_update_backward_cpu(const at::Tensor
       }
     });
   });
-  return {grad_x, grad_shift};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
-  m.impl("coupling_update", &coupling_update_cpu);
-  m.impl("coupling_update_backward", &coupling_update_backward_cpu);
 }
 
 }  // namespace nice_ext

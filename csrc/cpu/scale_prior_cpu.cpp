@@ -3,7 +3,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <vector>
 
@@ -35,8 +34,8 @@ std::vector<opmath_t> exp_log_scale(const at::Tensor& log_scale, opmath_t sign) 
 }
 
 template <typename scalar_t, Prior prior>
-void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tensor& z, at::Tensor& log_prob,
-                      bool compute_z) {
+void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tensor& z, at::Tensor& log_prob) {
+  const bool compute_z = z.defined();
   using opmath_t = at::opmath_type<scalar_t>;
   using out_t = opmath_t;  // log_prob is float32 for half inputs, else the input dtype (= opmath_t)
   const int64_t batch = h.size(0), features = h.size(1), h_rs = h.stride(0);
@@ -69,47 +68,30 @@ void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_prior_cpu(const at::Tensor& h_in, const at::Tensor& log_scale,
-                                                   c10::string_view prior_name, bool compute_z) {
-  check_scale_prior(h_in, log_scale);
-  const Prior prior = parse_prior(std::string(prior_name));
-  const at::Tensor h = unit_feature_stride(h_in);
-  at::Tensor z = compute_z ? at::empty(h.sizes(), h.options()) : at::empty({0}, h.options());
-  at::Tensor log_prob = at::empty({h.size(0)}, h.options().dtype(log_prob_dtype(h.scalar_type())));
-  if (h.size(0) == 0) return {z, log_prob};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cpu", [&] {
-    if (prior == Prior::Logistic) {
-      scale_prior_rows<scalar_t, Prior::Logistic>(h, log_scale, z, log_prob, compute_z);
-    } else {
-      scale_prior_rows<scalar_t, Prior::Gaussian>(h, log_scale, z, log_prob, compute_z);
-    }
-  });
-  return {z, log_prob};
-}
-
 // g[b, d] = dL/dz[b, d] = grad_log_prob[b] * score(z[b, d]) + grad_z[b, d]
 // grad_h[b, d] = g[b, d] * exp(s[d]);   grad_s[d] = sum_b (g[b, d] * z[b, d] + grad_log_prob[b])
 // grad_s is summed per fixed-size chunk of rows, then over chunks in order: the same bits on every run.
 template <typename scalar_t, Prior prior>
 void scale_prior_backward_rows(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
-                               const at::Tensor& log_scale, at::Tensor& grad_h, at::Tensor& grad_s) {
+                               const at::Tensor& log_scale, at::Tensor& grad_h, at::Tensor& grad_s,
+                               at::Tensor& partial_sums) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t batch = h.size(0), features = h.size(1), h_rs = h.stride(0);
   const int64_t gz_rs = grad_z.defined() ? grad_z.stride(0) : 0;
   const std::vector<opmath_t> scale = exp_log_scale<scalar_t, opmath_t>(log_scale, opmath_t(1));
-  const at::Tensor glp = grad_log_prob.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-  const opmath_t* glp_ptr = glp.const_data_ptr<opmath_t>();
+  const opmath_t* glp_ptr = grad_log_prob.const_data_ptr<opmath_t>();
   const scalar_t* h_ptr = h.const_data_ptr<scalar_t>();
   const scalar_t* gz_ptr = grad_z.defined() ? grad_z.const_data_ptr<scalar_t>() : nullptr;
   scalar_t* gh_ptr = grad_h.mutable_data_ptr<scalar_t>();
   const opmath_t* es = scale.data();
 
   const int64_t rows_per_chunk = reduction_rows_per_chunk(batch);
-  const int64_t chunks = (batch + rows_per_chunk - 1) / rows_per_chunk;
-  std::vector<opmath_t> partial(chunks * features, opmath_t(0));
+  const int64_t chunks = partial_sums.size(0);
+  opmath_t* partial = partial_sums.mutable_data_ptr<opmath_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
-      opmath_t* part = partial.data() + c * features;
+      opmath_t* part = partial + c * features;
+      std::fill(part, part + features, opmath_t(0));
       const int64_t row_end = std::min(batch, (c + 1) * rows_per_chunk);
       for (int64_t b = c * rows_per_chunk; b < row_end; ++b) {
         const scalar_t* hr = h_ptr + b * h_rs;
@@ -146,31 +128,6 @@ void scale_prior_backward_rows(const at::Tensor& grad_log_prob, const at::Tensor
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_prior_backward_cpu(const at::Tensor& grad_log_prob,
-                                                            const c10::optional<at::Tensor>& grad_z_in,
-                                                            const at::Tensor& h_in, const at::Tensor& log_scale,
-                                                            c10::string_view prior_name) {
-  check_scale_prior_backward(grad_log_prob, grad_z_in, h_in, log_scale);
-  const Prior prior = parse_prior(std::string(prior_name));
-  const at::Tensor h = unit_feature_stride(h_in);
-  const at::Tensor grad_z =
-      (grad_z_in.has_value() && grad_z_in->defined()) ? unit_feature_stride(*grad_z_in) : at::Tensor();
-  at::Tensor grad_h = at::empty(h.sizes(), h.options());
-  at::Tensor grad_s = at::empty(log_scale.sizes(), log_scale.options());
-  if (h.size(0) == 0) {
-    grad_s.zero_();
-    return {grad_h, grad_s};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_backward_cpu", [&] {
-    if (prior == Prior::Logistic) {
-      scale_prior_backward_rows<scalar_t, Prior::Logistic>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s);
-    } else {
-      scale_prior_backward_rows<scalar_t, Prior::Gaussian>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s);
-    }
-  });
-  return {grad_h, grad_s};
-}
-
 template <typename scalar_t>
 void scale_inverse_rows(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -189,22 +146,34 @@ void scale_inverse_rows(const at::Tensor& z, const at::Tensor& log_scale, at::Te
   });
 }
 
-at::Tensor scale_inverse_cpu(const at::Tensor& z_in, const at::Tensor& log_scale) {
-  check_scale_prior(z_in, log_scale);
-  const at::Tensor z = unit_feature_stride(z_in);
-  at::Tensor h = at::empty(z.sizes(), z.options());
-  if (z.size(0) == 0) return h;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cpu",
-                                  [&] { scale_inverse_rows<scalar_t>(z, log_scale, h); });
-  return h;
-}
-
 }  // namespace
 
-TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
-  m.impl("scale_prior", &scale_prior_cpu);
-  m.impl("scale_prior_backward", &scale_prior_backward_cpu);
-  m.impl("scale_inverse", &scale_inverse_cpu);
+void scale_prior_kernel_cpu(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
+                            at::Tensor& log_prob) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cpu", [&] {
+    if (prior == Prior::Logistic) {
+      scale_prior_rows<scalar_t, Prior::Logistic>(h, log_scale, z, log_prob);
+    } else {
+      scale_prior_rows<scalar_t, Prior::Gaussian>(h, log_scale, z, log_prob);
+    }
+  });
+}
+
+void scale_prior_backward_kernel_cpu(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
+                                     const at::Tensor& log_scale, Prior prior, at::Tensor& grad_h, at::Tensor& grad_s,
+                                     at::Tensor& partial) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_backward_cpu", [&] {
+    if (prior == Prior::Logistic) {
+      scale_prior_backward_rows<scalar_t, Prior::Logistic>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s, partial);
+    } else {
+      scale_prior_backward_rows<scalar_t, Prior::Gaussian>(grad_log_prob, grad_z, h, log_scale, grad_h, grad_s, partial);
+    }
+  });
+}
+
+void scale_inverse_kernel_cpu(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cpu",
+                                  [&] { scale_inverse_rows<scalar_t>(z, log_scale, h); });
 }
 
 }  // namespace nice_ext

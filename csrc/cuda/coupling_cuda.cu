@@ -1,12 +1,10 @@
-// CUDA kernels of the masked additive coupling update (schema and meaning: csrc/ops.cpp); the CPU twin
-// is csrc/cpu/coupling_cpu.cpp. One block walks a row at a time: y and the next layer's gathered input
+// CUDA kernels of the masked additive coupling update (schema: csrc/ops.cpp; entry point and checks:
+// csrc/coupling.cpp; CPU twin: csrc/cpu/coupling_cpu.cpp). One block walks a row at a time: y and the next layer's gathered input
 // are written in the same pass, so a coupling layer reads x once and writes it once.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/macros/Macros.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_utils.cuh"
 #include "nice_ext.h"
@@ -82,46 +80,27 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> coupling_update_cuda(const at::Tensor& x_in, const at::Tensor& shift_in,
-                                                        const at::Tensor& shift_col_in,
-                                                        const at::Tensor& gather_index_in, bool inverse) {
-  check_coupling_update(x_in, shift_in, shift_col_in, gather_index_in);
-  const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = unit_feature_stride(x_in);
-  const at::Tensor shift = unit_feature_stride(shift_in);
-  const at::Tensor shift_col = shift_col_in.contiguous();
-  const at::Tensor gather_index = gather_index_in.contiguous();
+}  // namespace
+
+const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
+                                        const at::Tensor& gather_index, bool inverse, at::Tensor& y,
+                                        at::Tensor& gathered) {
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
-  at::Tensor y = at::empty({batch, features}, x.options());
-  at::Tensor gathered = at::empty({batch, gathered_n}, x.options());
-  if (batch == 0) return {y, gathered};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_update_cuda", [&] {
     coupling_update_kernel<scalar_t><<<grid_for(batch, 2048 / kThreads), kThreads, 0, stream>>>(
         x.const_data_ptr<scalar_t>(), x.stride(0), shift.const_data_ptr<scalar_t>(), shift.stride(0),
         shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(), y.mutable_data_ptr<scalar_t>(),
         gathered.mutable_data_ptr<scalar_t>(), batch, features, updated, gathered_n, inverse);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {y, gathered};
+  return launch_error();
 }
 
-std::tuple<at::Tensor, at::Tensor> coupling_update_backward_cuda(const at::Tensor& grad_y_in,
-                                                                 const c10::optional<at::Tensor>& grad_gathered_in,
-                                                                 const at::Tensor& shift_col_in,
-                                                                 const at::Tensor& gather_index_in, int64_t updated,
-                                                                 bool inverse) {
-  check_coupling_update_backward(grad_y_in, grad_gathered_in, shift_col_in, gather_index_in, updated);
-  const c10::cuda::CUDAGuard guard(grad_y_in.device());
-  const at::Tensor grad_y = unit_feature_stride(grad_y_in);
-  const bool has_gathered = grad_gathered_in.has_value() && grad_gathered_in->defined();
-  const at::Tensor grad_gathered = has_gathered ? unit_feature_stride(*grad_gathered_in) : at::Tensor();
-  const at::Tensor shift_col = shift_col_in.contiguous();
-  const at::Tensor gather_index = gather_index_in.contiguous();
-  const int64_t batch = grad_y.size(0), features = grad_y.size(1);
-  at::Tensor grad_x = at::empty({batch, features}, grad_y.options());
-  at::Tensor grad_shift = at::empty({batch, updated}, grad_y.options());
-  if (batch == 0) return {grad_x, grad_shift};
+const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                                 const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                 bool inverse, at::Tensor& grad_x, at::Tensor& grad_shift) {
+  const bool has_gathered = grad_gathered.defined();
+  const int64_t batch = grad_y.size(0), features = grad_y.size(1), updated = grad_shift.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "coupling_update_backward_cuda", [&] {
     coupling_update_backward_kernel<scalar_t><<<grid_for(batch, 2048 / kThreads), kThreads, 0, stream>>>(
@@ -130,16 +109,8 @@ std::tuple<at::Tensor, at::Tensor> coupling_update_backward_cuda(const at::Tenso
         has_gathered ? gather_index.size(0) : 0, shift_col.const_data_ptr<int32_t>(),
         gather_index.const_data_ptr<int32_t>(), grad_x.mutable_data_ptr<scalar_t>(),
         grad_shift.mutable_data_ptr<scalar_t>(), batch, features, updated, inverse);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_x, grad_shift};
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(nice_ext, CUDA, m) {
-  m.impl("coupling_update", &coupling_update_cuda);
-  m.impl("coupling_update_backward", &coupling_update_backward_cuda);
+  return launch_error();
 }
 
 }  // namespace nice_ext

@@ -11,6 +11,12 @@ inline int64_t grid_for(int64_t work_items, int blocks_per_sm) {
   return std::max<int64_t>(1, std::min<int64_t>(work_items, sms * blocks_per_sm));
 }
 
+// The launchers report errors instead of throwing (see nice_ext.h): nullptr, or the CUDA error's text.
+inline const char* launch_error() {
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
 // Sum over a block (blockDim.x a multiple of 32, at most 1024). The result is valid in thread 0.
 template <typename T>
 __device__ inline T block_sum(T value) {

@@ -1,5 +1,5 @@
-// CUDA kernels of the diagonal scaling + prior log-density (schema and meaning: csrc/ops.cpp); the CPU
-// twin is csrc/cpu/scale_prior_cpu.cpp.
+// CUDA kernels of the diagonal scaling + prior log-density (schema: csrc/ops.cpp; entry points and
+// checks: csrc/scale_prior.cpp; CPU twin: csrc/cpu/scale_prior_cpu.cpp).
 //  - forward: a block per row, z and the row's log-density in one pass, reduced with warp shuffles;
 //  - backward: column tiles x fixed row chunks write per-chunk partial sums of grad(log_scale), which a
 //    second kernel adds up in chunk order: deterministic, no atomics;
@@ -7,8 +7,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include "cuda/cuda_utils.cuh"
 #include "nice_ext.h"
@@ -87,26 +85,19 @@ __global__ void scale_inverse_kernel(const scalar_t* __restrict__ z, int64_t z_r
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_prior_cuda(const at::Tensor& h_in, const at::Tensor& log_scale_in,
-                                                    c10::string_view prior_name, bool compute_z) {
-  check_scale_prior(h_in, log_scale_in);
-  const Prior prior = parse_prior(std::string(prior_name));
-  const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor h = unit_feature_stride(h_in);
-  const at::Tensor log_scale = log_scale_in.contiguous();
-  at::Tensor z = compute_z ? at::empty(h.sizes(), h.options()) : at::empty({0}, h.options());
-  at::Tensor log_prob = at::empty({h.size(0)}, h.options().dtype(log_prob_dtype(h.scalar_type())));
+}  // namespace
+
+const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
+                                    at::Tensor& log_prob) {
   const int64_t batch = h.size(0), features = h.size(1);
-  if (batch == 0) return {z, log_prob};
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     auto launch = [&](auto kernel) {
       kernel<<<grid_for(batch, 2048 / kRowThreads), kRowThreads, 0, stream>>>(
           h.const_data_ptr<scalar_t>(), h.stride(0), log_scale.const_data_ptr<scalar_t>(),
-          compute_z ? z.mutable_data_ptr<scalar_t>() : nullptr, log_prob.mutable_data_ptr<opmath_t>(), batch,
+          z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr, log_prob.mutable_data_ptr<opmath_t>(), batch,
           features);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (prior == Prior::Logistic) {
       launch(scale_prior_kernel<scalar_t, Prior::Logistic>);
@@ -114,43 +105,24 @@ std::tuple<at::Tensor, at::Tensor> scale_prior_cuda(const at::Tensor& h_in, cons
       launch(scale_prior_kernel<scalar_t, Prior::Gaussian>);
     }
   });
-  return {z, log_prob};
+  return launch_error();
 }
 
-std::tuple<at::Tensor, at::Tensor> scale_prior_backward_cuda(const at::Tensor& grad_log_prob_in,
-                                                             const c10::optional<at::Tensor>& grad_z_in,
-                                                             const at::Tensor& h_in, const at::Tensor& log_scale_in,
-                                                             c10::string_view prior_name) {
-  check_scale_prior_backward(grad_log_prob_in, grad_z_in, h_in, log_scale_in);
-  const Prior prior = parse_prior(std::string(prior_name));
-  const c10::cuda::CUDAGuard guard(h_in.device());
-  const at::Tensor h = unit_feature_stride(h_in);
-  const at::Tensor log_scale = log_scale_in.contiguous();
-  const bool has_grad_z = grad_z_in.has_value() && grad_z_in->defined();
-  const at::Tensor grad_z = has_grad_z ? unit_feature_stride(*grad_z_in) : at::Tensor();
+const char* scale_prior_backward_kernel_cuda(const at::Tensor& grad_log_prob, const at::Tensor& grad_z,
+                                             const at::Tensor& h, const at::Tensor& log_scale, Prior prior,
+                                             at::Tensor& grad_h, at::Tensor& grad_s, at::Tensor& partial) {
   const int64_t batch = h.size(0), features = h.size(1);
-  at::Tensor grad_h = at::empty(h.sizes(), h.options());
-  at::Tensor grad_s = at::empty(log_scale.sizes(), log_scale.options());
-  if (batch == 0) {
-    grad_s.zero_();
-    return {grad_h, grad_s};
-  }
-  const int64_t rows_per_chunk = reduction_rows_per_chunk(batch);
-  const int64_t chunks = (batch + rows_per_chunk - 1) / rows_per_chunk;
+  const int64_t chunks = partial.size(0), rows_per_chunk = reduction_rows_per_chunk(batch);
   const int64_t column_blocks = (features + kColumnThreads - 1) / kColumnThreads;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    const auto opmath_options = h.options().dtype(c10::CppTypeToScalarType<opmath_t>::value);
-    const at::Tensor glp = grad_log_prob_in.to(opmath_options).contiguous();
-    at::Tensor partial = at::empty({chunks, features}, opmath_options);
     auto launch = [&](auto kernel) {
       kernel<<<dim3(column_blocks, chunks), kColumnThreads, 0, stream>>>(
-          glp.const_data_ptr<opmath_t>(), has_grad_z ? grad_z.const_data_ptr<scalar_t>() : nullptr,
-          has_grad_z ? grad_z.stride(0) : 0, h.const_data_ptr<scalar_t>(), h.stride(0),
+          grad_log_prob.const_data_ptr<opmath_t>(), grad_z.defined() ? grad_z.const_data_ptr<scalar_t>() : nullptr,
+          grad_z.defined() ? grad_z.stride(0) : 0, h.const_data_ptr<scalar_t>(), h.stride(0),
           log_scale.const_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<scalar_t>(),
           partial.mutable_data_ptr<opmath_t>(), batch, features, rows_per_chunk);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (prior == Prior::Logistic) {
       launch(scale_prior_backward_kernel<scalar_t, Prior::Logistic>);
@@ -159,35 +131,19 @@ std::tuple<at::Tensor, at::Tensor> scale_prior_backward_cuda(const at::Tensor& g
     }
     sum_chunks_kernel<scalar_t><<<column_blocks, kColumnThreads, 0, stream>>>(
         partial.const_data_ptr<opmath_t>(), grad_s.mutable_data_ptr<scalar_t>(), chunks, features);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {grad_h, grad_s};
+  return launch_error();
 }
 
-at::Tensor scale_inverse_cuda(const at::Tensor& z_in, const at::Tensor& log_scale_in) {
-  check_scale_prior(z_in, log_scale_in);
-  const c10::cuda::CUDAGuard guard(z_in.device());
-  const at::Tensor z = unit_feature_stride(z_in);
-  const at::Tensor log_scale = log_scale_in.contiguous();
-  at::Tensor h = at::empty(z.sizes(), z.options());
+const char* scale_inverse_kernel_cuda(const at::Tensor& z, const at::Tensor& log_scale, at::Tensor& h) {
   const int64_t batch = z.size(0), features = z.size(1);
-  if (batch == 0) return h;
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cuda", [&] {
     scale_inverse_kernel<scalar_t><<<grid_for(batch, 2048 / kRowThreads), kRowThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), z.stride(0), log_scale.const_data_ptr<scalar_t>(),
         h.mutable_data_ptr<scalar_t>(), batch, features);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return h;
-}
-
-}  // namespace
-
-TORCH_LIBRARY_IMPL(nice_ext, CUDA, m) {
-  m.impl("scale_prior", &scale_prior_cuda);
-  m.impl("scale_prior_backward", &scale_prior_backward_cuda);
-  m.impl("scale_inverse", &scale_inverse_cuda);
+  return launch_error();
 }
 
 }  // namespace nice_ext

@@ -1,0 +1,86 @@
+"""Checkpoints that are never left half-written and are checked before use.
+
+A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over
+the target (an atomic step on POSIX), and the folder is fsync'ed too: a crash at any moment leaves either
+the old file or the new one. Loading checks that the file is ours, of a known format version, and holds
+every field the tools need; any problem becomes a ``CheckpointError`` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, Optional
+
+import torch
+
+from .model import NICE
+
+FORMAT = "nice_ext.checkpoint"
+VERSION = 1
+REQUIRED = ("format", "version", "model_config", "model_state", "dataset", "preprocess_state")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, not ours, or does not fit what it is used for."""
+
+
+def save_atomic(payload: Dict[str, Any], path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def make_checkpoint(model: NICE, dataset: str, preprocess_state: Dict[str, Any], **extra: Any) -> Dict[str, Any]:
+    payload = {"format": FORMAT, "version": VERSION, "model_config": dict(model.config),
+               "model_state": model.state_dict(), "dataset": dataset, "preprocess_state": preprocess_state}
+    payload.update(extra)
+    return payload
+
+
+def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path}: the file is empty")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as error:  # truncated zip, pickle garbage, ...
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
+                              f"{type(error).__name__}: {error}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a nice_ext checkpoint")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {payload.get('version')} is not supported "
+                              f"(this nice_ext reads version {VERSION})")
+    missing = [key for key in REQUIRED if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return payload
+
+
+def model_from_checkpoint(payload: Dict[str, Any], path: str = "checkpoint") -> NICE:
+    config = dict(payload["model_config"])
+    if isinstance(config.get("mask"), list):
+        config["mask"] = torch.tensor(config["mask"], dtype=torch.bool)
+    try:
+        model = NICE(**config)
+        model.load_state_dict(payload["model_state"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path}: the stored model does not load: {error}") from None
+    return model

@@ -1,0 +1,224 @@
+"""Datasets for NICE (paper §5.1): loading, the validation split, dequantization and whitening.
+
+Images are kept as uint8 pixels (N, D) and dequantized afresh every time a batch is drawn:
+
+    x = (pixel + u) / 256,  u ~ U(0, 1) per example and per feature      (MNIST, Fashion-MNIST, SVHN)
+    x = (pixel + u) / 128 - 1                                               (CIFAR-10: range [-1, 1])
+
+with no clamping (clamping would move probability mass). SVHN and CIFAR-10 are then whitened with a ZCA
+matrix W fitted on the training split; the model sees x' = (x - mean) W, so log p(x) = log p(x') +
+log|det W|, and every likelihood reported by nice_ext adds ``log_det`` back: numbers stay in the
+dequantized pixel space, comparable with the paper.
+
+``--data-dir DIR`` may hold ``DIR/mnist/`` (or ``DIR/fashion-mnist/``) with the four original IDX .gz
+files, or torchvision's own layout; CIFAR-10 and SVHN use torchvision's layout. Missing files are
+downloaded through torchvision when ``download`` is set; otherwise a clear error names what is missing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn")
+VALIDATION_SIZE = 10_000
+IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
+
+
+class DataError(RuntimeError):
+    """A dataset could not be found or read; the message says which files were expected where."""
+
+
+@dataclass
+class DatasetInfo:
+    name: str
+    image_shape: Tuple[int, int, int]
+    data_range: Tuple[float, float]
+    whiten: bool
+
+    @property
+    def dim(self) -> int:
+        return math.prod(self.image_shape)
+
+
+INFO = {
+    "mnist": DatasetInfo("mnist", (1, 28, 28), (0.0, 1.0), False),
+    "fashion-mnist": DatasetInfo("fashion-mnist", (1, 28, 28), (0.0, 1.0), False),
+    "cifar10": DatasetInfo("cifar10", (3, 32, 32), (-1.0, 1.0), True),
+    "svhn": DatasetInfo("svhn", (3, 32, 32), (0.0, 1.0), True),
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in INFO:
+        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    return INFO[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading raw pixels
+# ------------------------------------------------------------------------------------------------
+def read_idx_images(path: str) -> Tensor:
+    """An IDX3 image file (optionally gzip-compressed) as a uint8 tensor (N, rows * cols)."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as error:
+        raise DataError(f"{path}: cannot be read ({error})") from error
+    if len(data) < 16 or int.from_bytes(data[0:4], "big") != 2051:
+        raise DataError(f"{path}: not an IDX image file (expected magic number 2051)")
+    count, rows, cols = (int.from_bytes(data[i:i + 4], "big") for i in (4, 8, 12))
+    expected = 16 + count * rows * cols
+    if len(data) != expected:
+        raise DataError(f"{path}: truncated or corrupt ({len(data)} bytes, expected {expected})")
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows * cols)
+    return torch.from_numpy(pixels.copy())
+
+
+def _load_idx_dataset(name: str, data_dir: str, split: str, download: bool) -> Tensor:
+    folder = os.path.join(data_dir, name)
+    image_file = os.path.join(folder, IDX_FILES[split][0])
+    if os.path.exists(image_file):
+        return read_idx_images(image_file)
+    import torchvision
+
+    cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
+    try:
+        dataset = cls(root=data_dir, train=(split == "train"), download=download)
+    except Exception as error:  # torchvision raises RuntimeError or URLError/OSError when offline
+        expected = ", ".join(IDX_FILES["train"] + IDX_FILES["test"])
+        raise DataError(f"{name} not found: expected {expected} in {folder}/ (or torchvision's layout under "
+                        f"{data_dir}/); download {'failed: ' + str(error) if download else 'is off'}") from error
+    return dataset.data.reshape(len(dataset.data), -1).to(torch.uint8)
+
+
+def _load_torchvision_rgb(name: str, data_dir: str, split: str, download: bool) -> Tensor:
+    import torchvision
+
+    try:
+        if name == "cifar10":
+            dataset = torchvision.datasets.CIFAR10(root=data_dir, train=(split == "train"), download=download)
+            images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # NHWC -> NCHW
+        else:
+            dataset = torchvision.datasets.SVHN(root=data_dir, split=split, download=download)
+            images = torch.from_numpy(dataset.data)  # already NCHW
+    except Exception as error:
+        raise DataError(f"{name} not found under {data_dir}/ (torchvision's layout); download "
+                        f"{'failed: ' + str(error) if download else 'is off'}") from error
+    return images.reshape(images.shape[0], -1).contiguous()
+
+
+def load_pixels(name: str, data_dir: str, split: str, download: bool = True) -> Tensor:
+    """uint8 pixels (N, D) of ``split`` ('train' or 'test'), rows flattened C, H, W."""
+    dataset_info(name)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name in ("mnist", "fashion-mnist"):
+        return _load_idx_dataset(name, data_dir, split, download)
+    return _load_torchvision_rgb(name, data_dir, split, download)
+
+
+# ------------------------------------------------------------------------------------------------
+# Dequantization and whitening
+# ------------------------------------------------------------------------------------------------
+def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optional[torch.Generator] = None,
+               dtype: torch.dtype = torch.float32) -> Tensor:
+    """Uniform dequantization: a fresh u ~ U(0, 1) per example and per feature, mapped to ``data_range``."""
+    noise = torch.rand(pixels.shape, device=pixels.device, dtype=dtype, generator=generator)
+    low, high = data_range
+    return (pixels.to(dtype) + noise) * ((high - low) / 256.0) + low
+
+
+def bits_per_dim(log_likelihood_nats: float, dim: int, data_range: Tuple[float, float]) -> float:
+    """Bits per dimension of the discrete pixels: (-LL + D ln(256 / width)) / (D ln 2)."""
+    width = data_range[1] - data_range[0]
+    return (-log_likelihood_nats + dim * math.log(256.0 / width)) / (dim * math.log(2.0))
+
+
+class ZCA(torch.nn.Module):
+    """Exact ZCA whitening x' = (x - mean) W, W = U diag((lambda + eps)^-1/2) U^T, with log|det W|."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("matrix", torch.eye(dim))
+        self.register_buffer("log_det", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, eps: float = 1e-5) -> "ZCA":
+        x = x.double()
+        mean = x.mean(dim=0)
+        cov = torch.cov((x - mean).T)
+        eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+        eigenvalues = eigenvalues.clamp_min(0) + eps
+        self.mean.copy_(mean)
+        self.matrix.copy_(eigenvectors @ torch.diag(eigenvalues.rsqrt()) @ eigenvectors.T)
+        self.log_det.copy_(-0.5 * eigenvalues.log().sum())
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean.to(x.dtype)) @ self.matrix.to(x.dtype)
+
+
+class Preprocess(torch.nn.Module):
+    """Dequantization (and whitening where the paper uses it) as one fixed map, with its log|det|."""
+
+    def __init__(self, info: DatasetInfo):
+        super().__init__()
+        self.data_range = info.data_range
+        self.zca = ZCA(info.dim) if info.whiten else None
+
+    def fit(self, train_pixels: Tensor, generator: Optional[torch.Generator] = None) -> "Preprocess":
+        if self.zca is not None:
+            self.zca.fit(dequantize(train_pixels, self.data_range, generator))
+        return self
+
+    def forward(self, pixels: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        x = dequantize(pixels, self.data_range, generator)
+        return self.zca(x) if self.zca is not None else x
+
+    @property
+    def log_det(self) -> float:
+        """Added to the model's log-likelihood to report it in dequantized pixel space."""
+        return float(self.zca.log_det) if self.zca is not None else 0.0
+
+
+@dataclass
+class Splits:
+    train: Tensor
+    valid: Tensor
+    test: Tensor
+    info: DatasetInfo
+
+
+def load_splits(name: str, data_dir: str, download: bool = True, subset: Optional[int] = None) -> Splits:
+    """Train / validation / test pixels. Validation is the last 10,000 training images (model selection
+    only, never trained on); ``subset`` keeps the first N training images."""
+    info = dataset_info(name)
+    train_all = load_pixels(name, data_dir, "train", download)
+    test = load_pixels(name, data_dir, "test", download)
+    if train_all.shape[0] <= VALIDATION_SIZE:
+        raise DataError(f"{name}: only {train_all.shape[0]} training images, need more than {VALIDATION_SIZE}")
+    train, valid = train_all[:-VALIDATION_SIZE], train_all[-VALIDATION_SIZE:]
+    if subset is not None:
+        if subset < 1:
+            raise ValueError(f"subset must be positive, got {subset}")
+        train = train[:subset]
+    return Splits(train, valid, test, info)
+
+
+def batches(pixels: Tensor, batch_size: int, shuffle: bool, generator: Optional[torch.Generator] = None):
+    """Index batches over a pixel tensor that already lives on the training device (no DataLoader)."""
+    n = pixels.shape[0]
+    order = torch.randperm(n, device=pixels.device, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        yield pixels[order[start:start + batch_size]] if order is not None else pixels[start:start + batch_size]

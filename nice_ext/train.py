@@ -1,0 +1,330 @@
+"""Train NICE: ``python -m nice_ext.train --dataset mnist --out-dir runs/mnist``.
+
+``--preset paper-mnist`` is the paper's MNIST setup (§5.1): 4 additive couplings, odd/even masks,
+5 x 1000 ReLU, logistic prior, Adam lr 1e-3, betas (0.9, 0.99), eps 1e-4, batch 200, 1500 epochs, best
+model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png,
+metrics.csv, curve.png, spectrum.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import random
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from . import data as data_lib
+from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
+from .data import DataError
+from .model import NICE
+
+PRESETS: Dict[str, Dict[str, object]] = {
+    "paper-mnist": dict(dataset="mnist", batch_size=200, latent="logistic", lr=1e-3, momentum=0.9, decay=0.99,
+                        eps=1e-4, coupling=4, coup_type="additive", mid_dim=1000, hidden=5, epochs=1500),
+}
+
+
+class UsageError(ValueError):
+    """A bad command-line value: reported as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m nice_ext.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or svhn")
+    p.add_argument("--batch_size", type=int, default=200, help="images per optimizer step")
+    p.add_argument("--latent", default="logistic", help="prior: logistic or gaussian")
+    p.add_argument("--max_iter", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--sample_size", type=int, default=64, help="images in the sample grid")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
+    p.add_argument("--decay", type=float, default=0.99,
+                   help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms)")
+    p.add_argument("--eps", type=float, default=1e-4, help="Adam epsilon")
+    p.add_argument("--coupling", type=int, default=4, help="number of coupling layers")
+    p.add_argument("--save-every", type=float, default=5, help="write checkpoints and figures every N epochs")
+    p.add_argument("--coup-type", default="additive", help="coupling law: additive or affine")
+    p.add_argument("--mid-dim", type=int, default=1000, help="hidden units per coupling-network layer")
+    p.add_argument("--hidden", type=int, default=5, help="hidden layers per coupling network")
+    p.add_argument("--mask", default="odd-even", help="odd-even or checkerboard")
+    p.add_argument("--data-dir", default="data", help="folder with the datasets (see nice_ext/data.py)")
+    p.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
+    p.add_argument("--out-dir", default="runs/nice", help="where checkpoints, figures and metrics go")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 1500 with a preset, else 10)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (last.pt)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    p.add_argument("--subset", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                   help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    p.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        explicit = {a.dest for a in parser._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
+        for key, value in PRESETS[args.preset].items():
+            if key not in explicit:
+                setattr(args, key, value)
+    if args.epochs is None:
+        args.epochs = 10
+    checks = [(args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}"),
+              (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}"),
+              (0 <= args.momentum < 1, f"--momentum (Adam beta1) must be in [0, 1), got {args.momentum}"),
+              (0 <= args.decay < 1, f"--decay (Adam beta2) must be in [0, 1), got {args.decay}"),
+              (args.eps > 0, f"--eps must be positive, got {args.eps}"),
+              (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
+              (args.sample_size >= 0, f"--sample_size must be >= 0, got {args.sample_size}"),
+              (args.coupling >= 1, f"--coupling must be >= 1, got {args.coupling}"),
+              (args.mid_dim >= 1 and args.hidden >= 0, "--mid-dim must be >= 1 and --hidden >= 0"),
+              (args.save_every > 0, f"--save-every must be positive, got {args.save_every}"),
+              (args.max_iter is None or args.max_iter >= 0, f"--max_iter must be >= 0, got {args.max_iter}"),
+              (args.subset is None or args.subset > 0, f"--subset must be positive, got {args.subset}"),
+              (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive, got {args.clip_grad}"),
+              (args.eval_draws >= 1, f"--eval-draws must be >= 1, got {args.eval_draws}"),
+              (args.dataset in data_lib.DATASETS, f"--dataset must be one of {', '.join(data_lib.DATASETS)}, "
+                                                   f"got {args.dataset!r}"),
+              (args.latent in ("logistic", "gaussian"), f"--latent must be logistic or gaussian, got {args.latent!r}"),
+              (args.coup_type in ("additive", "affine"), f"--coup-type must be additive or affine, got "
+                                                          f"{args.coup_type!r}"),
+              (args.mask in ("odd-even", "checkerboard"), f"--mask must be odd-even or checkerboard, got "
+                                                           f"{args.mask!r}")]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+    return args
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state(generator: torch.Generator) -> Dict[str, object]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "data": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, object], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    generator.set_state(state["data"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, batch_size: int,
+                           generator: Optional[torch.Generator] = None) -> float:
+    """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw."""
+    total, count = 0.0, 0
+    for batch in data_lib.batches(pixels, batch_size, shuffle=False):
+        log_px = model.log_prob(preprocess(batch, generator)) + preprocess.log_det
+        total += float(log_px.double().sum())
+        count += batch.shape[0]
+    return total / max(count, 1)
+
+
+def build_model(args: argparse.Namespace, info: data_lib.DatasetInfo) -> NICE:
+    return NICE(info.dim, num_coupling_layers=args.coupling, num_hidden_layers=args.hidden, hidden_dim=args.mid_dim,
+                prior=args.latent, coupling=args.coup_type, mask=args.mask, image_shape=info.image_shape,
+                data_range=info.data_range)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import plots
+
+    device = pick_device(args.device)
+    seed_everything(args.seed)
+    if args.precision == "tf32" or (args.precision == "bf16"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None and resume["dataset"] != args.dataset:
+        raise CheckpointError(f"{args.resume}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
+
+    splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
+    info = splits.info
+    preprocess = data_lib.Preprocess(info)
+    if resume is not None:
+        preprocess.load_state_dict(resume["preprocess_state"])
+    else:
+        preprocess.fit(splits.train, torch.Generator().manual_seed(args.seed))
+    preprocess.to(device)
+    train_pixels = splits.train.to(device)  # uint8: MNIST is 39 MB, it lives on the device
+    valid_pixels, test_pixels = splits.valid.to(device), splits.test.to(device)
+
+    model = model_from_checkpoint(resume, args.resume) if resume is not None else build_model(args, info)
+    if model.data_dim != info.dim:
+        raise CheckpointError(f"{args.resume}: model has {model.data_dim} features, {args.dataset} has {info.dim}")
+    model.to(device)
+    adam_kwargs = dict(lr=args.lr, betas=(args.momentum, args.decay), eps=args.eps)
+    if device.type == "cuda":
+        adam_kwargs["fused"] = True
+    optimizer = torch.optim.Adam(model.parameters(), **adam_kwargs)
+    start_epoch, step, best_valid, history = 0, 0, -math.inf, []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer_state"])
+        start_epoch, step = resume["epoch"], resume["step"]
+        best_valid, history = resume["best_valid"], resume["history"]
+        set_rng_state(resume["rng_state"], generator)
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+
+    def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        with autocast:
+            log_px = model.log_prob(x)
+        return -log_px.float().mean()
+
+    loss_step = torch.compile(loss_fn) if args.compile else loss_fn
+    out_dir = args.out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_path = os.path.join(out_dir, "metrics.csv")
+
+    def checkpoint(epoch: int) -> Dict[str, object]:
+        return make_checkpoint(model, args.dataset, preprocess.state_dict(), optimizer_state=optimizer.state_dict(),
+                               epoch=epoch, step=step, best_valid=best_valid, history=history,
+                               rng_state=rng_state(generator), args=vars(args))
+
+    def write_outputs(epoch: int) -> None:
+        save_atomic(checkpoint(epoch), os.path.join(out_dir, "last.pt"))
+        with open(metrics_path + ".tmp", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(history[0].keys()) if history else ["epoch"])
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        if args.sample_size > 0:
+            plots.sample_grid(model, args.sample_size, os.path.join(out_dir, "samples.png"), preprocess)
+        if history:
+            plots.training_curve(history, os.path.join(out_dir, "curve.png"))
+        plots.scaling_spectrum(model, os.path.join(out_dir, "spectrum.png"))
+
+    # The NaN/Inf guard: the first step whose loss is not finite is recorded on the device and read every
+    # `check_every` steps (every step on the CPU), so the GPU is not synchronised at every step.
+    check_every = 1 if device.type == "cpu" else 50
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    started = time.time()
+    stop_reason = None
+    epoch = start_epoch
+    for epoch in range(start_epoch + 1, args.epochs + 1):
+        epoch_start = time.time()
+        model.train()
+        running, seen = 0.0, 0
+        bar = tqdm(data_lib.batches(train_pixels, args.batch_size, shuffle=True, generator=generator),
+                   total=math.ceil(train_pixels.shape[0] / args.batch_size), desc=f"epoch {epoch}/{args.epochs}",
+                   disable=not sys.stderr.isatty(), leave=False)
+        for batch in bar:
+            x = preprocess(batch, generator)
+            loss = loss_step(x)
+            first_bad_step = torch.where(torch.isfinite(loss.detach()) | (first_bad_step >= 0), first_bad_step,
+                                         step + 1)
+            if (step + 1) % check_every == 0 and first_bad_step.item() >= 0:
+                print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+                      f"stopping. The last good checkpoint is {os.path.join(out_dir, 'last.pt')}; try a lower --lr "
+                      f"or --clip-grad.", file=sys.stderr)
+                return 3
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            optimizer.step()
+            step += 1
+            ll = -loss.item() + preprocess.log_det if (step % 50 == 0 or not bar.disable) else None
+            if ll is not None:
+                running += ll * batch.shape[0]
+                seen += batch.shape[0]
+                bar.set_postfix(ll=f"{ll:.1f}", bpd=f"{data_lib.bits_per_dim(ll, info.dim, info.data_range):.3f}")
+            if args.max_iter is not None and step >= args.max_iter:
+                stop_reason = f"--max_iter {args.max_iter} reached"
+                break
+            if args.time_limit is not None and time.time() - started > args.time_limit:
+                stop_reason = f"--time-limit {args.time_limit:g} s reached"
+                break
+        if first_bad_step.item() >= 0:
+            print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+                  f"stopping. The last good checkpoint is {os.path.join(out_dir, 'last.pt')}.", file=sys.stderr)
+            return 3
+        model.eval()
+        valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
+                                          torch.Generator(device=device).manual_seed(12345))
+        train_ll = running / seen if seen else float("nan")
+        row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), valid_ll_nats=round(valid_ll, 4),
+                   valid_bits_per_dim=round(data_lib.bits_per_dim(valid_ll, info.dim, info.data_range), 5),
+                   seconds=round(time.time() - epoch_start, 3))
+        history.append(row)
+        print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
+              f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
+        if valid_ll > best_valid:
+            best_valid = valid_ll
+            save_atomic(checkpoint(epoch), os.path.join(out_dir, "best.pt"))
+        if epoch % args.save_every < 1 and epoch != args.epochs and not stop_reason:
+            write_outputs(epoch)  # the final outputs are written once, after the loop
+        if stop_reason:
+            break
+    train_seconds = time.time() - started
+    if not history:
+        print("nothing to train (--epochs is not above the resumed epoch)")
+    write_outputs(epoch)
+    if stop_reason:
+        print(f"stopped: {stop_reason}")
+    best = load_checkpoint(os.path.join(out_dir, "best.pt")) if os.path.exists(os.path.join(out_dir, "best.pt")) \
+        else checkpoint(epoch)
+    best_model = model_from_checkpoint(best).to(device).eval()
+    draws = [average_log_likelihood(best_model, preprocess, test_pixels, 1000,
+                                     torch.Generator(device=device).manual_seed(777 + k))
+             for k in range(args.eval_draws)]
+    test_ll = float(np.mean(draws))
+    bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
+    print(f"test log-likelihood of best.pt (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
+          f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
+          f"trained {train_seconds:.1f} s")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    try:
+        return run(parse_args(argv))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (CheckpointError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

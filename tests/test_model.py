@@ -1,0 +1,185 @@
+"""Properties of the NICE model: exact log-likelihood, exact inverse, sampling, gradients, inpainting."""
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICES, rel_error
+from nice_ext import NICE, reference
+from nice_ext.masks import odd_even_mask
+from nice_ext.seed_model import SeedMaskedNICE
+
+MASKS = ["odd-even", "checkerboard", "tensor"]
+
+
+def small_model(prior="logistic", coupling="additive", mask="odd-even", fused=True, dim=6, dtype=torch.float64,
+                device="cpu", seed=0):
+    torch.manual_seed(seed)
+    image_shape = (1, 2, 3) if dim == 6 else None
+    mask_arg = torch.tensor([True, False, False, True, True, False])[:dim] if mask == "tensor" else mask
+    model = NICE(dim, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=16, prior=prior, coupling=coupling,
+                 mask=mask_arg, image_shape=image_shape, fused=fused)
+    with torch.no_grad():  # leave the identity start: random weights make every test meaningful
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.to(device, dtype)
+
+
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("mask", MASKS)
+def test_log_prob_is_prior_plus_log_det_of_the_jacobian(prior, coupling, mask):
+    model = small_model(prior, coupling, mask)
+    x = torch.rand(3, 6, dtype=torch.float64)
+    log_prob = model.log_prob(x)
+    z, log_det = model(x)
+    for i in range(3):
+        jacobian = torch.autograd.functional.jacobian(lambda v: model(v[None])[0][0], x[i])
+        sign, logabsdet = torch.linalg.slogdet(jacobian)
+        assert sign != 0
+        assert torch.allclose(log_det[i], logabsdet, atol=1e-10)
+        expected = reference.prior_log_density(z[i], prior).sum() + logabsdet
+        assert torch.allclose(log_prob[i], expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("mask", MASKS)
+def test_inverse_undoes_forward(device, coupling, mask):
+    model = small_model(coupling=coupling, mask=mask, device=device)
+    x = torch.rand(17, 6, dtype=torch.float64, device=device)
+    z, _ = model(x)
+    assert rel_error(model.inverse(z), x) < 1e-12
+    assert rel_error(model(model.inverse(z))[0], z) < 1e-12
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_samples_shape_device_dtype(device, dtype, prior):
+    model = small_model(prior=prior, device=device, dtype=dtype)
+    samples = model.sample(5, temperature=0.7)
+    assert samples.shape == (5, 6) and samples.dtype == dtype and samples.device.type == device
+    assert torch.isfinite(samples).all()
+    assert model.sample(0).shape == (0, 6)
+
+
+def test_logistic_prior_samples_have_the_logistic_scale():
+    model = small_model()
+    z = model.sample_prior(200_000, generator=torch.Generator().manual_seed(0))
+    # a standard logistic has variance pi^2 / 3 and median 0
+    assert abs(z.var().item() - math.pi ** 2 / 3) < 0.05
+    assert abs(z.median().item()) < 0.02
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_every_parameter_receives_a_gradient(coupling):
+    model = small_model(coupling=coupling, dtype=torch.float32)
+    (-model.log_prob(torch.rand(8, 6)).mean()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_a_new_model_is_the_identity_and_trains_every_layer_after_one_step():
+    model = NICE(10, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=8)
+    x = torch.rand(4, 10)
+    z, log_det = model(x)
+    assert torch.equal(z, x) and torch.equal(log_det, torch.zeros(4))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (-model.log_prob(x).mean()).backward()
+        optimizer.step()
+    assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
+    fused = small_model(prior, coupling, dim=784 if coupling == "additive" else 6, dtype=torch.float32, device=device)
+    plain = NICE(fused.data_dim, 4, 2, 16, prior=prior, coupling=coupling, fused=False).to(device)
+    plain.load_state_dict(fused.state_dict())
+    x = torch.rand(33, fused.data_dim, device=device)
+    for model in (fused, plain):
+        model.zero_grad()
+    lp_fused, lp_plain = fused.log_prob(x), plain.log_prob(x)
+    assert rel_error(lp_fused, lp_plain) < 1e-5
+    lp_fused.sum().backward()
+    lp_plain.sum().backward()
+    for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
+        assert rel_error(a.grad, b.grad) < 1e-4, name
+    z = torch.randn(5, fused.data_dim, device=device)
+    assert rel_error(fused.inverse(z), plain.inverse(z)) < 1e-5
+
+
+def test_seed_model_computes_a_likelihood():
+    model = SeedMaskedNICE(data_dim=12, num_hidden_layers=2, hidden_dim=8)
+    assert model.log_prob(torch.rand(3, 12)).shape == (3,)
+
+
+def test_inpaint_keeps_observed_pixels_and_the_data_range():
+    model = small_model(dim=6)
+    x = torch.rand(4, 6, dtype=torch.float64)
+    observed = torch.tensor([True, True, False, False, True, False])
+    filled = model.inpaint(x, observed, steps=20, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filled[:, observed], x[:, observed])
+    assert (filled >= 0).all() and (filled <= 1).all()
+    per_row = torch.rand(4, 6) < 0.5
+    filled = model.inpaint(x, per_row, steps=3)
+    assert torch.equal(filled[per_row], x[per_row])
+    with pytest.raises(ValueError, match="observed must have shape"):
+        model.inpaint(x, observed[:5])
+    with pytest.raises(TypeError, match="bool"):
+        model.inpaint(x, observed.float())
+
+
+def test_inpainting_raises_the_likelihood():
+    model = small_model(dim=6, seed=3)
+    x = torch.rand(64, 6, dtype=torch.float64)
+    observed = torch.tensor([True, False, True, False, True, False])
+    start = torch.where(observed, x, torch.rand(64, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
+    filled = model.inpaint(x, observed, steps=300, generator=torch.Generator().manual_seed(1))
+    assert model.log_prob(filled).mean() > model.log_prob(start).mean()
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(data_dim=1), ValueError, "at least 2"),
+    (dict(data_dim=10, prior="laplace"), ValueError, "prior must be one of"),
+    (dict(data_dim=10, coupling="multiplicative"), ValueError, "coupling must be one of"),
+    (dict(data_dim=10, mask="stripes"), ValueError, "mask must be"),
+    (dict(data_dim=784, mask="checkerboard"), ValueError, "image_shape"),
+    (dict(data_dim=10, mask="checkerboard", image_shape=(1, 3, 3)), ValueError, "9 values"),
+    (dict(data_dim=10, mask=torch.ones(10, dtype=torch.bool)), ValueError, "keep some features"),
+    (dict(data_dim=10, mask=odd_even_mask(9)), ValueError, r"shape \(10,\)"),
+    (dict(data_dim=10, mask=torch.zeros(10)), TypeError, "bool"),
+    (dict(data_dim=10.0), TypeError, "data_dim must be an int"),
+    (dict(data_dim=10, num_coupling_layers=0), ValueError, "num_coupling_layers"),
+])
+def test_bad_constructor_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        NICE(**kwargs)
+
+
+def test_bad_inputs():
+    model = NICE(10, 2, 1, 4)
+    with pytest.raises(ValueError, match=r"shape \(batch, 10\)"):
+        model.log_prob(torch.rand(3, 9))
+    with pytest.raises(TypeError, match="floating-point"):
+        model.log_prob(torch.ones(3, 10, dtype=torch.long))
+    with pytest.raises(TypeError, match="dtype"):
+        model.log_prob(torch.rand(3, 10, dtype=torch.float64))
+    with pytest.raises(ValueError, match="n must be"):
+        model.sample(-1)
+    assert model.log_prob(torch.rand(0, 10)).shape == (0,)
+
+
+def test_nan_in_one_row_leaves_the_other_rows_untouched():
+    model = small_model(dtype=torch.float32)
+    x = torch.rand(4, 6)
+    clean = model.log_prob(x)
+    x[2, 3] = float("nan")
+    dirty = model.log_prob(x)
+    assert torch.isnan(dirty[2])
+    assert torch.equal(dirty[[0, 1, 3]], clean[[0, 1, 3]])
