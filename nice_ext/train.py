@@ -22,17 +22,13 @@ import torch
 
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
-from .data import DataError
+from .cli_common import UsageError, pick_device, run_tool
 from .model import NICE
 
 PRESETS: Dict[str, Dict[str, object]] = {
     "paper-mnist": dict(dataset="mnist", batch_size=200, latent="logistic", lr=1e-3, momentum=0.9, decay=0.99,
                         eps=1e-4, coupling=4, coup_type="additive", mid_dim=1000, hidden=5, epochs=1500),
 }
-
-
-class UsageError(ValueError):
-    """A bad command-line value: reported as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,14 +103,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if not ok:
             raise UsageError(message)
     return args
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -240,7 +228,8 @@ def run(args: argparse.Namespace) -> int:
     for epoch in range(start_epoch + 1, args.epochs + 1):
         epoch_start = time.time()
         model.train()
-        running, seen = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch: no sync per step
+        seen = 0
         bar = tqdm(data_lib.batches(train_pixels, args.batch_size, shuffle=True, generator=generator),
                    total=math.ceil(train_pixels.shape[0] / args.batch_size), desc=f"epoch {epoch}/{args.epochs}",
                    disable=not sys.stderr.isatty(), leave=False)
@@ -260,10 +249,10 @@ def run(args: argparse.Namespace) -> int:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             step += 1
-            ll = -loss.item() + preprocess.log_det if (step % 50 == 0 or not bar.disable) else None
-            if ll is not None:
-                running += ll * batch.shape[0]
-                seen += batch.shape[0]
+            loss_sum += loss.detach().double() * batch.shape[0]
+            seen += batch.shape[0]
+            if not bar.disable:  # an interactive progress bar shows the running log-likelihood
+                ll = -loss_sum.item() / seen + preprocess.log_det
                 bar.set_postfix(ll=f"{ll:.1f}", bpd=f"{data_lib.bits_per_dim(ll, info.dim, info.data_range):.3f}")
             if args.max_iter is not None and step >= args.max_iter:
                 stop_reason = f"--max_iter {args.max_iter} reached"
@@ -278,7 +267,7 @@ def run(args: argparse.Namespace) -> int:
         model.eval()
         valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
                                           torch.Generator(device=device).manual_seed(12345))
-        train_ll = running / seen if seen else float("nan")
+        train_ll = -loss_sum.item() / seen + preprocess.log_det if seen else float("nan")
         row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), valid_ll_nats=round(valid_ll, 4),
                    valid_bits_per_dim=round(data_lib.bits_per_dim(valid_ll, info.dim, info.data_range), 5),
                    seconds=round(time.time() - epoch_start, 3))
@@ -314,13 +303,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     try:
-        return run(parse_args(argv))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+        return run_tool(lambda a: run(parse_args(a)), argv)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

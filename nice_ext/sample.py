@@ -1,0 +1,42 @@
+"""A grid of samples from a checkpoint.
+
+    python -m nice_ext.sample runs/mnist/best.pt --n 64 --out samples.png --temperature 0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import plots
+from .cli_common import UsageError, load_for_inference, pick_device, run_tool
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m nice_ext.sample", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior draws")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.n < 1:
+        raise UsageError(f"--n must be positive, got {args.n}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    device = pick_device(args.device)
+    model, preprocess, _ = load_for_inference(args.checkpoint, device)
+    torch.manual_seed(args.seed)
+    plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature)
+    print(f"wrote {args.n} samples to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main))
