@@ -149,9 +149,10 @@ class ZCA(torch.nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("matrix", torch.eye(dim))
-        self.register_buffer("log_det", torch.zeros(()))
+        # float64: the whitening matrix and its log-determinant feed reported likelihoods
+        self.register_buffer("mean", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("matrix", torch.eye(dim, dtype=torch.float64))
+        self.register_buffer("log_det", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
     def fit(self, x: Tensor, eps: float = 1e-5) -> "ZCA":

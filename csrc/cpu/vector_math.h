@@ -1,10 +1,9 @@
-// Branch-free exp and log1p for the ranges the priors need, written so that the compiler vectorises
+// Branch-free exp and log1p (bit casts, not memcpy, so no stack temporary blocks vectorisation) for the ranges the priors need, written so that the compiler vectorises
 // the loops that call them (glibc's expf/log1pf are opaque calls that keep a loop scalar). Accuracy is
 // a few ulp: Cephes-style range reduction and polynomials.
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 namespace nice_ext {
 namespace vmath {
@@ -24,9 +23,7 @@ inline float exp_nonpositive(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;  // 2^n, n >= -126
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  const float scale = __builtin_bit_cast(float, (n + 127) << 23);  // 2^n, n >= -126
   return underflow ? 0.0f : p * scale;
 }
 
@@ -42,9 +39,7 @@ inline double exp_nonpositive(double x) {
   const double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
                      2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
   const double e = 1.0 + 2.0 * px / (qx - px);
-  const int64_t bits = (n + 1023) << 52;
-  double scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
+  const double scale = __builtin_bit_cast(double, (n + 1023) << 52);
   return underflow ? 0.0 : e * scale;
 }
 

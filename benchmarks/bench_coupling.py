@@ -1,0 +1,264 @@
+"""Fused nice_ext ops vs the pure-PyTorch reference vs torch.compile of it, per op and per training step.
+
+    python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR]
+
+Every entry is checked against the reference before it is timed. Times are medians (with p20/p80) from
+torch.utils.benchmark, which synchronises CUDA. Achieved bandwidth counts the bytes an op must read and
+write once, and is compared with a device copy measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from torch.utils import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from nice_ext import NICE, ops, reference  # noqa: E402
+from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
+from nice_ext.seed_model import SeedMaskedNICE  # noqa: E402
+
+
+def timeit(fn, min_run_time):
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    times = np.array(m.times) * 1e3
+    return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
+
+
+def copy_bandwidth(device, min_run_time):
+    n = (256 if device.type == "cuda" else 32) * 2**20 // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    median, _, _ = timeit(lambda: dst.copy_(src), min_run_time)
+    return 2 * n * 4 / (median * 1e-3) / 1e9  # bytes read + written
+
+
+def rel_error(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def op_cases(op, batch, dim, dtype, device):
+    """(fused fn, reference fn, inputs, bytes per pass) for one op at one size."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(batch, dim, device=device, dtype=dtype, generator=g)
+    if op == "coupling":
+        mask = odd_even_mask(dim, True)
+        shift_col, gather = (t.to(device) for t in coupling_maps(mask, ~mask))
+        shift = torch.randn(batch, int((~mask).sum()), device=device, dtype=dtype, generator=g)
+        fused = lambda a, b: ops.coupling_update_indexed(a, b, shift_col, gather, False)  # noqa: E731
+        ref = lambda a, b: reference.coupling_update(a, b, shift_col, gather, False)  # noqa: E731
+        elements = x.numel() + shift.numel() + x.numel() + gather.numel() * batch  # read x, shift; write y, gathered
+        return fused, ref, (x, shift), {"fwd": elements, "bwd": elements}
+    log_scale = torch.randn(dim, device=device, dtype=dtype, generator=g) * 0.1
+    fused = lambda a, s: ops.scale_prior(a, s, "logistic", compute_z=False)[1]  # noqa: E731
+    ref = lambda a, s: reference.scale_prior(a, s, "logistic", False)[1]  # noqa: E731
+    return fused, ref, (x, log_scale), {"fwd": x.numel(), "bwd": 2 * x.numel()}  # read h; bwd also writes grad_h
+
+
+def bench_ops(device, quick, dtypes, min_run_time):
+    rows = []
+    sizes = [(256, 784), (4096, 784)] if quick else [(b, d) for b in (256, 4096, 65536) for d in (784, 3072)]
+    for op in ("coupling", "scale_prior"):
+        for dtype in dtypes:
+            for batch, dim in sizes:
+                fused, ref, inputs, elements = op_cases(op, batch, dim, dtype, device)
+                compiled = torch.compile(ref, dynamic=False)
+                leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+
+                def outputs(fn):
+                    out = fn(*leaves)
+                    return out if isinstance(out, tuple) else (out,)
+
+                # correctness first: values and gradients against the reference in float64
+                ref64 = [t.detach().double().requires_grad_(True) for t in inputs]
+                out_ref = ref(*ref64)
+                out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
+                out_fused = outputs(fused)
+                grads = [torch.randn_like(o) for o in out_fused]
+                tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+                for a, b in zip(out_fused, out_ref):
+                    assert rel_error(a, b) < tol, (op, dtype, batch, dim, rel_error(a, b))
+                g_fused = torch.autograd.grad(out_fused, leaves, grads)
+                g_ref = torch.autograd.grad(out_ref, ref64, [g.double() for g in grads])
+                for a, b in zip(g_fused, g_ref):
+                    assert rel_error(a, b) < tol * 10, (op, "grad", dtype, batch, dim, rel_error(a, b))
+
+                for impl_name, fn in (("fused", fused), ("reference", ref), ("compiled", compiled)):
+                    outs = outputs(fn)  # graph kept for the backward timings (also warms up torch.compile)
+                    timings = {
+                        "fwd": timeit(lambda: fn(*leaves), min_run_time),
+                        "bwd": timeit(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True),
+                                      min_run_time),
+                        "fwd+bwd": timeit(lambda: torch.autograd.grad(outputs(fn), leaves, grads), min_run_time),
+                    }
+                    for pass_name, (median, p20, p80) in timings.items():
+                        key = dict(op=op, dtype=str(dtype).replace("torch.", ""), batch=batch, dim=dim)
+                        key["pass"] = pass_name
+                        row = next((r for r in rows if all(r[k] == v for k, v in key.items())), None)
+                        if row is None:
+                            row = dict(key)
+                            rows.append(row)
+                        row[f"{impl_name}_ms"] = median
+                        row[f"{impl_name}_p20_ms"] = p20
+                        row[f"{impl_name}_p80_ms"] = p80
+                        if impl_name == "fused":
+                            n = elements["fwd"] + elements["bwd"] if pass_name == "fwd+bwd" else elements[pass_name]
+                            row["fused_gbps"] = n * inputs[0].element_size() / (median * 1e-3) / 1e9
+                print(f"  {op} {dtype} {batch}x{dim} done", file=sys.stderr, flush=True)
+    return rows
+
+
+def train_step_variants(device, batch, quick, min_run_time):
+    """ms per optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) in several variants."""
+    hidden, width = (5, 1000)
+    rows = []
+    pixels = torch.rand(batch, 784, device=device)
+
+    def make(variant):
+        torch.manual_seed(0)
+        if variant == "seed-masked-eager":
+            model = SeedMaskedNICE(784, 4, hidden, width).to(device)
+        else:
+            model = NICE(784, 4, hidden, width, fused=not variant.startswith("reference")).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4,
+                                     fused=device.type == "cuda")
+        loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
+        if "compiled" in variant:
+            loss_fn = torch.compile(loss_fn)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            loss_fn(pixels).backward()
+            optimizer.step()
+
+        return step
+
+    variants = ["seed-masked-eager", "reference-eager", "fused-eager"]
+    if device.type == "cuda":
+        variants += ["fused-eager-tf32", "fused-compiled-tf32"]
+    elif not quick:
+        variants += ["fused-compiled"]
+    for variant in variants:
+        torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
+        step = make(variant)
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        median, p20, p80 = timeit(step, min_run_time)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
+        rows.append(dict(variant=variant, batch=batch, ms_per_step=median, p20_ms=p20, p80_ms=p80,
+                         samples_per_s=batch / (median * 1e-3), peak_mem_mb=peak))
+        print(f"  train step {variant} batch {batch}: {median:.2f} ms", file=sys.stderr, flush=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def markdown(result):
+    lines = [f"# nice_ext benchmark: {result['device']}", "",
+             f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}  ",
+             f"command: `{result['command']}`  ", f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
+             "| op | pass | dtype | batch | dim | fused ms | reference ms | compiled ms | fused GB/s | % of copy "
+             "| vs reference | vs compiled |", "|" + "---|" * 12]
+    for r in result["ops"]:
+        lines.append(f"| {r['op']} | {r['pass']} | {r['dtype']} | {r['batch']} | {r['dim']} | {r['fused_ms']:.4f} "
+                     f"| {r['reference_ms']:.4f} | {r['compiled_ms']:.4f} | {r['fused_gbps']:.1f} "
+                     f"| {100 * r['fused_gbps'] / result['copy_gbps']:.0f}% | {r['reference_ms'] / r['fused_ms']:.2f}x "
+                     f"| {r['compiled_ms'] / r['fused_ms']:.2f}x |")
+    lines += ["", "| train step variant | batch | ms/step (p20-p80) | samples/s | peak MB | speed-up vs seed |",
+              "|---|---|---|---|---|---|"]
+    for r in result["train_step"]:
+        seed = next(s for s in result["train_step"] if s["variant"] == "seed-masked-eager" and s["batch"] == r["batch"])
+        lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) "
+                     f"| {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.0f} "
+                     f"| {seed['ms_per_step'] / r['ms_per_step']:.2f}x |")
+    summary = result["summary"]
+    lines += ["", f"Median over entries: fused vs reference {summary['median_speedup_vs_reference']:.2f}x, "
+              f"fused vs torch.compile {summary['median_speedup_vs_compiled']:.2f}x; largest batch: median "
+              f"{summary['largest_batch_median_pct_of_copy']:.0f}% of copy bandwidth."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = [r for r in result["ops"] if r["pass"] == "fwd+bwd" and r["dtype"] == "float32"]
+    panels = sorted({(r["op"], r["dim"]) for r in entries})
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.6), squeeze=False)
+    for ax, (op, dim) in zip(axes[0], panels):
+        rs = sorted((r for r in entries if r["op"] == op and r["dim"] == dim), key=lambda r: r["batch"])
+        for impl in ("fused", "reference", "compiled"):
+            ax.plot([r["batch"] for r in rs], [r[f"{impl}_ms"] for r in rs], marker="o", label=impl)
+        ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms (fwd+bwd)", title=f"{op}, D={dim}, float32")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(result["device"])
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a small subset (well under a minute on a 2-core CPU)")
+    p.add_argument("--out", default=None, help="folder for <device>.json / .md / .png")
+    p.add_argument("--no-train-step", action="store_true")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per entry")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda, but no CUDA GPU is available")
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    started = time.time()
+    result = dict(device=device_name, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
+                  date=datetime.date.today().isoformat(),
+                  command="python benchmarks/bench_coupling.py " + " ".join(sys.argv[1:]),
+                  copy_gbps=copy_bandwidth(device, min_run_time))
+    result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
+    result["train_step"] = [] if args.no_train_step else [
+        row for batch in ((200,) if args.quick else (200, 2048))
+        for row in train_step_variants(device, batch, args.quick, min_run_time)]
+    largest = max(r["batch"] for r in result["ops"])
+    result["summary"] = dict(
+        median_speedup_vs_reference=float(np.median([r["reference_ms"] / r["fused_ms"] for r in result["ops"]])),
+        median_speedup_vs_compiled=float(np.median([r["compiled_ms"] / r["fused_ms"] for r in result["ops"]])),
+        largest_batch_median_pct_of_copy=float(np.median(
+            [100 * r["fused_gbps"] / result["copy_gbps"] for r in result["ops"] if r["batch"] == largest])),
+        seconds=time.time() - started)
+    table = markdown(result)
+    print(table)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        stem = os.path.join(args.out, device_name.replace(" ", "_").replace("(", "").replace(")", ""))
+        with open(stem + ".json", "w") as f:
+            json.dump(result, f, indent=1)
+        with open(stem + ".md", "w") as f:
+            f.write(table)
+        plot(result, stem + ".png")
+        print(f"wrote {stem}.json, .md, .png")
+
+
+if __name__ == "__main__":
+    main()

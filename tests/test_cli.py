@@ -1,0 +1,100 @@
+"""The command-line tools end to end on real MNIST with a tiny model: outputs, learning, resume, errors."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, data_dir
+from nice_ext import train
+
+pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
+TINY = ["--subset", "1000", "--mid-dim", "24", "--hidden", "1", "--batch_size", "100", "--sample_size", "4",
+        "--eval-draws", "1", "--device", "cpu", "--no-download", "--lr", "3e-3"]
+
+
+def run_tool(module, *args):
+    return subprocess.run([sys.executable, "-m", f"nice_ext.{module}", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+
+
+def metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("run"))
+    result = run_tool("train", "--data-dir", data_dir(), "--out-dir", out, "--epochs", "3", *TINY)
+    assert result.returncode == 0, result.stderr
+    return out, result.stdout
+
+
+def test_train_writes_everything_and_learns(trained):
+    out, stdout = trained
+    for name in ("last.pt", "best.pt", "samples.png", "metrics.csv", "curve.png", "spectrum.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    rows = metrics(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert float(rows[-1]["valid_ll_nats"]) > float(rows[0]["valid_ll_nats"]) + 5
+    assert "nats" in stdout and "bits/dim" in stdout
+
+
+def test_evaluate_sample_inpaint(trained, tmp_path):
+    out, _ = trained
+    best = os.path.join(out, "best.pt")
+    result = run_tool("evaluate", best, "--data-dir", data_dir(), "--draws", "2", "--device", "cpu", "--no-download")
+    assert result.returncode == 0 and "nats" in result.stdout and "bits/dim" in result.stdout, result.stderr
+    result = run_tool("sample", best, "--n", "9", "--out", str(tmp_path / "s.png"), "--device", "cpu")
+    assert result.returncode == 0 and os.path.getsize(tmp_path / "s.png") > 0, result.stderr
+    result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
+                      "--steps", "5", "--device", "cpu", "--no-download")
+    assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", straight, "--epochs", "2", *TINY]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "1", *TINY]) == 0
+    resumed = torch.load(os.path.join(split, "last.pt"), weights_only=False)
+    assert resumed["epoch"] == 1 and resumed["step"] == 10 and resumed["optimizer_state"]["state"]
+    assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "2", "--resume",
+                       os.path.join(split, "last.pt"), *TINY]) == 0
+    a, b = metrics(straight), metrics(split)
+    assert [r["epoch"] for r in b] == ["1", "2"]
+    assert a[1]["train_ll_nats"] == b[1]["train_ll_nats"] and a[1]["valid_ll_nats"] == b[1]["valid_ll_nats"]
+
+
+def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
+    out, _ = trained
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(os.path.join(out, "best.pt"), "rb").read()[:1000])
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path, message in ((truncated, "truncated or corrupt"), (foreign, "not a nice_ext checkpoint"),
+                          (tmp_path / "missing.pt", "no such checkpoint")):
+        result = run_tool("evaluate", str(path), "--data-dir", data_dir(), "--device", "cpu")
+        assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+    result = run_tool("train", "--data-dir", data_dir(), "--out-dir", str(tmp_path / "x"), "--dataset",
+                      "fashion-mnist", "--resume", os.path.join(out, "best.pt"), *TINY)
+    assert result.returncode == 1 and "trained on mnist" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch_size", "0"], "--batch_size must be positive"),
+    (["--lr", "-1"], "--lr must be a positive number"),
+    (["--dataset", "imagenet"], "--dataset must be one of"),
+    (["--sample_size", "-3"], "--sample_size must be >= 0"),
+])
+def test_bad_cli_values(args, message, tmp_path):
+    result = run_tool("train", "--out-dir", str(tmp_path), *args)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_missing_data_is_one_clear_line(tmp_path):
+    result = run_tool("train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-download")
+    assert result.returncode == 1 and "train-images-idx3-ubyte.gz" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,71 @@
+"""Dequantization, splits, whitening and file handling."""
+import gzip
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import data_dir
+from nice_ext import data as data_lib
+
+needs_mnist = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
+
+
+def test_dequantization_range_and_independence():
+    pixels = torch.tensor([[0, 255, 7]], dtype=torch.uint8).expand(20000, 3)
+    x = data_lib.dequantize(pixels, (0.0, 1.0), torch.Generator().manual_seed(0))
+    assert (x[:, 0] >= 0).all() and (x[:, 0] < 1 / 256).all()
+    assert (x[:, 1] >= 255 / 256).all() and (x[:, 1] < 1).all()
+    # a fresh draw per example and per feature: no two rows or columns share their noise
+    noise = x * 256 - pixels.float()
+    assert abs(noise.mean().item() - 0.5) < 0.01 and abs(noise.var().item() - 1 / 12) < 0.005
+    assert abs(torch.corrcoef(noise.T)[0, 2].item()) < 0.03
+    assert noise[:, 0].unique().numel() > 19000
+    y = data_lib.dequantize(pixels[:5], (0.0, 1.0))
+    assert not torch.equal(y, data_lib.dequantize(pixels[:5], (0.0, 1.0)))
+    z = data_lib.dequantize(pixels, (-1.0, 1.0))
+    assert z.min() >= -1 and z.max() < 1
+
+
+def test_bits_per_dim_matches_the_paper():
+    assert abs(data_lib.bits_per_dim(1980.50, 784, (0.0, 1.0)) - 4.36) < 0.005
+    assert abs(data_lib.bits_per_dim(5371.78, 3072, (-1.0, 1.0)) - 4.48) < 0.005
+
+
+def test_zca_whitens_and_reports_its_log_det():
+    g = torch.Generator().manual_seed(0)
+    mixing = torch.randn(5, 5, generator=g, dtype=torch.float64)
+    x = torch.randn(20000, 5, generator=g, dtype=torch.float64) @ mixing
+    zca = data_lib.ZCA(5).fit(x, eps=0.0)
+    w = zca(x)
+    assert torch.allclose(torch.cov(w.T), torch.eye(5, dtype=torch.float64), atol=1e-6)
+    assert abs(zca.log_det.item() - torch.linalg.slogdet(zca.matrix)[1].item()) < 1e-9
+
+
+def test_idx_reader_rejects_bad_files(tmp_path):
+    bad = tmp_path / "x-images-idx3-ubyte.gz"
+    with gzip.open(bad, "wb") as f:
+        f.write((2051).to_bytes(4, "big") + (10).to_bytes(4, "big") + (28).to_bytes(4, "big") * 2 + b"\0" * 100)
+    with pytest.raises(data_lib.DataError, match="truncated"):
+        data_lib.read_idx_images(str(bad))
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(data_lib.DataError, match="cannot be read"):
+        data_lib.read_idx_images(str(bad))
+
+
+def test_missing_files_without_download_name_what_is_expected(tmp_path):
+    with pytest.raises(data_lib.DataError, match="train-images-idx3-ubyte.gz"):
+        data_lib.load_pixels("mnist", str(tmp_path), "train", download=False)
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data_lib.load_pixels("imagenet", str(tmp_path), "train")
+
+
+@needs_mnist
+def test_mnist_splits():
+    splits = data_lib.load_splits("mnist", data_dir(), download=False)
+    assert splits.train.shape == (50000, 784) and splits.valid.shape == (10000, 784)
+    assert splits.test.shape == (10000, 784) and splits.train.dtype == torch.uint8
+    full = data_lib.load_pixels("mnist", data_dir(), "train", download=False)
+    assert torch.equal(splits.valid, full[-10000:])  # the last 10,000 training images
+    assert data_lib.load_splits("mnist", data_dir(), download=False, subset=123).train.shape[0] == 123
