@@ -85,7 +85,7 @@ def test_gradients_match_reference_and_are_deterministic(device, prior, batch):
     def grads(fn, a, s):
         a, s = a.clone().requires_grad_(), s.clone().requires_grad_()
         z, lp = fn(a, s, prior, True)
-        torch.autograd.backward((z, lp), (grad_z.to(a.dtype), grad_lp.to(lp.dtype)))
+        torch.autograd.backward((z, lp), (grad_z.to(a.device, a.dtype), grad_lp.to(lp.device, lp.dtype)))
         return a.grad, s.grad
 
     gh, gs = grads(ops.torch.ops.nice_ext.scale_prior, h, log_scale)
@@ -144,7 +144,7 @@ def test_empty_batch():
     assert torch.equal(log_scale.grad, torch.zeros(5))
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", ["cpu"])  # CUDA: tests/test_op_coupling.py::test_bad_cuda_inputs_raise
 def test_bad_inputs_raise_clear_errors(device):
     h, log_scale = make_case(4, 10, device, torch.float32)
     with pytest.raises(RuntimeError, match="one entry per feature"):
