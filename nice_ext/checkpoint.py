@@ -59,7 +59,8 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: the file is empty")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code on load
+        payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, ...
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
                               f"{type(error).__name__}: {error}") from None

@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = build_parser()
+    # A preset supplies defaults; any flag given on the command line (in any spelling) still wins.
+    preset_parser = argparse.ArgumentParser(add_help=False)
+    preset_parser.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    preset_args, _ = preset_parser.parse_known_args(argv)
+    if preset_args.preset:
+        parser.set_defaults(**PRESETS[preset_args.preset])
     args = parser.parse_args(argv)
-    if args.preset:
-        explicit = {a.dest for a in parser._actions if any(opt in (argv or sys.argv[1:]) for opt in a.option_strings)}
-        for key, value in PRESETS[args.preset].items():
-            if key not in explicit:
-                setattr(args, key, value)
     if args.epochs is None:
         args.epochs = 10
     checks = [(args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}"),
@@ -112,8 +113,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state(generator: torch.Generator) -> Dict[str, object]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
-             "data": generator.get_state()}
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    # plain values and tensors only, so that checkpoints load with torch.load(weights_only=True)
+    state = {"torch": torch.get_rng_state(), "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos),
+                                                       int(has_gauss), float(cached)),
+             "python": random.getstate(), "data": generator.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -121,7 +125,8 @@ def rng_state(generator: torch.Generator) -> Dict[str, object]:
 
 def set_rng_state(state: Dict[str, object], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
     generator.set_state(state["data"])
     if "cuda" in state and torch.cuda.is_available():
@@ -153,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     seed_everything(args.seed)
-    if args.precision == "tf32" or (args.precision == "bf16"):
+    if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -218,6 +223,10 @@ def run(args: argparse.Namespace) -> int:
             plots.training_curve(history, os.path.join(out_dir, "curve.png"))
         plots.scaling_spectrum(model, os.path.join(out_dir, "spectrum.png"))
 
+    def last_good() -> str:
+        last = os.path.join(out_dir, "last.pt")
+        return f"The last good checkpoint is {last}." if os.path.exists(last) else "No checkpoint was written yet."
+
     # The NaN/Inf guard: the first step whose loss is not finite is recorded on the device and read every
     # `check_every` steps (every step on the CPU), so the GPU is not synchronised at every step.
     check_every = 1 if device.type == "cpu" else 50
@@ -240,8 +249,7 @@ def run(args: argparse.Namespace) -> int:
                                          step + 1)
             if (step + 1) % check_every == 0 and first_bad_step.item() >= 0:
                 print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-                      f"stopping. The last good checkpoint is {os.path.join(out_dir, 'last.pt')}; try a lower --lr "
-                      f"or --clip-grad.", file=sys.stderr)
+                      f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
                 return 3
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -262,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
                 break
         if first_bad_step.item() >= 0:
             print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-                  f"stopping. The last good checkpoint is {os.path.join(out_dir, 'last.pt')}.", file=sys.stderr)
+                  f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
             return 3
         model.eval()
         valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,

@@ -59,7 +59,7 @@ def test_resume_continues_exactly(tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     assert train.main(["--data-dir", data_dir(), "--out-dir", straight, "--epochs", "2", *TINY]) == 0
     assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "1", *TINY]) == 0
-    resumed = torch.load(os.path.join(split, "last.pt"), weights_only=False)
+    resumed = torch.load(os.path.join(split, "last.pt"), weights_only=True)
     assert resumed["epoch"] == 1 and resumed["step"] == 10 and resumed["optimizer_state"]["state"]
     assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "2", "--resume",
                        os.path.join(split, "last.pt"), *TINY]) == 0
@@ -81,6 +81,13 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     result = run_tool("train", "--data-dir", data_dir(), "--out-dir", str(tmp_path / "x"), "--dataset",
                       "fashion-mnist", "--resume", os.path.join(out, "best.pt"), *TINY)
     assert result.returncode == 1 and "trained on mnist" in result.stderr
+
+
+def test_preset_gives_defaults_and_explicit_flags_win():
+    args = train.parse_args(["--preset", "paper-mnist", "--lr=3e-3", "--epochs", "7"])
+    assert args.lr == 3e-3 and args.epochs == 7 and args.mid_dim == 1000 and args.decay == 0.99
+    assert args.eps == 1e-4 and args.batch_size == 200 and args.hidden == 5
+    assert train.parse_args([]).epochs == 10 and train.parse_args(["--preset", "paper-mnist"]).epochs == 1500
 
 
 @pytest.mark.parametrize("args, message", [
