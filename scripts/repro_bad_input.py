@@ -1,9 +1,13 @@
 """Bad CUDA inputs must raise a RuntimeError with a clear message (run by tests/test_op_coupling.py in a
 child process, so that a crash fails that test instead of ending the test run)."""
+import os
+import sys
+
 import torch
 
-import nice_ext  # noqa: F401
-from nice_ext.masks import coupling_maps, odd_even_mask
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build works too
+import nice_ext  # noqa: E402,F401
+from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 
 mask = odd_even_mask(10)
 shift_col, gather_index = (t.cuda() for t in coupling_maps(mask, ~mask))
