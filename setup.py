@@ -87,8 +87,12 @@ def extensions():
 
     root = os.path.dirname(os.path.abspath(__file__))
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    # -fopenmp-simd lets the CPU kernels' `#pragma omp simd` loops vectorise (no OpenMP runtime is used).
-    cxx_flags = ["-O3", "-fopenmp-simd"]  # the C++ standard is the one torch's BuildExtension picks
+    # -fopenmp: ATen's at::parallel_for is an inline header that runs serially unless _OPENMP is defined
+    #   (the extension then shares the libgomp that libtorch already loaded).
+    # -fno-trapping-math: lets the compiler vectorise the prior's branch-free exp/log1p loops; nothing here
+    #   reads floating-point exception flags. The C++ standard is the one torch's BuildExtension picks.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
+    link_flags = ["-fopenmp"]
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -96,10 +100,10 @@ def extensions():
         return [CUDAExtension(
             "nice_ext._C", sources,
             include_dirs=[os.path.join(root, "csrc")] + cuda_library_include_dirs(os.environ["CUDA_HOME"]),
-            define_macros=define_macros,
+            define_macros=define_macros, extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})]
     return [CppExtension("nice_ext._C", sources, include_dirs=[os.path.join(root, "csrc")],
-                         define_macros=define_macros, extra_compile_args={"cxx": cxx_flags})]
+                         define_macros=define_macros, extra_link_args=link_flags, extra_compile_args={"cxx": cxx_flags})]
 
 
 def cmdclass():

@@ -1,18 +1,21 @@
-// Branch-free exp and log1p (bit casts, not memcpy, so no stack temporary blocks vectorisation) for the ranges the priors need, written so that the compiler vectorises
+// Branch-free exp and log1p (bit casts, not memcpy, so no stack temporary blocks vectorisation; the build's
+// -fno-trapping-math lets the compiler if-convert the clamp) for the ranges the priors need, written so that the compiler vectorises
 // the loops that call them (glibc's expf/log1pf are opaque calls that keep a loop scalar). Accuracy is
 // a few ulp: Cephes-style range reduction and polynomials.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace nice_ext {
 namespace vmath {
 
-// e^x for x <= 0. Below the smallest normal result the answer is flushed to 0 (it only ever feeds
-// log1p(e^x) next to a term of size |x|, where it no longer matters).
+// e^x for x <= 0. Arguments below -87 (-708 in double) give e^-87 (e^-708) instead of a smaller number:
+// the result only ever feeds log1p(e^x) next to a term of size |x| >= 87, or tanh, where the difference
+// is far below the last bit. No special case means no branch, so loops calling this vectorise.
 inline float exp_nonpositive(float x) {
-  const bool underflow = x < -87.0f;
-  x = underflow ? -87.0f : x;
+  x = std::max(x, -87.0f);
   const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), x <= 0
   const float nf = static_cast<float>(n);
   const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
@@ -24,12 +27,11 @@ inline float exp_nonpositive(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const float scale = __builtin_bit_cast(float, (n + 127) << 23);  // 2^n, n >= -126
-  return underflow ? 0.0f : p * scale;
+  return p * scale;
 }
 
 inline double exp_nonpositive(double x) {
-  const bool underflow = x < -708.0;
-  x = underflow ? -708.0 : x;
+  x = std::max(x, -708.0);
   const int64_t n = static_cast<int64_t>(x * 1.4426950408889634074 - 0.5);
   const double nf = static_cast<double>(n);
   const double r = (x - nf * 6.93145751953125e-1) - nf * 1.42860682030941723212e-6;
@@ -40,7 +42,7 @@ inline double exp_nonpositive(double x) {
                      2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
   const double e = 1.0 + 2.0 * px / (qx - px);
   const double scale = __builtin_bit_cast(double, (n + 1023) << 52);
-  return underflow ? 0.0 : e * scale;
+  return e * scale;
 }
 
 // log(1 + t) for t in [0, 1]: 2 atanh(w) with w = t / (2 + t) in [0, 1/3], as an odd series in w.
@@ -69,15 +71,13 @@ inline double log1p_unit(double t) {
 // The logistic log-density -(|z| + 2 log(1 + e^-|z|)) and its score -tanh(z / 2), sharing e^-|z|.
 template <typename T>
 inline T logistic_log_density(T z) {
-  const T a = z < T(0) ? -z : z;
+  const T a = std::fabs(z);
   return -(a + T(2) * log1p_unit(exp_nonpositive(-a)));
 }
 template <typename T>
 inline T logistic_score(T z) {
-  const T a = z < T(0) ? -z : z;
-  const T t = exp_nonpositive(-a);
-  const T magnitude = (T(1) - t) / (T(1) + t);  // tanh(|z| / 2)
-  return z < T(0) ? magnitude : -magnitude;
+  const T t = exp_nonpositive(-std::fabs(z));
+  return std::copysign((T(1) - t) / (T(1) + t), -z);  // -tanh(z / 2) = -sign(z) tanh(|z| / 2)
 }
 
 }  // namespace vmath
