@@ -203,6 +203,9 @@ def run(args: argparse.Namespace) -> int:
     loss_step = torch.compile(loss_fn) if args.compile else loss_fn
     out_dir = args.out_dir
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
+        if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
+            os.unlink(os.path.join(out_dir, name))
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
     def checkpoint(epoch: int) -> Dict[str, object]:

@@ -1,0 +1,97 @@
+"""Training that survives: the NaN/Inf guard, whitened datasets end to end, and SIGKILL at random moments."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, data_dir
+from nice_ext import NICE, train
+from nice_ext import data as data_lib
+from nice_ext.checkpoint import load_checkpoint, model_from_checkpoint
+
+TINY = ["--mid-dim", "16", "--hidden", "1", "--batch_size", "50", "--sample_size", "4", "--eval-draws", "1",
+        "--device", "cpu", "--no-download"]
+
+
+@pytest.fixture
+def fake_dataset(monkeypatch):
+    """Synthetic uint8 pixels in place of the files: 10,300 'training' and 200 'test' images."""
+    def load_pixels(name, data_dir, split, download=True):
+        info = data_lib.dataset_info(name)
+        g = torch.Generator().manual_seed(0 if split == "train" else 1)
+        n = 10_300 if split == "train" else 200
+        base = torch.randint(0, 256, (1, info.dim), generator=g)
+        return (base + torch.randint(-20, 21, (n, info.dim), generator=g)).clamp(0, 255).to(torch.uint8)
+
+    monkeypatch.setattr(data_lib, "load_pixels", load_pixels)
+
+
+def test_a_nan_loss_stops_training_and_names_epoch_and_step(fake_dataset, monkeypatch, tmp_path, capsys):
+    real_log_prob, calls = NICE.log_prob, {"n": 0}
+
+    def log_prob(self, x):
+        out = real_log_prob(self, x)
+        if not self.training:  # validation and test passes
+            return out
+        calls["n"] += 1
+        return out * float("nan") if calls["n"] == 9 else out
+
+    monkeypatch.setattr(NICE, "log_prob", log_prob)
+    code = train.main(["--dataset", "mnist", "--out-dir", str(tmp_path), "--epochs", "3", "--subset", "200",
+                       "--data-dir", str(tmp_path), *TINY])
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "epoch 3, step 9" in err  # 4 steps per epoch: the 9th step is the first of epoch 3
+    payload = load_checkpoint(os.path.join(tmp_path, "best.pt"))  # the checkpoints on disk are intact
+    assert payload["epoch"] == 2 and torch.isfinite(model_from_checkpoint(payload).log_scale).all()
+
+
+def test_whitened_dataset_end_to_end(fake_dataset, tmp_path):
+    """CIFAR-10's path: [-1, 1] data, ZCA fitted on the training split, log|det W| in every reported number."""
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "cifar10", "--out-dir", out, "--epochs", "1", "--subset", "300",
+                       "--data-dir", str(tmp_path), *TINY]) == 0
+    payload = load_checkpoint(os.path.join(out, "best.pt"))
+    preprocess = data_lib.Preprocess(data_lib.dataset_info("cifar10"))
+    preprocess.load_state_dict(payload["preprocess_state"])
+    assert preprocess.log_det != 0.0
+    model = model_from_checkpoint(payload).eval()
+    pixels = data_lib.load_pixels("cifar10", "", "test")[:50]
+    g = torch.Generator().manual_seed(0)
+    x = data_lib.dequantize(pixels, (-1.0, 1.0), g)
+    whitened = preprocess.zca(x)
+    direct = model.log_prob(whitened.float()).double() + preprocess.log_det
+    assert torch.allclose(direct, model.log_prob(preprocess(pixels, torch.Generator().manual_seed(0))).double()
+                          + preprocess.log_det, rtol=1e-4)
+    assert os.path.getsize(os.path.join(out, "samples.png")) > 0
+
+
+@pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
+def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path):
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "nice_ext.train", "--data-dir", data_dir(), "--out-dir", out, "--subset", "500",
+            "--save-every", "1", "--epochs", "40", *TINY]
+    rng = random.Random(0)
+    for attempt in range(4):
+        resume = ["--resume", os.path.join(out, "last.pt")] if os.path.exists(os.path.join(out, "last.pt")) else []
+        proc = subprocess.Popen(args + resume, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(rng.uniform(3.0, 9.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        for name in os.listdir(out) if os.path.exists(out) else []:
+            if name.endswith(".pt") and not name.startswith(".tmp-"):  # a killed write leaves only a temp file
+                payload = load_checkpoint(os.path.join(out, name))  # raises if truncated or corrupt
+                model_from_checkpoint(payload)
+    assert os.path.exists(os.path.join(out, "last.pt")), "no checkpoint was ever completed"
+    before = load_checkpoint(os.path.join(out, "last.pt"))["epoch"]
+    result = subprocess.run(args[:-len(TINY) - 2] + ["--epochs", str(before + 1), *TINY, "--resume",
+                                                     os.path.join(out, "last.pt")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == before + 1
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]  # leftovers were cleared
