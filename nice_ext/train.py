@@ -3,7 +3,8 @@
 ``--preset paper-mnist`` is the paper's MNIST setup (§5.1): 4 additive couplings, odd/even masks,
 5 x 1000 ReLU, logistic prior, Adam lr 1e-3, betas (0.9, 0.99), eps 1e-4, batch 200, 1500 epochs, best
 model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png,
-metrics.csv, curve.png, spectrum.png.
+metrics.csv, curve.png, spectrum.png. Under ``torchrun --nproc_per_node=N`` it trains with
+DistributedDataParallel (see nice_ext/distributed.py); ``--batch_size`` is then the global batch.
 """
 
 from __future__ import annotations
@@ -155,8 +156,17 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import plots
+    from .distributed import Context
 
-    device = pick_device(args.device)
+    ctx = Context(args.device)
+    try:
+        return train(args, ctx, tqdm, plots)
+    finally:
+        ctx.close()
+
+
+def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
+    device = ctx.device if ctx.enabled else pick_device(args.device)
     seed_everything(args.seed)
     if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -182,6 +192,7 @@ def run(args: argparse.Namespace) -> int:
     if model.data_dim != info.dim:
         raise CheckpointError(f"{args.resume}: model has {model.data_dim} features, {args.dataset} has {info.dim}")
     model.to(device)
+    log_prob_module = ctx.wrap(model)  # DistributedDataParallel under torchrun
     adam_kwargs = dict(lr=args.lr, betas=(args.momentum, args.decay), eps=args.eps)
     if device.type == "cuda":
         adam_kwargs["fused"] = True
@@ -196,16 +207,19 @@ def run(args: argparse.Namespace) -> int:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of the global batch's mean negative log-likelihood: DDP averages the
+        gradients over ranks, so each rank divides its sum by (global batch / world size)."""
         with autocast:
-            log_px = model.log_prob(x)
-        return -log_px.float().mean()
+            log_px = log_prob_module(ctx.local_slice(x))
+        return -log_px.float().sum() * (ctx.world_size / x.shape[0])
 
     loss_step = torch.compile(loss_fn) if args.compile else loss_fn
     out_dir = args.out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
-        if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
-            os.unlink(os.path.join(out_dir, name))
+    if ctx.is_main:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
+            if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
+                os.unlink(os.path.join(out_dir, name))
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
     def checkpoint(epoch: int) -> Dict[str, object]:
@@ -244,13 +258,13 @@ def run(args: argparse.Namespace) -> int:
         seen = 0
         bar = tqdm(data_lib.batches(train_pixels, args.batch_size, shuffle=True, generator=generator),
                    total=math.ceil(train_pixels.shape[0] / args.batch_size), desc=f"epoch {epoch}/{args.epochs}",
-                   disable=not sys.stderr.isatty(), leave=False)
+                   disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
         for batch in bar:
-            x = preprocess(batch, generator)
+            x = preprocess(batch, generator)  # the global batch: the same on every rank
             loss = loss_step(x)
             first_bad_step = torch.where(torch.isfinite(loss.detach()) | (first_bad_step >= 0), first_bad_step,
                                          step + 1)
-            if (step + 1) % check_every == 0 and first_bad_step.item() >= 0:
+            if (step + 1) % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
                 print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                       f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
                 return 3
@@ -260,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
             optimizer.step()
             step += 1
-            loss_sum += loss.detach().double() * batch.shape[0]
+            loss_sum += loss.detach().double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             seen += batch.shape[0]
             if not bar.disable:  # an interactive progress bar shows the running log-likelihood
                 ll = -loss_sum.item() / seen + preprocess.log_det
@@ -268,17 +282,22 @@ def run(args: argparse.Namespace) -> int:
             if args.max_iter is not None and step >= args.max_iter:
                 stop_reason = f"--max_iter {args.max_iter} reached"
                 break
-            if args.time_limit is not None and time.time() - started > args.time_limit:
+            if (args.time_limit is not None and step % check_every == 0
+                    and ctx.any(time.time() - started > args.time_limit, device)):
                 stop_reason = f"--time-limit {args.time_limit:g} s reached"
                 break
-        if first_bad_step.item() >= 0:
+        if ctx.any(first_bad_step.item() >= 0, device):
             print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                   f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
             return 3
+        train_ll = -ctx.sum(loss_sum).item() / seen + preprocess.log_det if seen else float("nan")
+        if not ctx.is_main:  # rank 0 validates, logs and writes; the others go on to the next epoch
+            if stop_reason:
+                break
+            continue
         model.eval()
         valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
                                           torch.Generator(device=device).manual_seed(12345))
-        train_ll = -loss_sum.item() / seen + preprocess.log_det if seen else float("nan")
         row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), valid_ll_nats=round(valid_ll, 4),
                    valid_bits_per_dim=round(data_lib.bits_per_dim(valid_ll, info.dim, info.data_range), 5),
                    seconds=round(time.time() - epoch_start, 3))
@@ -293,6 +312,8 @@ def run(args: argparse.Namespace) -> int:
         if stop_reason:
             break
     train_seconds = time.time() - started
+    if not ctx.is_main:
+        return 0
     if not history:
         print("nothing to train (--epochs is not above the resumed epoch)")
     write_outputs(epoch)
