@@ -228,9 +228,10 @@ def main():
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip() or "unknown"
+                                text=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    commit = commit or os.environ.get("NICE_EXT_COMMIT", "unknown")  # a copy of the tree without .git
     started = time.time()
     result = dict(device=device_name, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
                   date=datetime.date.today().isoformat(),
