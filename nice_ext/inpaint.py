@@ -59,7 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         observed = observed.to(device)
         filled = model.inpaint(x, observed, steps=args.steps,
                                generator=torch.Generator(device=device).manual_seed(args.seed))
-        masked = torch.where(observed, x, torch.full_like(x, model.data_range[0]))
+        # hidden pixels in mid-grey: black would be indistinguishable from the background
+        masked = torch.where(observed, x, torch.full_like(x, sum(model.data_range) / 2))
         rows += [plots.to_images(t, model) for t in (x, masked, filled)]
     plots.save_grid(torch.cat(rows), args.out, nrow=args.n)
     print(f"wrote inpainting for masks {', '.join(MASK_NAMES)} to {args.out} "
