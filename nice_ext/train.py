@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead captures CUDA graphs (its GPU speed is not measured yet)")
     p.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
     return p
@@ -213,7 +215,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
             log_px = log_prob_module(ctx.local_slice(x))
         return -log_px.float().sum() * (ctx.world_size / x.shape[0])
 
-    loss_step = torch.compile(loss_fn) if args.compile else loss_fn
+    compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
+    loss_step = torch.compile(loss_fn, mode=compile_mode) if (args.compile or args.compile_mode) else loss_fn
     out_dir = args.out_dir
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)

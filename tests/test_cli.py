@@ -83,6 +83,15 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     assert result.returncode == 1 and "trained on mnist" in result.stderr
 
 
+def test_compiled_training_matches_eager(tmp_path):
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", eager, "--epochs", "1", *TINY]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", compiled, "--epochs", "1", "--compile", *TINY]) == 0
+    a, b = metrics(eager)[0], metrics(compiled)[0]
+    assert float(a["valid_ll_nats"]) == pytest.approx(float(b["valid_ll_nats"]), abs=0.05)
+    assert float(a["train_ll_nats"]) == pytest.approx(float(b["train_ll_nats"]), abs=0.05)
+
+
 def test_preset_gives_defaults_and_explicit_flags_win():
     args = train.parse_args(["--preset", "paper-mnist", "--lr=3e-3", "--epochs", "7"])
     assert args.lr == 3e-3 and args.epochs == 7 and args.mid_dim == 1000 and args.decay == 0.99
