@@ -301,8 +301,9 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         model.eval()
         valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
                                           torch.Generator(device=device).manual_seed(12345))
-        row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), valid_ll_nats=round(valid_ll, 4),
-                   valid_bits_per_dim=round(data_lib.bits_per_dim(valid_ll, info.dim, info.data_range), 5),
+        bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
+        row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
+                   valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
                    seconds=round(time.time() - epoch_start, 3))
         history.append(row)
         print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "

@@ -39,6 +39,8 @@ def test_train_writes_everything_and_learns(trained):
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     rows = metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert set(rows[0]) == {"epoch", "step", "train_ll_nats", "train_bits_per_dim", "valid_ll_nats",
+                            "valid_bits_per_dim", "seconds"}
     assert float(rows[-1]["valid_ll_nats"]) > float(rows[0]["valid_ll_nats"]) + 5
     assert "nats" in stdout and "bits/dim" in stdout
 
