@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nice_ext import NICE, ops, reference  # noqa: E402
+from nice_ext.cuda_graph import GraphedTrainStep  # noqa: E402
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 from nice_ext.seed_model import SeedMaskedNICE  # noqa: E402
 
@@ -126,15 +127,19 @@ def train_step_variants(device, batch, quick, min_run_time):
 
     def make(variant):
         torch.manual_seed(0)
-        if variant == "seed-masked-eager":
+        if variant.startswith("seed-masked"):
             model = SeedMaskedNICE(784, 4, hidden, width).to(device)
         else:
             model = NICE(784, 4, hidden, width, fused=not variant.startswith("reference")).to(device)
+        graphed = "graphed" in variant
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4,
-                                     fused=device.type == "cuda")
+                                     fused=device.type == "cuda", capturable=graphed)
         loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
         if "compiled" in variant:
             loss_fn = torch.compile(loss_fn)
+        if graphed:  # forward, backward and Adam replayed as one CUDA graph
+            graphed_step = GraphedTrainStep(loss_fn, optimizer, model.parameters())
+            return lambda: graphed_step(pixels)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -143,15 +148,17 @@ def train_step_variants(device, batch, quick, min_run_time):
 
         return step
 
+    # Ablation: seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 -> one CUDA graph.
     variants = ["seed-masked-eager", "reference-eager", "fused-eager"]
     if device.type == "cuda":
-        variants += ["fused-eager-tf32", "fused-compiled-tf32"]
+        variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
+                     "fused-graphed", "fused-graphed-tf32"]
     elif not quick:
         variants += ["fused-compiled"]
     for variant in variants:
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
         step = make(variant)
-        for _ in range(3):
+        for _ in range(5):  # warm-up (and, for graphed variants, the capture)
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()

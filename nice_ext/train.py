@@ -24,6 +24,7 @@ import torch
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
 from .cli_common import UsageError, pick_device, run_tool
+from .cuda_graph import GraphedTrainStep
 from .model import NICE
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -65,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training loss")
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode; reduce-overhead captures CUDA graphs (its GPU speed is not measured yet)")
+                   help="torch.compile mode; reduce-overhead captures the loss's forward and backward in CUDA graphs")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="capture the whole training step (forward, backward, Adam) in one CUDA graph and replay it: "
+                        "the fastest way to train at small batch sizes on a GPU")
     p.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
     return p
@@ -95,6 +99,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               (args.max_iter is None or args.max_iter >= 0, f"--max_iter must be >= 0, got {args.max_iter}"),
               (args.subset is None or args.subset > 0, f"--subset must be positive, got {args.subset}"),
               (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive, got {args.clip_grad}"),
+              (not (args.cuda_graph and (args.compile or args.compile_mode)),
+               "--cuda-graph and --compile/--compile-mode are alternatives; choose one"),
               (args.eval_draws >= 1, f"--eval-draws must be >= 1, got {args.eval_draws}"),
               (args.dataset in data_lib.DATASETS, f"--dataset must be one of {', '.join(data_lib.DATASETS)}, "
                                                    f"got {args.dataset!r}"),
@@ -194,10 +200,13 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     if model.data_dim != info.dim:
         raise CheckpointError(f"{args.resume}: model has {model.data_dim} features, {args.dataset} has {info.dim}")
     model.to(device)
+    if args.cuda_graph and (device.type != "cuda" or ctx.enabled):
+        raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")
     log_prob_module = ctx.wrap(model)  # DistributedDataParallel under torchrun
     adam_kwargs = dict(lr=args.lr, betas=(args.momentum, args.decay), eps=args.eps)
     if device.type == "cuda":
         adam_kwargs["fused"] = True
+        adam_kwargs["capturable"] = args.cuda_graph  # Adam's step count lives on the GPU, inside the graph
     optimizer = torch.optim.Adam(model.parameters(), **adam_kwargs)
     start_epoch, step, best_valid, history = 0, 0, -math.inf, []
     if resume is not None:
@@ -206,7 +215,9 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         best_valid, history = resume["best_valid"], resume["history"]
         set_rng_state(resume["rng_state"], generator)
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
+                              cache_enabled=not args.cuda_graph)
 
     def loss_fn(x: torch.Tensor) -> torch.Tensor:
         """This rank's share of the global batch's mean negative log-likelihood: DDP averages the
@@ -217,6 +228,18 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
 
     compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
     loss_step = torch.compile(loss_fn, mode=compile_mode) if (args.compile or args.compile_mode) else loss_fn
+
+    def eager_step(x: torch.Tensor) -> torch.Tensor:
+        loss = loss_step(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if args.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        optimizer.step()
+        return loss.detach()
+
+    train_step = GraphedTrainStep(loss_fn, optimizer, model.parameters(), args.clip_grad) if args.cuda_graph \
+        else eager_step
     out_dir = args.out_dir
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
@@ -264,20 +287,14 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
         for batch in bar:
             x = preprocess(batch, generator)  # the global batch: the same on every rank
-            loss = loss_step(x)
-            first_bad_step = torch.where(torch.isfinite(loss.detach()) | (first_bad_step >= 0), first_bad_step,
-                                         step + 1)
-            if (step + 1) % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
+            loss = train_step(x)
+            first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
+            step += 1
+            loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
+            if step % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
                 print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                       f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
                 return 3
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if args.clip_grad is not None:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            optimizer.step()
-            step += 1
-            loss_sum += loss.detach().double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             seen += batch.shape[0]
             if not bar.disable:  # an interactive progress bar shows the running log-likelihood
                 ll = -loss_sum.item() / seen + preprocess.log_det

@@ -94,6 +94,24 @@ def test_compiled_training_matches_eager(tmp_path):
     assert float(a["train_ll_nats"]) == pytest.approx(float(b["train_ll_nats"]), abs=0.05)
 
 
+def test_cuda_graph_needs_a_cuda_device(tmp_path):
+    result = run_tool("train", "--data-dir", data_dir(), "--out-dir", str(tmp_path), "--epochs", "1", "--cuda-graph",
+                      *TINY)
+    assert result.returncode == 2 and "--cuda-graph needs a single CUDA device" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_graph_training_matches_eager(tmp_path):
+    on_cuda = [a if a != "cpu" else "cuda" for a in TINY]
+    eager, graphed = str(tmp_path / "eager"), str(tmp_path / "graphed")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", eager, "--epochs", "2", *on_cuda]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", graphed, "--epochs", "2", "--cuda-graph", *on_cuda]) == 0
+    for a, b in zip(metrics(eager), metrics(graphed)):
+        assert float(a["valid_ll_nats"]) == pytest.approx(float(b["valid_ll_nats"]), abs=0.05)
+        assert float(a["train_ll_nats"]) == pytest.approx(float(b["train_ll_nats"]), abs=0.05)
+
+
 def test_preset_gives_defaults_and_explicit_flags_win():
     args = train.parse_args(["--preset", "paper-mnist", "--lr=3e-3", "--epochs", "7"])
     assert args.lr == 3e-3 and args.epochs == 7 and args.mid_dim == 1000 and args.decay == 0.99
@@ -106,6 +124,7 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--lr", "-1"], "--lr must be a positive number"),
     (["--dataset", "imagenet"], "--dataset must be one of"),
     (["--sample_size", "-3"], "--sample_size must be >= 0"),
+    (["--cuda-graph", "--compile"], "--cuda-graph and --compile/--compile-mode are alternatives"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)
