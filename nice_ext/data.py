@@ -104,6 +104,13 @@ def _load_idx_dataset(name: str, data_dir: str, split: str, download: bool) -> T
 def _load_torchvision_rgb(name: str, data_dir: str, split: str, download: bool) -> Tensor:
     import torchvision
 
+    if name == "svhn":
+        try:
+            import scipy.io  # noqa: F401  torchvision reads SVHN's .mat files with it
+        except ImportError as error:
+            raise DataError("svhn: reading SVHN's .mat files needs scipy (pip install scipy)") from error
+    expected = ("cifar-10-batches-py/ (data_batch_1..5, test_batch)" if name == "cifar10"
+                else f"{split}_32x32.mat")
     try:
         if name == "cifar10":
             dataset = torchvision.datasets.CIFAR10(root=data_dir, train=(split == "train"), download=download)
@@ -112,8 +119,8 @@ def _load_torchvision_rgb(name: str, data_dir: str, split: str, download: bool) 
             dataset = torchvision.datasets.SVHN(root=data_dir, split=split, download=download)
             images = torch.from_numpy(dataset.data)  # already NCHW
     except Exception as error:
-        raise DataError(f"{name} not found under {data_dir}/ (torchvision's layout); download "
-                        f"{'failed: ' + str(error) if download else 'is off'}") from error
+        raise DataError(f"{name} not found or corrupted: expected {expected} under {data_dir}/ (torchvision's "
+                        f"layout); download {'failed: ' + str(error) if download else 'is off'}") from error
     return images.reshape(images.shape[0], -1).contiguous()
 
 

@@ -117,6 +117,8 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     assert args.lr == 3e-3 and args.epochs == 7 and args.mid_dim == 1000 and args.decay == 0.99
     assert args.eps == 1e-4 and args.batch_size == 200 and args.hidden == 5
     assert train.parse_args([]).epochs == 10 and train.parse_args(["--preset", "paper-mnist"]).epochs == 1500
+    cifar = train.parse_args(["--preset", "paper-cifar10"])
+    assert (cifar.dataset, cifar.mid_dim, cifar.hidden, cifar.decay) == ("cifar10", 2000, 4, 0.99)
 
 
 @pytest.mark.parametrize("args, message", [

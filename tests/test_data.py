@@ -69,3 +69,53 @@ def test_mnist_splits():
     full = data_lib.load_pixels("mnist", data_dir(), "train", download=False)
     assert torch.equal(splits.valid, full[-10000:])  # the last 10,000 training images
     assert data_lib.load_splits("mnist", data_dir(), download=False, subset=123).train.shape[0] == 123
+
+
+def write_cifar10(root, images_per_batch=6):
+    """CIFAR-10 in torchvision's layout (python pickles, HWC rows flattened C, H, W) with random pixels."""
+    import pickle
+
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    generator = torch.Generator().manual_seed(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        pixels = torch.randint(0, 256, (images_per_batch, 3 * 32 * 32), generator=generator, dtype=torch.uint8)
+        batches[name] = pixels
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": pixels.numpy(), "labels": [0] * images_per_batch}, f)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({"label_names": [str(i) for i in range(10)]}, f)
+    return batches
+
+
+def test_cifar10_in_torchvisions_layout(tmp_path, monkeypatch):
+    import torchvision
+
+    batches = write_cifar10(str(tmp_path))
+    # torchvision checks each file's MD5 against the real dataset's; these files are synthetic.
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+    train = data_lib.load_pixels("cifar10", str(tmp_path), "train", download=False)
+    expected = torch.cat([batches[f"data_batch_{i}"] for i in range(1, 6)])
+    assert train.dtype == torch.uint8 and torch.equal(train, expected)  # rows flattened C, H, W, as stored
+    assert torch.equal(data_lib.load_pixels("cifar10", str(tmp_path), "test", download=False), batches["test_batch"])
+
+
+def test_svhn_in_torchvisions_layout(tmp_path, monkeypatch):
+    scipy_io = pytest.importorskip("scipy.io")
+    import torchvision
+
+    images = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    # SVHN's .mat files hold X as (H, W, C, N) and labels 1..10.
+    scipy_io.savemat(str(tmp_path / "test_32x32.mat"),
+                     {"X": images.permute(2, 3, 1, 0).numpy(), "y": torch.ones(5, 1, dtype=torch.uint8).numpy()})
+    monkeypatch.setattr(torchvision.datasets.svhn, "check_integrity", lambda *args, **kwargs: True)
+    test = data_lib.load_pixels("svhn", str(tmp_path), "test", download=False)
+    assert test.dtype == torch.uint8 and torch.equal(test, images.reshape(5, -1))
+
+
+def test_missing_rgb_datasets_name_what_is_expected(tmp_path):
+    with pytest.raises(data_lib.DataError, match="cifar-10-batches-py"):
+        data_lib.load_pixels("cifar10", str(tmp_path), "train", download=False)
+    with pytest.raises(data_lib.DataError, match="train_32x32.mat|needs scipy"):
+        data_lib.load_pixels("svhn", str(tmp_path), "train", download=False)
