@@ -1,6 +1,21 @@
-"""Bad CUDA inputs must raise a RuntimeError with a clear message (run by tests/test_op_coupling.py in a
-child process, so that a crash fails that test instead of ending the test run)."""
+"""Bad inputs to the ops must raise a RuntimeError with a clear message, with CUDA tensors too.
+
+One CUDA machine (H100, torch 2.11) crashed with SIGSEGV instead of raising for CUDA tensors, while the
+same checks raised for CPU tensors in the same process. Each case below runs in its own child process, so
+one run tells which kinds of error crash there:
+
+  cpu-coupling                 our check, CPU tensors (the baseline)
+  aten-cuda-mm                 an ATen error with CUDA tensors (is any C++ error with CUDA tensors fatal?)
+  cuda-coupling                our check, CUDA tensors, through the Python autograd kernel
+  cuda-coupling-below-autograd the same, called below autograd (is the Python autograd kernel involved?)
+  cuda-scale-prior, cuda-scale-inverse, cuda-mixed-devices: the other ops and a device mismatch
+
+usage: python scripts/repro_bad_input.py [--case NAME]   (exit 0 when every case raised as it should;
+tests/test_op_coupling.py runs it)
+"""
+import argparse
 import os
+import subprocess
 import sys
 
 import torch
@@ -9,15 +24,84 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 import nice_ext  # noqa: E402,F401
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 
-mask = odd_even_mask(10)
-shift_col, gather_index = (t.cuda() for t in coupling_maps(mask, ~mask))
-x, shift = torch.randn(4, 10, device="cuda"), torch.randn(4, 5, device="cuda")
-for name, call in (
-        ("scale_prior", lambda: torch.ops.nice_ext.scale_prior(x, torch.randn(9, device="cuda"), "logistic", True)),
-        ("coupling_update", lambda: torch.ops.nice_ext.coupling_update(x, shift[:3], shift_col, gather_index, False)),
-        ("mixed devices", lambda: torch.ops.nice_ext.coupling_update(x, shift.cpu(), shift_col, gather_index, False))):
+
+def coupling_args(device):
+    mask = odd_even_mask(10)
+    shift_col, gather_index = (t.to(device) for t in coupling_maps(mask, ~mask))
+    x, shift = torch.randn(4, 10, device=device), torch.randn(4, 5, device=device)
+    return x, shift, shift_col, gather_index
+
+
+def cpu_coupling():
+    x, shift, shift_col, gather_index = coupling_args("cpu")
+    torch.ops.nice_ext.coupling_update(x, shift[:3], shift_col, gather_index, False)
+
+
+def aten_cuda_mm():
+    a = torch.randn(3, 4, device="cuda")
+    torch.mm(a, a)
+
+
+def cuda_coupling():
+    x, shift, shift_col, gather_index = coupling_args("cuda")
+    torch.ops.nice_ext.coupling_update(x, shift[:3], shift_col, gather_index, False)
+
+
+def cuda_coupling_below_autograd():
+    x, shift, shift_col, gather_index = coupling_args("cuda")
+    with torch._C._AutoDispatchBelowAutograd():
+        torch.ops.nice_ext.coupling_update(x, shift[:3], shift_col, gather_index, False)
+
+
+def cuda_scale_prior():
+    torch.ops.nice_ext.scale_prior(torch.randn(4, 10, device="cuda"), torch.randn(9, device="cuda"), "logistic", True)
+
+
+def cuda_scale_inverse():
+    torch.ops.nice_ext.scale_inverse(torch.randn(4, 10, device="cuda"), torch.randn(9, device="cuda"))
+
+
+def cuda_mixed_devices():
+    x, shift, shift_col, gather_index = coupling_args("cuda")
+    torch.ops.nice_ext.coupling_update(x, shift.cpu(), shift_col, gather_index, False)
+
+
+CASES = {"cpu-coupling": cpu_coupling, "aten-cuda-mm": aten_cuda_mm, "cuda-coupling": cuda_coupling,
+         "cuda-coupling-below-autograd": cuda_coupling_below_autograd, "cuda-scale-prior": cuda_scale_prior,
+         "cuda-scale-inverse": cuda_scale_inverse, "cuda-mixed-devices": cuda_mixed_devices}
+
+
+def run_case(name):
     try:
-        call()
-        print(f"{name}: no error raised")
+        CASES[name]()
     except RuntimeError as error:
-        print(f"{name} raised OK: {str(error)[:100]}")
+        print(f"{name}: raised OK: {str(error).splitlines()[0][:120]}")
+        return 0
+    print(f"{name}: no error raised")
+    return 1
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=sorted(CASES))
+    args = parser.parse_args()
+    if args.case:
+        return run_case(args.case)
+    failures = 0
+    for name in CASES:
+        if name != "cpu-coupling" and not torch.cuda.is_available():
+            print(f"{name}: skipped (no CUDA GPU)")
+            continue
+        result = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--case", name],
+                                capture_output=True, text=True, timeout=300)
+        if result.returncode < 0 or result.returncode > 1:
+            print(f"{name}: crashed (exit status {result.returncode}); its stderr ends with:\n"
+                  + "\n".join(result.stderr.strip().splitlines()[-8:]))
+        else:
+            print(result.stdout.strip())
+        failures += result.returncode != 0
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
