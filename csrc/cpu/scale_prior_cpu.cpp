@@ -40,6 +40,24 @@ std::vector<opmath_t> exp_log_scale(const at::Tensor& log_scale, opmath_t sign) 
   return out;
 }
 
+// One row of the forward: z (when zr is not null) and sum_d log p_H(z_d).
+template <Prior prior, typename scalar_t, typename opmath_t>
+NICE_EXT_CPU_CLONES opmath_t scale_prior_row(const scalar_t* hr, const opmath_t* es, scalar_t* zr, int64_t features) {
+  opmath_t z_block[kBlock], log_density[kBlock];
+  opmath_t acc = 0;
+  for (int64_t d0 = 0; d0 < features; d0 += kBlock) {
+    const int64_t n = std::min(kBlock, features - d0);
+    for (int64_t i = 0; i < n; ++i) z_block[i] = opmath_t(hr[d0 + i]) * es[d0 + i];
+    if (zr != nullptr) {
+      for (int64_t i = 0; i < n; ++i) zr[d0 + i] = static_cast<scalar_t>(z_block[i]);
+    }
+    log_density_block<prior>(z_block, log_density, n);
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += log_density[i];
+  }
+  return acc;
+}
+
 template <typename scalar_t, Prior prior>
 void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tensor& z, at::Tensor& log_prob) {
   const bool compute_z = z.defined();
@@ -55,28 +73,36 @@ void scale_prior_rows(const at::Tensor& h, const at::Tensor& log_scale, at::Tens
   out_t* lp_ptr = log_prob.mutable_data_ptr<out_t>();
   const opmath_t* es = scale.data();
   at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
-    opmath_t z_block[kBlock], log_density[kBlock];
     for (int64_t b = begin; b < end; ++b) {
-      const scalar_t* hr = h_ptr + b * h_rs;
       scalar_t* zr = z_ptr != nullptr ? z_ptr + b * features : nullptr;
-      opmath_t acc = 0;
-      for (int64_t d0 = 0; d0 < features; d0 += kBlock) {
-        const int64_t n = std::min(kBlock, features - d0);
-        for (int64_t i = 0; i < n; ++i) z_block[i] = opmath_t(hr[d0 + i]) * es[d0 + i];
-        if (zr != nullptr) {
-          for (int64_t i = 0; i < n; ++i) zr[d0 + i] = static_cast<scalar_t>(z_block[i]);
-        }
-        log_density_block<prior>(z_block, log_density, n);
-#pragma omp simd reduction(+ : acc)
-        for (int64_t i = 0; i < n; ++i) acc += log_density[i];
-      }
-      lp_ptr[b] = acc + log_det;
+      lp_ptr[b] = scale_prior_row<prior>(h_ptr + b * h_rs, es, zr, features) + log_det;
     }
   });
 }
 
 // g[b, d] = dL/dz[b, d] = grad_log_prob[b] * score(z[b, d]) + grad_z[b, d]
 // grad_h[b, d] = g[b, d] * exp(s[d]);   grad_s[d] = sum_b (g[b, d] * z[b, d] + grad_log_prob[b])
+// One row: writes grad_h and adds the row's terms of grad_s to `part` (its chunk's partial sums).
+template <Prior prior, typename scalar_t, typename opmath_t>
+NICE_EXT_CPU_CLONES void scale_prior_backward_row(const scalar_t* hr, const scalar_t* gzr, const opmath_t* es,
+                                                  opmath_t gl, scalar_t* ghr, opmath_t* part, int64_t features) {
+  opmath_t z_block[kBlock], score[kBlock];
+  for (int64_t d0 = 0; d0 < features; d0 += kBlock) {
+    const int64_t n = std::min(kBlock, features - d0);
+    for (int64_t i = 0; i < n; ++i) z_block[i] = opmath_t(hr[d0 + i]) * es[d0 + i];
+    score_block<prior>(z_block, score, n);
+    if (gzr != nullptr) {  // g = dL/dz
+      for (int64_t i = 0; i < n; ++i) score[i] = gl * score[i] + opmath_t(gzr[d0 + i]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) score[i] = gl * score[i];
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      ghr[d0 + i] = static_cast<scalar_t>(score[i] * es[d0 + i]);
+      part[d0 + i] += score[i] * z_block[i] + gl;
+    }
+  }
+}
+
 // grad_s is summed per fixed-size chunk of rows, then over chunks in order: the same bits on every run.
 template <typename scalar_t, Prior prior>
 void scale_prior_backward_rows(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
@@ -96,30 +122,13 @@ void scale_prior_backward_rows(const at::Tensor& grad_log_prob, const at::Tensor
   const int64_t chunks = partial_sums.size(0);
   opmath_t* partial = partial_sums.mutable_data_ptr<opmath_t>();
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    opmath_t z_block[kBlock], score[kBlock];
     for (int64_t c = chunk_begin; c < chunk_end; ++c) {
       opmath_t* part = partial + c * features;
       std::fill(part, part + features, opmath_t(0));
       const int64_t row_end = std::min(batch, (c + 1) * rows_per_chunk);
       for (int64_t b = c * rows_per_chunk; b < row_end; ++b) {
-        const scalar_t* hr = h_ptr + b * h_rs;
-        const scalar_t* gzr = gz_ptr != nullptr ? gz_ptr + b * gz_rs : nullptr;
-        scalar_t* ghr = gh_ptr + b * features;
-        const opmath_t gl = glp_ptr[b];
-        for (int64_t d0 = 0; d0 < features; d0 += kBlock) {
-          const int64_t n = std::min(kBlock, features - d0);
-          for (int64_t i = 0; i < n; ++i) z_block[i] = opmath_t(hr[d0 + i]) * es[d0 + i];
-          score_block<prior>(z_block, score, n);
-          if (gzr != nullptr) {  // g = dL/dz
-            for (int64_t i = 0; i < n; ++i) score[i] = gl * score[i] + opmath_t(gzr[d0 + i]);
-          } else {
-            for (int64_t i = 0; i < n; ++i) score[i] = gl * score[i];
-          }
-          for (int64_t i = 0; i < n; ++i) {
-            ghr[d0 + i] = static_cast<scalar_t>(score[i] * es[d0 + i]);
-            part[d0 + i] += score[i] * z_block[i] + gl;
-          }
-        }
+        scale_prior_backward_row<prior>(h_ptr + b * h_rs, gz_ptr != nullptr ? gz_ptr + b * gz_rs : nullptr, es,
+                                        glp_ptr[b], gh_ptr + b * features, part, features);
       }
     }
   });

@@ -8,6 +8,16 @@
 #include <cmath>
 #include <cstdint>
 
+// The row loops that call these are compiled three times, for AVX-512, for AVX2 + FMA and for the
+// baseline x86-64, and the dynamic loader picks the best one the CPU runs (GCC's function
+// multi-versioning): the extension is built without -march, so this is how the prior's math gets wide
+// vectors on the machines that have them.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
+#define NICE_EXT_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define NICE_EXT_CPU_CLONES
+#endif
+
 namespace nice_ext {
 namespace vmath {
 
