@@ -10,10 +10,22 @@ capture; the next call captures the step and replays it. A batch of another shap
 batch of an epoch) runs eagerly. Requirements: a CUDA model, an optimizer built with ``capturable=True``,
 and no host synchronisation inside ``loss_fn``.
 """
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, List, Optional
 
 import torch
 from torch import Tensor
+
+
+def optimizer_step(loss_fn: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer, parameters: List[Tensor],
+                   clip_grad: Optional[float], x: Tensor) -> Tensor:
+    """One eager training step on the batch x (the step a graph captures); returns the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = loss_fn(x)
+    loss.backward()
+    if clip_grad is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, clip_grad)
+    optimizer.step()
+    return loss.detach()
 
 
 class GraphedTrainStep:
@@ -32,13 +44,7 @@ class GraphedTrainStep:
         self.static_loss: Optional[Tensor] = None
 
     def _step(self, x: Tensor) -> Tensor:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(x)
-        loss.backward()
-        if self.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(self.parameters, self.clip_grad)
-        self.optimizer.step()
-        return loss.detach()
+        return optimizer_step(self.loss_fn, self.optimizer, self.parameters, self.clip_grad, x)
 
     def __call__(self, x: Tensor) -> Tensor:
         """One optimizer step on the batch x; returns the loss (a tensor valid until the next call)."""

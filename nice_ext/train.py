@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import math
 import os
 import random
@@ -24,7 +25,7 @@ import torch
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
 from .cli_common import UsageError, pick_device, run_tool
-from .cuda_graph import GraphedTrainStep
+from .cuda_graph import GraphedTrainStep, optimizer_step
 from .model import NICE
 
 # Paper §5.1: Adam (lr 1e-3, betas (0.9, 0.99), eps 1e-4), four additive couplings, logistic prior, best
@@ -235,17 +236,11 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
     loss_step = torch.compile(loss_fn, mode=compile_mode) if (args.compile or args.compile_mode) else loss_fn
 
-    def eager_step(x: torch.Tensor) -> torch.Tensor:
-        loss = loss_step(x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.clip_grad is not None:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-        optimizer.step()
-        return loss.detach()
-
-    train_step = GraphedTrainStep(loss_fn, optimizer, model.parameters(), args.clip_grad) if args.cuda_graph \
-        else eager_step
+    parameters = list(model.parameters())
+    if args.cuda_graph:
+        train_step = GraphedTrainStep(loss_fn, optimizer, parameters, args.clip_grad)
+    else:
+        train_step = functools.partial(optimizer_step, loss_step, optimizer, parameters, args.clip_grad)
     out_dir = args.out_dir
     if ctx.is_main:
         os.makedirs(out_dir, exist_ok=True)
