@@ -5,6 +5,8 @@ same checks raised for CPU tensors in the same process. Each case below runs in 
 one run tells which kinds of error crash there:
 
   cpu-coupling                 our check, CPU tensors (the baseline)
+  cuda-entry-cpu-tensors       our CUDA kernel's entry point, reached by redispatch with CPU tensors: its
+                               checks throw before any CUDA call (runs wherever the CUDA kernels are built)
   aten-cuda-mm                 an ATen error with CUDA tensors (is any C++ error with CUDA tensors fatal?)
   cuda-coupling                our check, CUDA tensors, through the Python autograd kernel
   cuda-coupling-below-autograd the same, called below autograd (is the Python autograd kernel involved?)
@@ -21,7 +23,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # an in-place build works too
-import nice_ext  # noqa: E402,F401
+import nice_ext  # noqa: E402
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 
 
@@ -35,6 +37,12 @@ def coupling_args(device):
 def cpu_coupling():
     x, shift, shift_col, gather_index = coupling_args("cpu")
     torch.ops.nice_ext.coupling_update(x, shift[:3], shift_col, gather_index, False)
+
+
+def cuda_entry_cpu_tensors():
+    x, shift, shift_col, gather_index = coupling_args("cpu")
+    cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+    torch.ops.nice_ext.coupling_update.default.redispatch(cuda_key, x, shift[:3], shift_col, gather_index, False)
 
 
 def aten_cuda_mm():
@@ -66,14 +74,17 @@ def cuda_mixed_devices():
     torch.ops.nice_ext.coupling_update(x, shift.cpu(), shift_col, gather_index, False)
 
 
-CASES = {"cpu-coupling": cpu_coupling, "aten-cuda-mm": aten_cuda_mm, "cuda-coupling": cuda_coupling,
-         "cuda-coupling-below-autograd": cuda_coupling_below_autograd, "cuda-scale-prior": cuda_scale_prior,
-         "cuda-scale-inverse": cuda_scale_inverse, "cuda-mixed-devices": cuda_mixed_devices}
+# name: (call, what it needs: nothing, the CUDA kernels built, or a GPU)
+CASES = {"cpu-coupling": (cpu_coupling, None), "cuda-entry-cpu-tensors": (cuda_entry_cpu_tensors, "kernels"),
+         "aten-cuda-mm": (aten_cuda_mm, "gpu"), "cuda-coupling": (cuda_coupling, "gpu"),
+         "cuda-coupling-below-autograd": (cuda_coupling_below_autograd, "gpu"),
+         "cuda-scale-prior": (cuda_scale_prior, "gpu"), "cuda-scale-inverse": (cuda_scale_inverse, "gpu"),
+         "cuda-mixed-devices": (cuda_mixed_devices, "gpu")}
 
 
 def run_case(name):
     try:
-        CASES[name]()
+        CASES[name][0]()
     except RuntimeError as error:
         print(f"{name}: raised OK: {str(error).splitlines()[0][:120]}")
         return 0
@@ -88,9 +99,10 @@ def main():
     if args.case:
         return run_case(args.case)
     failures = 0
-    for name in CASES:
-        if name != "cpu-coupling" and not torch.cuda.is_available():
-            print(f"{name}: skipped (no CUDA GPU)")
+    available = {None: True, "kernels": nice_ext.cuda_kernels_built(), "gpu": torch.cuda.is_available()}
+    for name, (_, needs) in CASES.items():
+        if not available[needs]:
+            print(f"{name}: skipped (needs {'the CUDA kernels built' if needs == 'kernels' else 'a CUDA GPU'})")
             continue
         result = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--case", name],
                                 capture_output=True, text=True, timeout=300)
