@@ -62,8 +62,9 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
         # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code on load
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, ...
+        detail = (str(error).strip().splitlines() or [""])[0][:120]  # torch.load's messages run to many lines
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(error).__name__}: {error}") from None
+                              f"{type(error).__name__}: {detail}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a nice_ext checkpoint")
     if payload.get("version") != VERSION:

@@ -37,13 +37,18 @@ def load_for_inference(path: str, device: torch.device) -> Tuple[NICE, data_lib.
     return model, preprocess.to(device), payload
 
 
+def one_line(error: Exception) -> str:
+    """An error's message as one line: wrapped causes (torchvision's download errors, say) span several."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
     """Run a tool's main, turning the errors a user can cause into one line and an exit status."""
     try:
         return main(argv)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except (CheckpointError, DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

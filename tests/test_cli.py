@@ -20,6 +20,11 @@ def run_tool(module, *args):
                           text=True, timeout=600)
 
 
+def errors(result):
+    """stderr without the lines torch prints on import on a machine with a CUDA build but no GPU."""
+    return [line for line in result.stderr.splitlines() if line.strip() and "No CUDA runtime is found" not in line]
+
+
 def metrics(out_dir):
     with open(os.path.join(out_dir, "metrics.csv")) as f:
         return list(csv.DictReader(f))
@@ -76,10 +81,13 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     truncated.write_bytes(open(os.path.join(out, "best.pt"), "rb").read()[:1000])
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
+    not_ours = tmp_path / "notes.pt"
+    not_ours.write_text("# not a checkpoint at all\n")
     for path, message in ((truncated, "truncated or corrupt"), (foreign, "not a nice_ext checkpoint"),
-                          (tmp_path / "missing.pt", "no such checkpoint")):
+                          (tmp_path / "missing.pt", "no such checkpoint"), (not_ours, "truncated or corrupt")):
         result = run_tool("evaluate", str(path), "--data-dir", data_dir(), "--device", "cpu")
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
+        assert len(errors(result)) == 1, result.stderr
     result = run_tool("train", "--data-dir", data_dir(), "--out-dir", str(tmp_path / "x"), "--dataset",
                       "fashion-mnist", "--resume", os.path.join(out, "best.pt"), *TINY)
     assert result.returncode == 1 and "trained on mnist" in result.stderr
