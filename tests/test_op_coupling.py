@@ -19,8 +19,14 @@ def random_mask(d, generator):
 
 def make_case(batch, features, mask_kind, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
+    # odd-even and even-odd (both parities) take the CPU kernels' stride-2 path; a random next mask, or a
+    # random mask, the general one.
     if mask_kind == "odd-even":
         mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, False)
+    elif mask_kind == "even-odd":
+        mask, next_mask = odd_even_mask(features, False), odd_even_mask(features, True)
+    elif mask_kind == "odd-even-random-next":
+        mask, next_mask = odd_even_mask(features, True), random_mask(features, g)
     else:
         mask, next_mask = random_mask(features, g), random_mask(features, g)
     updated = int((~mask).sum())
@@ -34,7 +40,7 @@ def make_case(batch, features, mask_kind, device, dtype, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3, 257])
 @pytest.mark.parametrize("features", [2, 3, 784, 3072])
-@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "odd-even-random-next", "random"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_matches_reference_on_sliced_inputs(device, batch, features, mask_kind, inverse):
     x, shift, shift_col, gather_index, x64, shift64 = make_case(batch, features, mask_kind, device, torch.float32)
@@ -50,8 +56,9 @@ def test_matches_reference_on_sliced_inputs(device, batch, features, mask_kind, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-def test_dtypes_with_wide_accumulation(device, dtype):
-    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, "random", device, dtype)
+@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+def test_dtypes_with_wide_accumulation(device, dtype, mask_kind):
+    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, mask_kind, device, dtype)
     y, gathered = ops.coupling_update_indexed(x, shift, shift_col, gather_index)
     assert y.dtype == dtype and gathered.dtype == dtype
     y_ref, _ = reference.coupling_update(x.double().cpu(), shift.double().cpu(), shift_col.cpu(),
@@ -60,7 +67,7 @@ def test_dtypes_with_wide_accumulation(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "random"])
 @pytest.mark.parametrize("inverse", [False, True])
 def test_gradcheck_float64(device, mask_kind, inverse):
     x, shift, shift_col, gather_index, _, _ = make_case(3, 11, mask_kind, device, torch.float64)
@@ -71,8 +78,9 @@ def test_gradcheck_float64(device, mask_kind, inverse):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradients_match_reference(device):
-    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, "random", device, torch.float32)
+@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "odd-even-random-next", "random"])
+def test_gradients_match_reference(device, mask_kind):
+    x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, mask_kind, device, torch.float32)
     gy, gg = torch.randn_like(x), torch.randn(x.shape[0], gather_index.numel(), device=device)
     a, b = x.clone().requires_grad_(), shift.clone().requires_grad_()
     y, gathered = ops.coupling_update_indexed(a, b, shift_col, gather_index, True)
