@@ -45,8 +45,8 @@ void check_gather_index_cpu(const at::Tensor& gather_index, int64_t features) {
 
 // The paper's odd/even masks make both index maps stride-2 progressions: the updated features are
 // first, first + 2, ... (shift column k is feature first + 2k), and the gathered ones start + 2g. Rows
-// then need no index loads, and the compiler vectorises the stride-2 loops with shuffles (about 3x
-// faster than the general loops on AVX-512). Returns `first` (0 or 1), or -1 for any other mask.
+// then need no index loads, and the compiler vectorises the stride-2 loops with shuffles (2.5-3x faster
+// than the general loops, benchmarks/NOTES.md). Returns `first` (0 or 1), or -1 for any other mask.
 int64_t stride2_first_updated(const int32_t* col, int64_t features, int64_t updated) {
   for (int64_t first = 0; first <= 1; ++first) {
     if ((features - first + 1) / 2 != updated) continue;
