@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -15,6 +17,31 @@ from .model import NICE
 
 class UsageError(ValueError):
     pass
+
+
+def seed_value(text: str) -> int:
+    """argparse type of ``--seed``: numpy's generator takes seeds in [0, 2**32)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {seed}")
+    return seed
+
+
+def check_image_out(path: str) -> None:
+    """Fail before any work is done when ``--out`` cannot become an image: a format the image library does
+    not know, or a folder that cannot be made."""
+    from PIL import Image
+
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in Image.registered_extensions():
+        raise UsageError(f"--out {path}: not an image file name (use .png, .jpg, ...)")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out {path}: cannot create its folder: {error.strerror}") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -50,5 +77,8 @@ def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except (CheckpointError, DataError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except OSError as error:  # a file that cannot be read or written: a full disk, a missing permission
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 1

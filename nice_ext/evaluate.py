@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .cli_common import UsageError, load_for_inference, pick_device, run_tool
+from .cli_common import UsageError, load_for_inference, pick_device, run_tool, seed_value
 from .train import average_log_likelihood
 
 
@@ -26,7 +26,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--draws", type=int, default=5, help="dequantization draws to average")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-download", action="store_true")
     args = p.parse_args(argv)
     if args.draws < 1:

@@ -14,7 +14,7 @@ import torch
 
 from . import data as data_lib
 from . import plots
-from .cli_common import UsageError, load_for_inference, pick_device, run_tool
+from .cli_common import UsageError, check_image_out, load_for_inference, pick_device, run_tool, seed_value
 
 MASK_NAMES = ("top", "bottom", "left", "right", "random75", "random90")
 
@@ -40,11 +40,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--n", type=int, default=8, help="test images per mask")
     p.add_argument("--steps", type=int, default=1000, help="gradient-ascent steps")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-download", action="store_true")
     args = p.parse_args(argv)
     if args.n < 1 or args.steps < 0:
         raise UsageError(f"--n must be positive and --steps >= 0, got {args.n}, {args.steps}")
+    check_image_out(args.out)
     device = pick_device(args.device)
     model, preprocess, payload = load_for_inference(args.checkpoint, device)
     if preprocess.zca is not None:

@@ -13,7 +13,7 @@ from typing import List, Optional
 import torch
 
 from . import plots
-from .cli_common import UsageError, load_for_inference, pick_device, run_tool
+from .cli_common import UsageError, check_image_out, load_for_inference, pick_device, run_tool, seed_value
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -24,12 +24,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior draws")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     args = p.parse_args(argv)
     if args.n < 1:
         raise UsageError(f"--n must be positive, got {args.n}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    check_image_out(args.out)
     device = pick_device(args.device)
     model, preprocess, _ = load_for_inference(args.checkpoint, device)
     torch.manual_seed(args.seed)

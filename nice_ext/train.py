@@ -3,7 +3,8 @@
 ``--preset paper-mnist`` is the paper's MNIST setup (§5.1): 4 additive couplings, odd/even masks,
 5 x 1000 ReLU, logistic prior, Adam lr 1e-3, betas (0.9, 0.99), eps 1e-4, batch 200, 1500 epochs, best
 model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png,
-metrics.csv, curve.png, spectrum.png. Under ``torchrun --nproc_per_node=N`` it trains with
+metrics.csv, curve.png, spectrum.png; a folder that already holds a run is refused (``--resume`` continues
+it, ``--overwrite`` replaces it). Under ``torchrun --nproc_per_node=N`` it trains with
 DistributedDataParallel (see nice_ext/distributed.py); ``--batch_size`` is then the global batch.
 """
 
@@ -24,7 +25,7 @@ import torch
 
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
-from .cli_common import UsageError, pick_device, run_tool
+from .cli_common import UsageError, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .model import NICE
 
@@ -64,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="runs/nice", help="where checkpoints, figures and metrics go")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 1500 with a preset, else 10)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (last.pt)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its checkpoints, metrics and figures are deleted)")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None)
     p.add_argument("--subset", type=int, default=None, help="train on the first N training images")
     p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
@@ -108,6 +111,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               (args.clip_grad is None or args.clip_grad > 0, f"--clip-grad must be positive, got {args.clip_grad}"),
               (not (args.cuda_graph and (args.compile or args.compile_mode)),
                "--cuda-graph and --compile/--compile-mode are alternatives; choose one"),
+              (args.time_limit is None or args.time_limit > 0, f"--time-limit must be positive, got {args.time_limit}"),
               (args.eval_draws >= 1, f"--eval-draws must be >= 1, got {args.eval_draws}"),
               (args.dataset in data_lib.DATASETS, f"--dataset must be one of {', '.join(data_lib.DATASETS)}, "
                                                    f"got {args.dataset!r}"),
@@ -120,6 +124,36 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if not ok:
             raise UsageError(message)
     return args
+
+
+# What a run writes into --out-dir.
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "samples.png", "curve.png", "spectrum.png")
+
+
+def prepare_out_dir(args: argparse.Namespace, is_main: bool) -> None:
+    """An output folder holds one run. A new run never replaces another run's files unless --overwrite says
+    so; --resume from a checkpoint in --out-dir continues that run in place."""
+    out_dir = args.out_dir
+    existing = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out_dir, name))]
+    continuing = args.resume is not None and os.path.isdir(out_dir) and os.path.samefile(
+        os.path.dirname(os.path.abspath(args.resume)), out_dir)
+    if existing and not continuing:
+        if not args.overwrite:
+            raise UsageError(f"{out_dir} already holds a training run ({', '.join(existing)}): continue it with "
+                             f"--resume {os.path.join(out_dir, 'last.pt')}, replace it with --overwrite, or choose "
+                             f"another --out-dir")
+        if is_main:
+            for name in existing:
+                os.unlink(os.path.join(out_dir, name))
+    if not is_main:
+        return
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"--out-dir {out_dir}: cannot create it: {error.strerror}") from None
+    for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
+        if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
+            os.unlink(os.path.join(out_dir, name))
 
 
 def seed_everything(seed: int) -> None:
@@ -191,6 +225,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None and resume["dataset"] != args.dataset:
         raise CheckpointError(f"{args.resume}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
+    prepare_out_dir(args, ctx.is_main)
 
     splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
     info = splits.info
@@ -242,11 +277,6 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     else:
         train_step = functools.partial(optimizer_step, loss_step, optimizer, parameters, args.clip_grad)
     out_dir = args.out_dir
-    if ctx.is_main:
-        os.makedirs(out_dir, exist_ok=True)
-        for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
-            if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
-                os.unlink(os.path.join(out_dir, name))
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
     def checkpoint(epoch: int) -> Dict[str, object]:
@@ -337,19 +367,21 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     if not ctx.is_main:
         return 0
     if not history:
-        print("nothing to train (--epochs is not above the resumed epoch)")
+        print(f"nothing to train: --epochs {args.epochs}" +
+              (f" is not above the checkpoint's epoch {start_epoch}" if resume is not None else ""))
     write_outputs(epoch)
     if stop_reason:
         print(f"stopped: {stop_reason}")
-    best = load_checkpoint(os.path.join(out_dir, "best.pt")) if os.path.exists(os.path.join(out_dir, "best.pt")) \
-        else checkpoint(epoch)
+    best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
+    best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
+        (checkpoint(epoch), "the final model")
     best_model = model_from_checkpoint(best).to(device).eval()
     draws = [average_log_likelihood(best_model, preprocess, test_pixels, 1000,
                                      torch.Generator(device=device).manual_seed(777 + k))
              for k in range(args.eval_draws)]
     test_ll = float(np.mean(draws))
     bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
-    print(f"test log-likelihood of best.pt (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
+    print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
           f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
           f"trained {train_seconds:.1f} s")
     return 0

@@ -1,6 +1,7 @@
 """The command-line tools end to end on real MNIST with a tiny model: outputs, learning, resume, errors."""
 import csv
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from conftest import ROOT, data_dir
-from nice_ext import train
+from nice_ext import sample, train
+from nice_ext.cli_common import run_tool as run_in_process
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
 TINY = ["--subset", "1000", "--mid-dim", "24", "--hidden", "1", "--batch_size", "100", "--sample_size", "4",
@@ -93,6 +95,39 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     assert result.returncode == 1 and "trained on mnist" in result.stderr
 
 
+def test_a_new_run_never_replaces_another(trained, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    before = {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)}
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", *TINY]) == 2
+    message = capsys.readouterr().err
+    assert "already holds a training run" in message and "--resume" in message and "--overwrite" in message
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
+    # --resume from another folder into this one would mix two runs' files as well
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "4", "--resume",
+                       os.path.join(trained[0], "last.pt"), *TINY]) == 2
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", "--overwrite", *TINY]) == 0
+    assert [r["epoch"] for r in metrics(out)] == ["1"]
+    assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["epoch"] == 1
+    assert "test log-likelihood of best.pt (epoch 1)" in capsys.readouterr().out
+
+
+def test_outputs_that_cannot_be_written_are_one_clear_line(trained, tmp_path, capsys):
+    best = os.path.join(trained[0], "best.pt")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", str(blocker / "run"), *TINY]) == 2
+    assert "cannot create it" in capsys.readouterr().err
+    assert run_in_process(sample.main, [best, "--out", str(tmp_path / "grid.txt"), "--device", "cpu"]) == 2
+    assert "not an image file name" in capsys.readouterr().err
+    assert run_in_process(sample.main, [best, "--out", str(blocker / "grid.png"), "--device", "cpu"]) == 2
+    assert "cannot create its folder" in capsys.readouterr().err
+    (tmp_path / "taken.png").mkdir()  # a folder where the image should go: the write itself fails
+    assert run_in_process(sample.main, [best, "--out", str(tmp_path / "taken.png"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "taken.png" in err and len(err.strip().splitlines()) == 1
+
+
 def test_compiled_training_matches_eager(tmp_path):
     eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
     assert train.main(["--data-dir", data_dir(), "--out-dir", eager, "--epochs", "1", *TINY]) == 0
@@ -135,6 +170,8 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--dataset", "imagenet"], "--dataset must be one of"),
     (["--sample_size", "-3"], "--sample_size must be >= 0"),
     (["--cuda-graph", "--compile"], "--cuda-graph and --compile/--compile-mode are alternatives"),
+    (["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
+    (["--time-limit", "0"], "--time-limit must be positive"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)
