@@ -145,11 +145,17 @@ class NICE(nn.Module):
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
+        try:
+            low, high = (float(v) for v in data_range)
+        except (TypeError, ValueError):
+            raise TypeError(f"data_range must be a pair of numbers (low, high), got {data_range!r}") from None
+        if not (math.isfinite(low) and math.isfinite(high) and low < high):
+            raise ValueError(f"data_range must be finite with low < high, got {data_range!r}")
         self.data_dim = data_dim
         self.prior = prior
         self.coupling = coupling
         self.image_shape = tuple(int(s) for s in image_shape) if image_shape is not None else None
-        self.data_range = (float(data_range[0]), float(data_range[1]))
+        self.data_range = (low, high)
         self.fused = fused
         masks = _build_masks(data_dim, num_coupling_layers, mask, image_shape)
         self.layers = nn.ModuleList(

@@ -77,6 +77,10 @@ def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = F
     mask = check_mask(mask, x.shape[1])
     if next_mask is not None:
         next_mask = check_mask(next_mask, x.shape[1], name="next_mask")
+    updated = int(mask.numel() - mask.sum())
+    if not isinstance(shift, Tensor) or tuple(shift.shape) != (x.shape[0], updated):
+        raise ValueError(f"shift must have shape ({x.shape[0]}, {updated}): one column per updated feature of each "
+                         f"row of x, got {tuple(getattr(shift, 'shape', ())) or type(shift).__name__}")
     shift_col, gather_index = coupling_maps(mask, next_mask)
     y, gathered = coupling_update_indexed(x, shift, shift_col.to(x.device), gather_index.to(x.device), inverse)
     return (y, gathered) if next_mask is not None else y

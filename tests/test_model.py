@@ -156,6 +156,9 @@ def test_inpainting_raises_the_likelihood():
     (dict(data_dim=10, mask=torch.zeros(10)), TypeError, "bool"),
     (dict(data_dim=10.0), TypeError, "data_dim must be an int"),
     (dict(data_dim=10, num_coupling_layers=0), ValueError, "num_coupling_layers"),
+    (dict(data_dim=10, data_range=(1.0, 0.0)), ValueError, "low < high"),
+    (dict(data_dim=10, data_range=(0.0, float("inf"))), ValueError, "finite"),
+    (dict(data_dim=10, data_range=1.0), TypeError, "pair of numbers"),
 ])
 def test_bad_constructor_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

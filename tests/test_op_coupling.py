@@ -164,6 +164,8 @@ def test_bad_inputs_raise_clear_errors(device):
         ops.coupling_update(x, shift, torch.ones(10, dtype=torch.bool))
     with pytest.raises(TypeError, match="bool"):
         ops.coupling_update(x, shift, mask.float())
+    with pytest.raises(ValueError, match=r"shift must have shape \(4, 5\): one column per updated feature"):
+        ops.coupling_update(x, shift[:, :4], mask)
     if device == "cpu":
         bad_col = shift_col.clone()
         bad_col[1] = bad_col[3]  # two features onto one shift column
