@@ -94,6 +94,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if preset_args.preset:
         parser.set_defaults(**PRESETS[preset_args.preset])
     args = parser.parse_args(argv)
+    # What the command line (or the preset) sets, as opposed to defaults: a resumed run takes everything
+    # else from its checkpoint (see inherit_settings).
+    given = build_parser()
+    for action in given._actions:
+        action.default = argparse.SUPPRESS
+    args.explicit = sorted(set(vars(given.parse_args(argv))) | set(PRESETS.get(args.preset, {})))
     if args.epochs is None:
         args.epochs = 10
     checks = [(args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}"),
@@ -124,6 +130,55 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         if not ok:
             raise UsageError(message)
     return args
+
+
+# Flags that say where and how one invocation runs, never taken from the checkpoint by --resume.
+# The output folder is not inherited either: a resumed run continues in the checkpoint's own folder
+# (wherever the run was moved or copied) unless --out-dir says otherwise.
+NOT_INHERITED = ("resume", "overwrite", "device", "compile", "compile_mode", "cuda_graph", "time_limit", "no_download",
+                 "out_dir", "explicit")
+# Architecture flags and the model-config entries they set: a resumed run cannot change them.
+ARCHITECTURE = {"coupling": "num_coupling_layers", "hidden": "num_hidden_layers", "mid_dim": "hidden_dim",
+                "latent": "prior", "coup_type": "coupling", "mask": "mask"}
+
+
+def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: str) -> List[str]:
+    """``--resume`` continues a run as it was: each setting not given on this command line comes from the
+    checkpoint (its epochs, batch size, subset, learning rate, ...); a given one wins. The dataset and
+    the architecture cannot change, since the weights and preprocessing fit only them. Returns the
+    settings this command line changes."""
+    options = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
+    if "dataset" in args.explicit and args.dataset != resume["dataset"]:
+        raise CheckpointError(f"{path}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
+    for dest, key in ARCHITECTURE.items():
+        stored = resume["model_config"][key]
+        if dest in args.explicit and getattr(args, dest) != stored:
+            raise UsageError(f"{options[dest]} {getattr(args, dest)} differs from {path}'s {stored}: a resumed run "
+                             f"keeps its architecture")
+    changed = []
+    for dest, value in dict(resume.get("args", {})).items():
+        if dest in NOT_INHERITED or not hasattr(args, dest):
+            continue
+        if dest not in args.explicit:
+            setattr(args, dest, value)
+        elif getattr(args, dest) != value and dest in options:
+            changed.append(f"{options[dest]} {getattr(args, dest)} (was {value})")
+    args.dataset = resume["dataset"]
+    if "out_dir" not in args.explicit:
+        args.out_dir = os.path.dirname(os.path.abspath(path))
+    return changed
+
+
+def resume_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object], args: argparse.Namespace) -> None:
+    """Load Adam's moments and step counts with this run's hyperparameters (a learning rate given with
+    --resume must take effect) and this device's implementation flags (a checkpoint written on a GPU with
+    fused or capturable Adam resumes on a CPU, and the other way round)."""
+    state = dict(state)
+    implementation = {key: optimizer.defaults[key] for key in ("fused", "capturable", "foreach")
+                      if key in optimizer.defaults}
+    state["param_groups"] = [dict(group, lr=args.lr, betas=(args.momentum, args.decay), eps=args.eps,
+                                  **implementation) for group in state["param_groups"]]
+    optimizer.load_state_dict(state)
 
 
 # What a run writes into --out-dir.
@@ -215,17 +270,19 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        changed = inherit_settings(args, resume, args.resume)
+        if ctx.is_main:
+            print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
+                  + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
+    prepare_out_dir(args, ctx.is_main)
     device = ctx.device if ctx.enabled else pick_device(args.device)
     seed_everything(args.seed)
     if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None and resume["dataset"] != args.dataset:
-        raise CheckpointError(f"{args.resume}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
-    prepare_out_dir(args, ctx.is_main)
 
     splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
     info = splits.info
@@ -252,7 +309,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     optimizer = torch.optim.Adam(model.parameters(), **adam_kwargs)
     start_epoch, step, best_valid, history = 0, 0, -math.inf, []
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer_state"])
+        resume_optimizer(optimizer, resume["optimizer_state"], args)
         start_epoch, step = resume["epoch"], resume["step"]
         best_valid, history = resume["best_valid"], resume["history"]
         set_rng_state(resume["rng_state"], generator)
@@ -368,7 +425,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         return 0
     if not history:
         print(f"nothing to train: --epochs {args.epochs}" +
-              (f" is not above the checkpoint's epoch {start_epoch}" if resume is not None else ""))
+              (f" is not above the checkpoint's epoch {start_epoch} (a larger --epochs goes on)"
+               if resume is not None else ""))
     write_outputs(epoch)
     if stop_reason:
         print(f"stopped: {stop_reason}")

@@ -70,11 +70,42 @@ def test_resume_continues_exactly(tmp_path):
     assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "1", *TINY]) == 0
     resumed = torch.load(os.path.join(split, "last.pt"), weights_only=True)
     assert resumed["epoch"] == 1 and resumed["step"] == 10 and resumed["optimizer_state"]["state"]
-    assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "2", "--resume",
-                       os.path.join(split, "last.pt"), *TINY]) == 0
+    # Only the new target is given: the folder, data, architecture and optimizer settings come with the run.
+    assert train.main(["--resume", os.path.join(split, "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
     a, b = metrics(straight), metrics(split)
     assert [r["epoch"] for r in b] == ["1", "2"]
     assert a[1]["train_ll_nats"] == b[1]["train_ll_nats"] and a[1]["valid_ll_nats"] == b[1]["valid_ll_nats"]
+
+
+def test_resume_applies_new_settings_and_keeps_the_architecture(trained, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    shutil.copytree(trained[0], out)
+    last = os.path.join(out, "last.pt")
+    assert train.main(["--resume", last, "--mid-dim", "50", "--device", "cpu"]) == 2
+    assert "--mid-dim 50 differs from" in capsys.readouterr().err
+    assert train.main(["--resume", last, "--epochs", "4", "--lr", "1e-4", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "--epochs 4 (was 3)" in printed and "--lr 0.0001 (was 0.003)" in printed
+    payload = torch.load(last, weights_only=True)
+    assert payload["epoch"] == 4 and payload["args"]["subset"] == 1000 and payload["args"]["mid_dim"] == 24
+    assert payload["optimizer_state"]["param_groups"][0]["lr"] == 1e-4
+
+
+def test_resume_adopts_this_devices_adam_flags():
+    """Adam state written with fused / capturable flags (as on a GPU) loads on any device with this run's."""
+    model = torch.nn.Linear(3, 2)
+    written = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 3)).sum().backward()
+    written.step()
+    state = written.state_dict()
+    state["param_groups"][0].update(fused=True, capturable=True)
+    args = train.parse_args(["--lr", "2e-3"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    train.resume_optimizer(optimizer, state, args)
+    group = optimizer.param_groups[0]
+    assert (group["fused"], group["capturable"], group["lr"]) == (None, False, 2e-3)
+    assert state["param_groups"][0]["capturable"]  # the checkpoint's own state is left as it was
+    optimizer.step()
 
 
 def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
