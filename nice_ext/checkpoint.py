@@ -1,19 +1,18 @@
 """Checkpoints that are never left half-written and are checked before use.
 
-A checkpoint is written to a temporary file in the same folder, flushed and fsync'ed, then renamed over
-the target (an atomic step on POSIX), and the folder is fsync'ed too: a crash at any moment leaves either
-the old file or the new one. Loading checks that the file is ours, of a known format version, and holds
+A checkpoint is written atomically (``files.atomic_file``): a crash at any moment leaves either the old
+file or the new one. Loading checks that the file is ours, of a known format version, and holds
 every field the tools need; any problem becomes a ``CheckpointError`` naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, Optional
 
 import torch
 
+from .files import atomic_file
 from .model import NICE
 
 FORMAT = "nice_ext.checkpoint"
@@ -26,24 +25,8 @@ class CheckpointError(RuntimeError):
 
 
 def save_atomic(payload: Dict[str, Any], path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def make_checkpoint(model: NICE, dataset: str, preprocess_state: Dict[str, Any], **extra: Any) -> Dict[str, Any]:

@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import torch
 from torchvision.utils import save_image
 
+from .files import atomic_file
 from .model import NICE
 
 
@@ -30,9 +31,22 @@ def to_images(x: torch.Tensor, model: NICE, preprocess=None) -> torch.Tensor:
     return ((x.float() - low) / (high - low)).clamp(0, 1).reshape(-1, *shape).cpu()
 
 
+def image_format(path: str) -> str:
+    """The image format a file name asks for (``grid.png`` -> ``PNG``), as the image library names it."""
+    from PIL import Image
+
+    return Image.registered_extensions().get(os.path.splitext(path)[1].lower(), "PNG")
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: Optional[int] = None) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_image(images, path, nrow=nrow or max(1, int(math.sqrt(images.shape[0]))), padding=2, pad_value=0.5)
+    with atomic_file(path) as f:
+        save_image(images, f, format=image_format(path), nrow=nrow or max(1, int(math.sqrt(images.shape[0]))),
+                   padding=2, pad_value=0.5)
+
+
+def save_figure(fig, path: str) -> None:
+    with atomic_file(path) as f:
+        fig.savefig(f, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=120)
 
 
 @torch.no_grad()
@@ -54,7 +68,7 @@ def training_curve(history: List[Dict[str, float]], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -71,5 +85,5 @@ def scaling_spectrum(model: NICE, path: str) -> None:
     ax.set_title("learned scaling spectrum")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
     plt.close(fig)

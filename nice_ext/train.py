@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import csv
 import functools
+import io
 import math
 import os
 import random
@@ -27,6 +28,7 @@ from . import data as data_lib
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
 from .cli_common import UsageError, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
+from .files import atomic_file, stale_temporaries
 from .model import NICE
 
 # Paper §5.1: Adam (lr 1e-3, betas (0.9, 0.99), eps 1e-4), four additive couplings, logistic prior, best
@@ -206,9 +208,8 @@ def prepare_out_dir(args: argparse.Namespace, is_main: bool) -> None:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--out-dir {out_dir}: cannot create it: {error.strerror}") from None
-    for name in os.listdir(out_dir):  # temporary files of writes that a crash interrupted
-        if name.startswith((".tmp-last.pt-", ".tmp-best.pt-")):
-            os.unlink(os.path.join(out_dir, name))
+    for path in stale_temporaries(out_dir, RUN_OUTPUTS):  # left by writes that a crash interrupted
+        os.unlink(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -343,11 +344,12 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
 
     def write_outputs(epoch: int) -> None:
         save_atomic(checkpoint(epoch), os.path.join(out_dir, "last.pt"))
-        with open(metrics_path + ".tmp", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(history[0].keys()) if history else ["epoch"])
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(metrics_path + ".tmp", metrics_path)
+        table = io.StringIO()
+        writer = csv.DictWriter(table, fieldnames=list(history[0].keys()) if history else ["epoch"])
+        writer.writeheader()
+        writer.writerows(history)
+        with atomic_file(metrics_path) as f:
+            f.write(table.getvalue().encode())
         if args.sample_size > 0:
             plots.sample_grid(model, args.sample_size, os.path.join(out_dir, "samples.png"), preprocess)
         if history:

@@ -1,4 +1,5 @@
-"""Training that survives: the NaN/Inf guard, whitened datasets end to end, and SIGKILL at random moments."""
+"""Training that survives: the NaN/Inf guard, whitened datasets end to end, atomic writes, and SIGKILL at
+random moments."""
 import os
 import random
 import signal
@@ -8,11 +9,13 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import ROOT, data_dir
 from nice_ext import NICE, train
 from nice_ext import data as data_lib
 from nice_ext.checkpoint import load_checkpoint, model_from_checkpoint
+from nice_ext.files import atomic_file, stale_temporaries
 
 TINY = ["--mid-dim", "16", "--hidden", "1", "--batch_size", "50", "--sample_size", "4", "--eval-draws", "1",
         "--device", "cpu", "--no-download"]
@@ -71,6 +74,23 @@ def test_whitened_dataset_end_to_end(fake_dataset, tmp_path):
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
 
 
+def test_an_interrupted_write_leaves_the_old_file(tmp_path):
+    target = tmp_path / "samples.png"
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        with atomic_file(str(target)) as f:
+            f.write(b"half of the new")
+            raise RuntimeError("interrupted")
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["samples.png"]
+    with atomic_file(str(target)) as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["samples.png"]
+    # A SIGKILL skips the clean-up: the next run finds the temporary file (and train removes it).
+    (tmp_path / ".tmp-curve.png-x1y2").write_bytes(b"half")
+    (tmp_path / ".tmp-notes.txt-x1y2").write_bytes(b"not ours")
+    assert stale_temporaries(str(tmp_path), list(train.RUN_OUTPUTS)) == [str(tmp_path / ".tmp-curve.png-x1y2")]
+
+
 @pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
 def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path):
     out = str(tmp_path / "run")
@@ -93,6 +113,9 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path):
             if name.endswith(".pt") and not name.startswith(".tmp-"):  # a killed write leaves only a temp file
                 payload = load_checkpoint(os.path.join(out, name))  # raises if truncated or corrupt
                 model_from_checkpoint(payload)
+            if name.endswith(".png") and not name.startswith(".tmp-"):  # figures are written atomically too
+                with Image.open(os.path.join(out, name)) as image:
+                    image.verify()
     assert os.path.exists(os.path.join(out, "last.pt")), "no checkpoint was ever completed"
     before = load_checkpoint(os.path.join(out, "last.pt"))["epoch"]
     result = subprocess.run(args[:-len(TINY) - 2] + ["--epochs", str(before + 1), *TINY, "--resume",
