@@ -134,7 +134,14 @@ def train_step_variants(device, batch, quick, min_run_time):
         graphed = "graphed" in variant
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4,
                                      fused=device.type == "cuda", capturable=graphed)
-        loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
+        if "bf16" in variant:  # the coupling networks under bf16 autocast; the likelihood sums stay float32
+            autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed)
+
+            def loss_fn(x):
+                with autocast:
+                    return -model.log_prob(x).float().mean()
+        else:
+            loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
         if "compiled" in variant:
             loss_fn = torch.compile(loss_fn)
         if graphed:  # forward, backward and Adam replayed as one CUDA graph
@@ -148,13 +155,15 @@ def train_step_variants(device, batch, quick, min_run_time):
 
         return step
 
-    # Ablation: seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 -> one CUDA graph.
-    variants = ["seed-masked-eager", "reference-eager", "fused-eager"]
+    # Ablation: seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or bf16 -> one CUDA graph.
+    variants = ["seed-masked-eager", "reference-eager", "fused-eager", "fused-eager-bf16"]
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
-                     "fused-graphed", "fused-graphed-tf32"]
+                     "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16"]
     elif not quick:
         variants += ["fused-compiled"]
+    # A CPU step takes a few hundred ms: time several, so that p20 and p80 mean something.
+    step_run_time = max(min_run_time, 2.0) if device.type == "cpu" else min_run_time
     for variant in variants:
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
         step = make(variant)
@@ -163,7 +172,7 @@ def train_step_variants(device, batch, quick, min_run_time):
         if device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        median, p20, p80 = timeit(step, min_run_time)
+        median, p20, p80 = timeit(step, step_run_time)
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
         rows.append(dict(variant=variant, batch=batch, ms_per_step=median, p20_ms=p20, p80_ms=p80,
                          samples_per_s=batch / (median * 1e-3), peak_mem_mb=peak))
