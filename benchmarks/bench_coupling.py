@@ -31,7 +31,9 @@ from nice_ext.seed_model import SeedMaskedNICE  # noqa: E402
 
 
 def timeit(fn, min_run_time):
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time)
+    # Timer runs single-threaded unless told otherwise; time with the threads a user's program gets.
+    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()).blocked_autorange(
+        min_run_time=min_run_time)
     times = np.array(m.times) * 1e3
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
@@ -183,7 +185,8 @@ def train_step_variants(device, batch, quick, min_run_time):
 
 def markdown(result):
     lines = [f"# nice_ext benchmark: {result['device']}", "",
-             f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}  ",
+             f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}, "
+             f"{result.get('cpu_threads', 1)} CPU threads  ",
              f"command: `{result['command']}`  ", f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
              "| op | pass | dtype | batch | dim | fused ms | reference ms | compiled ms | fused GB/s | % of copy "
              "| vs reference | vs compiled |", "|" + "---|" * 12]
@@ -250,7 +253,7 @@ def main():
     commit = commit or os.environ.get("NICE_EXT_COMMIT", "unknown")  # a copy of the tree without .git
     started = time.time()
     result = dict(device=device_name, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
-                  date=datetime.date.today().isoformat(),
+                  date=datetime.date.today().isoformat(), cpu_threads=torch.get_num_threads(),
                   command="python benchmarks/bench_coupling.py " + " ".join(sys.argv[1:]),
                   copy_gbps=copy_bandwidth(device, min_run_time))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
