@@ -38,8 +38,14 @@ def timeit(fn, min_run_time):
     return float(np.median(times)), float(np.percentile(times, 20)), float(np.percentile(times, 80))
 
 
-def copy_bandwidth(device, min_run_time):
-    n = (256 if device.type == "cuda" else 32) * 2**20 // 4
+def op_sizes(quick):
+    """(batch, dim) of the per-op entries."""
+    return [(256, 784), (4096, 784)] if quick else [(b, d) for b in (256, 4096, 65536) for d in (784, 3072)]
+
+
+def copy_bandwidth(device, min_run_time, n):
+    """GB/s (read + write) of a float32 copy of n elements: the size of the largest op's input, so that the
+    ops and the copy meet the same level of the memory hierarchy (on a CPU, 12.8 MB may sit in cache)."""
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     median, _, _ = timeit(lambda: dst.copy_(src), min_run_time)
@@ -70,7 +76,7 @@ def op_cases(op, batch, dim, dtype, device):
 
 def bench_ops(device, quick, dtypes, min_run_time):
     rows = []
-    sizes = [(256, 784), (4096, 784)] if quick else [(b, d) for b in (256, 4096, 65536) for d in (784, 3072)]
+    sizes = op_sizes(quick)
     for op in ("coupling", "scale_prior"):
         for dtype in dtypes:
             for batch, dim in sizes:
@@ -255,7 +261,7 @@ def main():
     result = dict(device=device_name, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
                   date=datetime.date.today().isoformat(), cpu_threads=torch.get_num_threads(),
                   command="python benchmarks/bench_coupling.py " + " ".join(sys.argv[1:]),
-                  copy_gbps=copy_bandwidth(device, min_run_time))
+                  copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
     result["train_step"] = [] if args.no_train_step else [
         row for batch in ((200,) if args.quick else (200, 2048))
