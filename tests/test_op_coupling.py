@@ -10,6 +10,10 @@ from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
+MASK_KINDS = ["odd-even", "even-odd", "odd-even-same-next", "odd-even-last", "odd-even-prefix-next",
+              "odd-even-random-next", "random"]
+
+
 def random_mask(d, generator):
     while True:
         mask = torch.rand(d, generator=generator) < 0.4
@@ -19,12 +23,20 @@ def random_mask(d, generator):
 
 def make_case(batch, features, mask_kind, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    # odd-even and even-odd (both parities) take the CPU kernels' stride-2 path; a random next mask, or a
-    # random mask, the general one.
+    # The CPU kernels take their stride-2 path for odd/even masks whose next layer keeps the other parity
+    # (odd-even, even-odd), the same parity (odd-even-same-next) or is absent (odd-even-last); a next
+    # mask that keeps only a prefix of one parity, a random next mask or a random mask take the general one.
     if mask_kind == "odd-even":
         mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, False)
     elif mask_kind == "even-odd":
         mask, next_mask = odd_even_mask(features, False), odd_even_mask(features, True)
+    elif mask_kind == "odd-even-same-next":
+        mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, True)
+    elif mask_kind == "odd-even-last":
+        mask, next_mask = odd_even_mask(features, True), None
+    elif mask_kind == "odd-even-prefix-next":
+        mask, next_mask = odd_even_mask(features, True), (torch.arange(features) % 2 == 0) & (
+            torch.arange(features) <= features // 2)
     elif mask_kind == "odd-even-random-next":
         mask, next_mask = odd_even_mask(features, True), random_mask(features, g)
     else:
@@ -40,7 +52,7 @@ def make_case(batch, features, mask_kind, device, dtype, seed=0):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("batch", [1, 3, 257])
 @pytest.mark.parametrize("features", [2, 3, 784, 3072])
-@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "odd-even-random-next", "random"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_matches_reference_on_sliced_inputs(device, batch, features, mask_kind, inverse):
     x, shift, shift_col, gather_index, x64, shift64 = make_case(batch, features, mask_kind, device, torch.float32)
@@ -56,7 +68,7 @@ def test_matches_reference_on_sliced_inputs(device, batch, features, mask_kind, 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("mask_kind", ["odd-even", "random"])
+@pytest.mark.parametrize("mask_kind", ["odd-even", "odd-even-last", "random"])
 def test_dtypes_with_wide_accumulation(device, dtype, mask_kind):
     x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, mask_kind, device, dtype)
     y, gathered = ops.coupling_update_indexed(x, shift, shift_col, gather_index)
@@ -67,7 +79,7 @@ def test_dtypes_with_wide_accumulation(device, dtype, mask_kind):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "random"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
 @pytest.mark.parametrize("inverse", [False, True])
 def test_gradcheck_float64(device, mask_kind, inverse):
     x, shift, shift_col, gather_index, _, _ = make_case(3, 11, mask_kind, device, torch.float64)
@@ -78,7 +90,7 @@ def test_gradcheck_float64(device, mask_kind, inverse):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mask_kind", ["odd-even", "even-odd", "odd-even-random-next", "random"])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
 def test_gradients_match_reference(device, mask_kind):
     x, shift, shift_col, gather_index, x64, shift64 = make_case(257, 784, mask_kind, device, torch.float32)
     gy, gg = torch.randn_like(x), torch.randn(x.shape[0], gather_index.numel(), device=device)

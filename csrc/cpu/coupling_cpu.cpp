@@ -5,9 +5,11 @@
 #include <ATen/OpMathType.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "nice_ext.h"
+#include "vector_math.h"
 
 namespace nice_ext {
 namespace {
@@ -44,9 +46,10 @@ void check_gather_index_cpu(const at::Tensor& gather_index, int64_t features) {
 }
 
 // The paper's odd/even masks make both index maps stride-2 progressions: the updated features are
-// first, first + 2, ... (shift column k is feature first + 2k), and the gathered ones start + 2g. Rows
-// then need no index loads, and the compiler vectorises the stride-2 loops with shuffles (2.5-3x faster
-// than the general loops, benchmarks/NOTES.md). Returns `first` (0 or 1), or -1 for any other mask.
+// first, first + 2, ... (shift column k is feature first + 2k), and the next layer's kept features
+// start, start + 2, ... Rows then need no index loads: each pair of features (2p, 2p + 1) is one step
+// of a loop that the compiler vectorises with shuffles (benchmarks/NOTES.md). Returns `first` (0 or 1),
+// or -1 for any other mask.
 int64_t stride2_first_updated(const int32_t* col, int64_t features, int64_t updated) {
   for (int64_t first = 0; first <= 1; ++first) {
     if ((features - first + 1) / 2 != updated) continue;
@@ -58,14 +61,80 @@ int64_t stride2_first_updated(const int32_t* col, int64_t features, int64_t upda
   return -1;
 }
 
-// gather_index = start, start + 2, ...: returns start (0 or 1, or 0 when nothing is gathered), else -1.
-int64_t stride2_first_gathered(const int32_t* gidx, int64_t gathered_n) {
+// gather_index = start, start + 2, ... over every feature of that parity: returns start (0 or 1, or 0
+// when nothing is gathered), else -1.
+int64_t stride2_first_gathered(const int32_t* gidx, int64_t gathered_n, int64_t features) {
   if (gathered_n == 0) return 0;
   const int64_t start = gidx[0];
-  if (start != 0 && start != 1) return -1;
+  if ((start != 0 && start != 1) || gathered_n != (features - start + 1) / 2) return -1;
   for (int64_t g = 0; g < gathered_n; ++g)
     if (gidx[g] != start + 2 * g) return -1;
   return start;
+}
+
+// The stride-2 case of a call, as compile-time flags, so that the row loops below have no branches.
+struct OddEven {
+  int64_t first;  // the first updated feature (0 or 1)
+  int64_t start;  // the first gathered feature (0 or 1)
+  bool gather;    // whether the next layer's input is written
+};
+
+template <typename F>
+void dispatch_odd_even(const OddEven& m, F&& f) {
+  auto with_start = [&](auto first) {
+    if (!m.gather) return f(first, std::integral_constant<int, 0>(), std::false_type());
+    if (m.start == 0) return f(first, std::integral_constant<int, 0>(), std::true_type());
+    return f(first, std::integral_constant<int, 1>(), std::true_type());
+  };
+  if (m.first == 0) return with_start(std::integral_constant<int, 0>());
+  return with_start(std::integral_constant<int, 1>());
+}
+
+// Forward of one row for odd/even masks: in the pair (2p, 2p + 1) the feature of parity kFirst gets
+// shift[p], and the one of parity kStart goes to gathered[p]. With an odd D, feature D - 1 (even) has no
+// partner and is done after the loop.
+template <int kFirst, int kStart, bool kGather, typename scalar_t, typename opmath_t>
+NICE_EXT_CPU_CLONES void coupling_row_odd_even(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ sr,
+                                               scalar_t* __restrict__ yr, scalar_t* __restrict__ gr,
+                                               int64_t features, opmath_t sign) {
+  const int64_t pairs = features / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    scalar_t even = xr[2 * p], odd = xr[2 * p + 1];
+    if (kFirst == 0) even = static_cast<scalar_t>(opmath_t(even) + sign * opmath_t(sr[p]));
+    else odd = static_cast<scalar_t>(opmath_t(odd) + sign * opmath_t(sr[p]));
+    yr[2 * p] = even;
+    yr[2 * p + 1] = odd;
+    if (kGather) gr[p] = kStart == 0 ? even : odd;
+  }
+  if (features % 2 == 1) {
+    scalar_t last = xr[features - 1];
+    if (kFirst == 0) last = static_cast<scalar_t>(opmath_t(last) + sign * opmath_t(sr[pairs]));
+    yr[features - 1] = last;
+    if (kGather && kStart == 0) gr[pairs] = last;
+  }
+}
+
+// Backward of one row for odd/even masks: grad_x = grad_y plus, on the gathered features, grad_gathered;
+// grad_shift[p] = sign * grad_x of the updated feature of pair p.
+template <int kFirst, int kStart, bool kGather, typename scalar_t, typename opmath_t>
+NICE_EXT_CPU_CLONES void coupling_backward_row_odd_even(const scalar_t* __restrict__ gyr,
+                                                        const scalar_t* __restrict__ ggr, scalar_t* __restrict__ gxr,
+                                                        scalar_t* __restrict__ gsr, int64_t features, opmath_t sign) {
+  const int64_t pairs = features / 2;
+  for (int64_t p = 0; p < pairs; ++p) {
+    scalar_t even = gyr[2 * p], odd = gyr[2 * p + 1];
+    if (kGather && kStart == 0) even = static_cast<scalar_t>(opmath_t(even) + opmath_t(ggr[p]));
+    if (kGather && kStart == 1) odd = static_cast<scalar_t>(opmath_t(odd) + opmath_t(ggr[p]));
+    gxr[2 * p] = even;
+    gxr[2 * p + 1] = odd;
+    gsr[p] = static_cast<scalar_t>(sign * opmath_t(kFirst == 0 ? even : odd));
+  }
+  if (features % 2 == 1) {
+    scalar_t last = gyr[features - 1];
+    if (kGather && kStart == 0) last = static_cast<scalar_t>(opmath_t(last) + opmath_t(ggr[pairs]));
+    gxr[features - 1] = last;
+    if (kFirst == 0) gsr[pairs] = static_cast<scalar_t>(sign * opmath_t(last));
+  }
 }
 
 }  // namespace
@@ -86,20 +155,22 @@ void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, co
     scalar_t* g_ptr = gathered.mutable_data_ptr<scalar_t>();
     const int64_t x_rs = x.stride(0), s_rs = shift.stride(0);
     const int64_t first = stride2_first_updated(col, features, updated);
-    const int64_t start = stride2_first_gathered(gidx, gathered_n);
+    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
+    if (first >= 0 && start >= 0) {  // odd/even masks
+      dispatch_odd_even({first, start, gathered_n > 0}, [&](auto kFirst, auto kStart, auto kGather) {
+        at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            coupling_row_odd_even<kFirst, kStart, kGather>(x_ptr + b * x_rs, shift_ptr + b * s_rs,
+                                                           y_ptr + b * features, g_ptr + b * gathered_n, features, sign);
+        });
+      });
+      return;
+    }
     at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* xr = x_ptr + b * x_rs;
         const scalar_t* sr = shift_ptr + b * s_rs;
         scalar_t* yr = y_ptr + b * features;
-        if (first >= 0 && start >= 0) {  // odd/even masks
-          std::copy(xr, xr + features, yr);
-          for (int64_t k = 0; k < updated; ++k)
-            yr[first + 2 * k] = static_cast<scalar_t>(opmath_t(xr[first + 2 * k]) + sign * opmath_t(sr[k]));
-          scalar_t* gr = g_ptr + b * gathered_n;
-          for (int64_t g = 0; g < gathered_n; ++g) gr[g] = yr[start + 2 * g];
-          continue;
-        }
         for (int64_t j = 0; j < features; ++j) {
           const int32_t c = col[j];
           yr[j] = c < 0 ? xr[j] : static_cast<scalar_t>(opmath_t(xr[j]) + sign * opmath_t(sr[c]));
@@ -130,20 +201,23 @@ void coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Ten
     scalar_t* gs_ptr = grad_shift.mutable_data_ptr<scalar_t>();
     const int64_t gy_rs = grad_y.stride(0), gg_rs = has_gathered ? grad_gathered.stride(0) : 0;
     const int64_t first = stride2_first_updated(col, features, updated);
-    const int64_t start = stride2_first_gathered(gidx, gathered_n);
+    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
+    if (first >= 0 && start >= 0) {  // odd/even masks
+      dispatch_odd_even({first, start, gathered_n > 0}, [&](auto kFirst, auto kStart, auto kGather) {
+        at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+          for (int64_t b = begin; b < end; ++b)
+            coupling_backward_row_odd_even<kFirst, kStart, kGather>(
+                gy_ptr + b * gy_rs, kGather ? gg_ptr + b * gg_rs : nullptr, gx_ptr + b * features,
+                gs_ptr + b * updated, features, sign);
+        });
+      });
+      return;
+    }
     at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
         const scalar_t* gyr = gy_ptr + b * gy_rs;
         scalar_t* gxr = gx_ptr + b * features;
         scalar_t* gsr = gs_ptr + b * updated;
-        if (first >= 0 && start >= 0) {  // odd/even masks: the same three steps with stride-2 indices
-          std::copy(gyr, gyr + features, gxr);
-          const scalar_t* ggr = gg_ptr + b * gg_rs;
-          for (int64_t g = 0; g < gathered_n; ++g)
-            gxr[start + 2 * g] = static_cast<scalar_t>(opmath_t(gxr[start + 2 * g]) + opmath_t(ggr[g]));
-          for (int64_t k = 0; k < updated; ++k) gsr[k] = static_cast<scalar_t>(sign * opmath_t(gxr[first + 2 * k]));
-          continue;
-        }
         for (int64_t j = 0; j < features; ++j) gxr[j] = gyr[j];
         // y[j] also went to the next layer as gathered[g]: its gradient adds up here.
         for (int64_t g = 0; g < gathered_n; ++g) {
