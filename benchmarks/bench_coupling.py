@@ -220,6 +220,7 @@ def plot(result, path):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     entries = [r for r in result["ops"] if r["pass"] == "fwd+bwd" and r["dtype"] == "float32"]
     panels = sorted({(r["op"], r["dim"]) for r in entries})
@@ -229,6 +230,12 @@ def plot(result, path):
         for impl in ("fused", "reference", "compiled"):
             ax.plot([r["batch"] for r in rs], [r[f"{impl}_ms"] for r in rs], marker="o", label=impl)
         ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="ms (fwd+bwd)", title=f"{op}, D={dim}, float32")
+        # plain labels: the measured batches, and 1-2-5 steps in ms (log-axis minor labels collide)
+        ax.set_xticks([r["batch"] for r in rs], [str(r["batch"]) for r in rs])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(result["device"])
