@@ -92,18 +92,19 @@ def test_resume_applies_new_settings_and_keeps_the_architecture(trained, tmp_pat
 
 
 def test_resume_adopts_this_devices_adam_flags():
-    """Adam state written with fused / capturable flags (as on a GPU) loads on any device with this run's."""
+    """Adam state written with other implementation flags (capturable, as with --cuda-graph; the per-tensor
+    loop, as before Adam was fused everywhere) loads on any device with this run's."""
     model = torch.nn.Linear(3, 2)
     written = torch.optim.Adam(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     written.step()
     state = written.state_dict()
-    state["param_groups"][0].update(fused=True, capturable=True)
+    state["param_groups"][0].update(fused=None, foreach=None, capturable=True)
     args = train.parse_args(["--lr", "2e-3"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    optimizer = train.make_optimizer(model.parameters(), args)
     train.resume_optimizer(optimizer, state, args)
     group = optimizer.param_groups[0]
-    assert (group["fused"], group["capturable"], group["lr"]) == (None, False, 2e-3)
+    assert (group["fused"], group["capturable"], group["lr"]) == (True, False, 2e-3)
     assert state["param_groups"][0]["capturable"]  # the checkpoint's own state is left as it was
     optimizer.step()
 

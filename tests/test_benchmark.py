@@ -1,0 +1,35 @@
+"""The benchmark runs end to end (a short --quick run on the CPU) and writes the results other tools read."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+OP_KEYS = {"op", "pass", "dtype", "batch", "dim", "fused_ms", "reference_ms", "compiled_ms", "fused_gbps"}
+STEP_KEYS = {"variant", "batch", "ms_per_step", "samples_per_s", "peak_mem_mb"}
+
+
+def test_quick_cpu_benchmark_writes_its_results(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/bench_coupling.py", "--device", "cpu", "--quick",
+                             "--min-run-time", "0.01", "--out", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "CPU_{}_cores.json".format(os.cpu_count())) as f:
+        written = json.load(f)
+    for key in ("device", "torch", "cuda", "commit", "date", "command", "copy_gbps", "cpu_threads"):
+        assert key in written, key
+    assert written["copy_gbps"] > 0 and "--quick" in written["command"]
+    ops = written["ops"]
+    assert {(r["op"], r["pass"]) for r in ops} == {(op, p) for op in ("coupling", "scale_prior")
+                                                   for p in ("fwd", "bwd", "fwd+bwd")}
+    for row in ops:
+        assert OP_KEYS <= set(row) and row["fused_ms"] > 0 and row["reference_ms"] > 0 and row["fused_gbps"] > 0
+    steps = {r["variant"]: r for r in written["train_step"]}
+    assert {"seed-masked-eager", "seed-masked-eager-default-adam", "reference-eager", "fused-eager"} <= set(steps)
+    for row in steps.values():
+        assert STEP_KEYS <= set(row) and row["ms_per_step"] > 0
+    markdown = (tmp_path / "CPU_{}_cores.md".format(os.cpu_count())).read_text()
+    assert "| fused-eager | 200 |" in markdown and "Median over entries" in markdown
+    assert (tmp_path / "CPU_{}_cores.png".format(os.cpu_count())).read_bytes()[:4] == b"\x89PNG"
+    assert "| coupling | fwd | float32 | 256 | 784 |" in result.stdout
