@@ -10,10 +10,9 @@ write once, and is compared with a device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
+import shlex
 import sys
 import time
 
@@ -24,7 +23,7 @@ from torch.utils import benchmark
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from nice_ext import NICE, ops, reference  # noqa: E402
+from nice_ext import NICE, ops, provenance, reference  # noqa: E402
 from nice_ext.cuda_graph import GraphedTrainStep  # noqa: E402
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 from nice_ext.seed_model import SeedMaskedNICE  # noqa: E402
@@ -261,17 +260,9 @@ def main():
         sys.exit("error: --device cuda, but no CUDA GPU is available")
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                text=True).stdout.strip()
-    except OSError:
-        commit = ""
-    commit = commit or os.environ.get("NICE_EXT_COMMIT", "unknown")  # a copy of the tree without .git
     started = time.time()
-    result = dict(device=device_name, torch=torch.__version__, cuda=torch.version.cuda, commit=commit,
-                  date=datetime.date.today().isoformat(), cpu_threads=torch.get_num_threads(),
-                  command="python benchmarks/bench_coupling.py " + " ".join(sys.argv[1:]),
+    result = provenance.record(device, "python benchmarks/bench_coupling.py " + shlex.join(sys.argv[1:]))
+    result.update(cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
     result["train_step"] = [] if args.no_train_step else [
@@ -288,7 +279,7 @@ def main():
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, device_name.replace(" ", "_").replace("(", "").replace(")", ""))
+        stem = os.path.join(args.out, result["device"].replace(" ", "_").replace("(", "").replace(")", ""))
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(stem + ".md", "w") as f:

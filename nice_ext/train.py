@@ -3,7 +3,8 @@
 ``--preset paper-mnist`` is the paper's MNIST setup (§5.1): 4 additive couplings, odd/even masks,
 5 x 1000 ReLU, logistic prior, Adam lr 1e-3, betas (0.9, 0.99), eps 1e-4, batch 200, 1500 epochs, best
 model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png,
-metrics.csv, curve.png, spectrum.png; a folder that already holds a run is refused (``--resume`` continues
+metrics.csv, curve.png, spectrum.png, and at the end result.json (the test log-likelihood of the best
+model with the device, software, commit, date and command that produced it); a folder that already holds a run is refused (``--resume`` continues
 it, ``--overwrite`` replaces it). Under ``torchrun --nproc_per_node=N`` it trains with
 DistributedDataParallel (see nice_ext/distributed.py); ``--batch_size`` is then the global batch.
 """
@@ -14,9 +15,11 @@ import argparse
 import csv
 import functools
 import io
+import json
 import math
 import os
 import random
+import shlex
 import sys
 import time
 from typing import Dict, List, Optional
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 
 from . import data as data_lib
+from . import provenance
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
 from .cli_common import UsageError, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
@@ -102,6 +106,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for action in given._actions:
         action.default = argparse.SUPPRESS
     args.explicit = sorted(set(vars(given.parse_args(argv))) | set(PRESETS.get(args.preset, {})))
+    args.command = "python -m nice_ext.train " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.epochs is None:
         args.epochs = 10
     checks = [(args.batch_size > 0, f"--batch_size must be positive, got {args.batch_size}"),
@@ -138,7 +143,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # The output folder is not inherited either: a resumed run continues in the checkpoint's own folder
 # (wherever the run was moved or copied) unless --out-dir says otherwise.
 NOT_INHERITED = ("resume", "overwrite", "device", "compile", "compile_mode", "cuda_graph", "time_limit", "no_download",
-                 "out_dir", "explicit")
+                 "out_dir", "explicit", "command")
 # Architecture flags and the model-config entries they set: a resumed run cannot change them.
 ARCHITECTURE = {"coupling": "num_coupling_layers", "hidden": "num_hidden_layers", "mid_dim": "hidden_dim",
                 "latent": "prior", "coup_type": "coupling", "mask": "mask"}
@@ -193,7 +198,7 @@ def resume_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object],
 
 
 # What a run writes into --out-dir.
-RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "samples.png", "curve.png", "spectrum.png")
+RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "samples.png", "curve.png", "spectrum.png", "result.json")
 
 
 def prepare_out_dir(args: argparse.Namespace, is_main: bool) -> None:
@@ -449,6 +454,16 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
           f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
           f"trained {train_seconds:.1f} s")
+    epochs_done = history[-1]["epoch"] if history else start_epoch
+    result = dict(status="complete" if epochs_done >= args.epochs else
+                  f"partial: {stop_reason or 'stopped'} after {epochs_done} of {args.epochs} epochs",
+                  dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
+                  draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), model=best_name,
+                  best_epoch=best["epoch"], epochs=epochs_done, resumed_after_epoch=start_epoch,
+                  wall_seconds=round(train_seconds, 1), precision=args.precision, processes=ctx.world_size,
+                  **provenance.record(device, args.command))
+    with atomic_file(os.path.join(out_dir, "result.json")) as f:
+        f.write((json.dumps(result, indent=1) + "\n").encode())
     return 0
 
 

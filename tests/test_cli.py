@@ -1,6 +1,8 @@
 """The command-line tools end to end on real MNIST with a tiny model: outputs, learning, resume, errors."""
 import csv
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +52,31 @@ def test_train_writes_everything_and_learns(trained):
                             "valid_bits_per_dim", "seconds"}
     assert float(rows[-1]["valid_ll_nats"]) > float(rows[0]["valid_ll_nats"]) + 5
     assert "nats" in stdout and "bits/dim" in stdout
+    # result.json records the printed test score with where it came from
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    printed = re.search(r"test log-likelihood of best.pt \(epoch (\d+)\): (-?[\d.]+) nats, ([\d.]+) bits/dim", stdout)
+    assert printed, stdout
+    assert result["best_epoch"] == int(printed.group(1)) and result["epochs"] == 3 and result["status"] == "complete"
+    assert abs(result["test_ll_nats"] - float(printed.group(2))) < 0.01
+    assert abs(result["bits_per_dim"] - float(printed.group(3))) < 1e-4
+    assert result["draws"] == 1 and result["dataset"] == "mnist" and result["device"].startswith("CPU")
+    assert result["command"].startswith("python -m nice_ext.train --data-dir") and "--epochs 3" in result["command"]
+    for key in ("torch", "commit", "date", "wall_seconds", "precision"):
+        assert result[key], key
+
+
+def test_time_limit_stops_cleanly_and_says_so(tmp_path):
+    out = str(tmp_path / "run")
+    result = run_tool("train", "--data-dir", data_dir(), "--out-dir", out, "--epochs", "500", "--time-limit", "1",
+                      *TINY)
+    assert result.returncode == 0, result.stderr
+    assert "stopped: --time-limit 1 s reached" in result.stdout and "test log-likelihood" in result.stdout
+    with open(os.path.join(out, "result.json")) as f:
+        written = json.load(f)
+    assert 1 <= written["epochs"] < 500 and written["wall_seconds"] < 60
+    assert written["status"] == f"partial: --time-limit 1 s reached after {written['epochs']} of 500 epochs"
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == written["epochs"]
 
 
 def test_evaluate_sample_inpaint(trained, tmp_path):

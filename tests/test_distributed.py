@@ -2,6 +2,7 @@
 
 The global batch of 99 splits 50 + 49: a rank that averaged its own slice, instead of scaling its sum to
 the global batch, would take a different step."""
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,8 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     stdout = run(torchrun, double, "--max_iter", "1")
     assert stdout.count("test log-likelihood") == 1  # rank 0 alone reports
+    with open(os.path.join(double, "result.json")) as f:
+        assert json.load(f)["processes"] == 2
     a = torch.load(os.path.join(single, "last.pt"), weights_only=True)
     b = torch.load(os.path.join(double, "last.pt"), weights_only=True)
     assert a["step"] == b["step"] == 1

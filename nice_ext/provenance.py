@@ -1,0 +1,38 @@
+"""Where a measured number comes from: the device, the software, the commit, the date and the command. The
+benchmark's results and a training run's ``result.json`` carry these fields."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import subprocess
+from typing import Dict, Optional
+
+import torch
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "CPU (N cores)"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def source_commit() -> str:
+    """The commit of the checkout nice_ext runs from, with "-dirty" when tracked files differ from it; in a
+    copy of the tree without git metadata, $NICE_EXT_COMMIT, else "unknown"."""
+    try:
+        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=SOURCE_ROOT,
+                                   capture_output=True, text=True, timeout=30)
+        commit = described.stdout.strip() if described.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return commit or os.environ.get("NICE_EXT_COMMIT", "unknown")
+
+
+def record(device: torch.device, command: str, date: Optional[str] = None) -> Dict[str, object]:
+    """device, torch, cuda, commit, date and command, as results files record them."""
+    return dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, commit=source_commit(),
+                date=date or datetime.date.today().isoformat(), command=command)
