@@ -224,9 +224,9 @@ def load_splits(name: str, data_dir: str, download: bool = True, subset: Optiona
     return Splits(train, valid, test, info)
 
 
-def batches(pixels: Tensor, batch_size: int, shuffle: bool, generator: Optional[torch.Generator] = None):
-    """Index batches over a pixel tensor that already lives on the training device (no DataLoader)."""
+def batches(pixels: Tensor, batch_size: int, order: Optional[Tensor] = None, first: int = 0):
+    """Batches of a pixel tensor that already lives on the training device (no DataLoader): in ``order``
+    (an epoch's shuffle, ``torch.randperm``) or as stored, from batch number ``first`` on."""
     n = pixels.shape[0]
-    order = torch.randperm(n, device=pixels.device, generator=generator) if shuffle else None
-    for start in range(0, n, batch_size):
+    for start in range(first * batch_size, n, batch_size):
         yield pixels[order[start:start + batch_size]] if order is not None else pixels[start:start + batch_size]

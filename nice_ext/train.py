@@ -2,11 +2,13 @@
 
 ``--preset paper-mnist`` is the paper's MNIST setup (§5.1): 4 additive couplings, odd/even masks,
 5 x 1000 ReLU, logistic prior, Adam lr 1e-3, betas (0.9, 0.99), eps 1e-4, batch 200, 1500 epochs, best
-model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png,
-metrics.csv, curve.png, spectrum.png, and at the end result.json (the test log-likelihood of the best
-model with the device, software, commit, date and command that produced it); a folder that already holds a run is refused (``--resume`` continues
-it, ``--overwrite`` replaces it). Under ``torchrun --nproc_per_node=N`` it trains with
-DistributedDataParallel (see nice_ext/distributed.py); ``--batch_size`` is then the global batch.
+model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, samples.png, metrics.csv,
+curve.png, spectrum.png, and at the end result.json (the test log-likelihood of the best model with the
+device, software, commit, date and command that produced it). A folder that already holds a run is
+refused (``--resume`` continues it, ``--overwrite`` replaces it). ``--time-limit`` or ``--max_iter`` may
+stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on from there. Under
+``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel (see nice_ext/distributed.py);
+``--batch_size`` is then the global batch.
 """
 
 from __future__ import annotations
@@ -197,6 +199,26 @@ def resume_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object],
     optimizer.load_state_dict(state)
 
 
+def epoch_place(resume: Dict[str, object], images: int, batch_size: int, path: str) -> Optional[Dict[str, object]]:
+    """Where the checkpoint's run stopped inside an epoch (--time-limit or --max_iter), or None when it
+    stopped between epochs. The place holds only for the same training images and batch size: with other
+    ones the epoch starts over (said on stdout)."""
+    place = resume.get("epoch_in_progress")
+    if place is None:
+        return None
+    expected = {"epoch": int, "batches_done": int, "images": int, "batch_size": int, "order_rng": torch.Tensor,
+                "loss_sum": float, "seen": int, "seconds": float}
+    if not isinstance(place, dict) or any(not isinstance(place.get(k), t) for k, t in expected.items()) or \
+            place["epoch"] != resume["epoch"] + 1:
+        raise CheckpointError(f"{path}: its record of the epoch in progress is damaged")
+    if (place["images"], place["batch_size"]) != (images, batch_size):
+        print(f"note: {path} stopped after {place['batches_done']} batches of epoch {place['epoch']} with "
+              f"--batch_size {place['batch_size']} on {place['images']} images; with --batch_size {batch_size} on "
+              f"{images} images that epoch starts over")
+        return None
+    return place
+
+
 # What a run writes into --out-dir.
 RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "samples.png", "curve.png", "spectrum.png", "result.json")
 
@@ -258,7 +280,7 @@ def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels:
                            generator: Optional[torch.Generator] = None) -> float:
     """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw."""
     total, count = 0.0, 0
-    for batch in data_lib.batches(pixels, batch_size, shuffle=False):
+    for batch in data_lib.batches(pixels, batch_size):
         log_px = model.log_prob(preprocess(batch, generator)) + preprocess.log_det
         total += float(log_px.double().sum())
         count += batch.shape[0]
@@ -347,10 +369,12 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     out_dir = args.out_dir
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
+    in_progress = None  # where a run stopped inside an epoch (see epoch_place)
+
     def checkpoint(epoch: int) -> Dict[str, object]:
         return make_checkpoint(model, args.dataset, preprocess.state_dict(), optimizer_state=optimizer.state_dict(),
                                epoch=epoch, step=step, best_valid=best_valid, history=history,
-                               rng_state=rng_state(generator), args=vars(args))
+                               rng_state=rng_state(generator), args=vars(args), epoch_in_progress=in_progress)
 
     def write_outputs(epoch: int) -> None:
         save_atomic(checkpoint(epoch), os.path.join(out_dir, "last.pt"))
@@ -376,20 +400,36 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     started = time.time()
     stop_reason = None
-    epoch = start_epoch
+    completed_epoch, start_step = start_epoch, step
+    batches_per_epoch = math.ceil(train_pixels.shape[0] / args.batch_size)
+    place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume) if resume is not None else None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         epoch_start = time.time()
         model.train()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch: no sync per step
-        seen = 0
-        bar = tqdm(data_lib.batches(train_pixels, args.batch_size, shuffle=True, generator=generator),
-                   total=math.ceil(train_pixels.shape[0] / args.batch_size), desc=f"epoch {epoch}/{args.epochs}",
+        # The epoch's shuffle comes from the data generator's state at its start. A run stopped inside an
+        # epoch saved that state and how far it got (`place`): resuming draws the same order, skips the
+        # batches already taken and carries on with the sums, as an uninterrupted run would.
+        order_rng = generator.get_state() if place is None else place["order_rng"]
+        stopped_at = generator.get_state()
+        generator.set_state(order_rng)
+        order = torch.randperm(train_pixels.shape[0], device=device, generator=generator)
+        first_batch, seen, seconds_before, loss_so_far = 0, 0, 0.0, 0.0
+        if place is not None:
+            generator.set_state(stopped_at)  # the dequantization noise goes on from where the run stopped
+            first_batch, seen, seconds_before = place["batches_done"], place["seen"], place["seconds"]
+            loss_so_far = place["loss_sum"] if ctx.is_main else 0.0  # all ranks' sum, counted once
+            place = None
+        loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=device)  # read once per epoch, not per step
+        batch_number = first_batch
+        bar = tqdm(data_lib.batches(train_pixels, args.batch_size, order, first_batch),
+                   total=batches_per_epoch - first_batch, desc=f"epoch {epoch}/{args.epochs}",
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
         for batch in bar:
             x = preprocess(batch, generator)  # the global batch: the same on every rank
             loss = train_step(x)
             first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
             step += 1
+            batch_number += 1
             loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             if step % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
                 print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
@@ -410,7 +450,14 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
             print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                   f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
             return 3
-        train_ll = -ctx.sum(loss_sum).item() / seen + preprocess.log_det if seen else float("nan")
+        total_loss = ctx.sum(loss_sum).item()  # every rank's share
+        if batch_number < batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
+            in_progress = dict(epoch=epoch, batches_done=batch_number, images=train_pixels.shape[0],
+                               batch_size=args.batch_size, order_rng=order_rng, loss_sum=total_loss, seen=seen,
+                               seconds=seconds_before + time.time() - epoch_start)
+            break
+        train_ll = -total_loss / seen + preprocess.log_det if seen else float("nan")
+        completed_epoch = epoch
         if not ctx.is_main:  # rank 0 validates, logs and writes; the others go on to the next epoch
             if stop_reason:
                 break
@@ -421,7 +468,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
         row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
                    valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
-                   seconds=round(time.time() - epoch_start, 3))
+                   seconds=round(seconds_before + time.time() - epoch_start, 3))
         history.append(row)
         print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
               f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
@@ -435,16 +482,18 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     train_seconds = time.time() - started
     if not ctx.is_main:
         return 0
-    if not history:
+    if step == start_step:
         print(f"nothing to train: --epochs {args.epochs}" +
               (f" is not above the checkpoint's epoch {start_epoch} (a larger --epochs goes on)"
                if resume is not None else ""))
-    write_outputs(epoch)
+    write_outputs(completed_epoch)
     if stop_reason:
-        print(f"stopped: {stop_reason}")
+        where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of {batches_per_epoch} " \
+                f"batches (--resume {os.path.join(out_dir, 'last.pt')} goes on from there)" if in_progress else ""
+        print(f"stopped: {stop_reason}{where}")
     best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
     best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
-        (checkpoint(epoch), "the final model")
+        (checkpoint(completed_epoch), "the final model")
     best_model = model_from_checkpoint(best).to(device).eval()
     draws = [average_log_likelihood(best_model, preprocess, test_pixels, 1000,
                                      torch.Generator(device=device).manual_seed(777 + k))
@@ -454,12 +503,13 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
           f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
           f"trained {train_seconds:.1f} s")
-    epochs_done = history[-1]["epoch"] if history else start_epoch
-    result = dict(status="complete" if epochs_done >= args.epochs else
-                  f"partial: {stop_reason or 'stopped'} after {epochs_done} of {args.epochs} epochs",
-                  dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
+    status = "complete" if completed_epoch >= args.epochs else \
+        f"partial: {stop_reason or 'stopped'} after {completed_epoch} of {args.epochs} epochs"
+    if in_progress:
+        status += f" and {in_progress['batches_done']} of {batches_per_epoch} batches of epoch {in_progress['epoch']}"
+    result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
                   draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), model=best_name,
-                  best_epoch=best["epoch"], epochs=epochs_done, resumed_after_epoch=start_epoch,
+                  best_epoch=best["epoch"], epochs=completed_epoch, steps=step, resumed_after_epoch=start_epoch,
                   wall_seconds=round(train_seconds, 1), precision=args.precision, processes=ctx.world_size,
                   **provenance.record(device, args.command))
     with atomic_file(os.path.join(out_dir, "result.json")) as f:

@@ -75,8 +75,12 @@ def test_time_limit_stops_cleanly_and_says_so(tmp_path):
     with open(os.path.join(out, "result.json")) as f:
         written = json.load(f)
     assert 1 <= written["epochs"] < 500 and written["wall_seconds"] < 60
-    assert written["status"] == f"partial: --time-limit 1 s reached after {written['epochs']} of 500 epochs"
-    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == written["epochs"]
+    assert written["status"].startswith(f"partial: --time-limit 1 s reached after {written['epochs']} of 500 epochs")
+    last = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert last["epoch"] == written["epochs"] and last["step"] == written["steps"]
+    place = last["epoch_in_progress"]  # where in the next epoch it stopped, if inside one
+    assert place is None or (place["epoch"] == last["epoch"] + 1 and 0 < place["batches_done"] < 10 and
+                             f"and {place['batches_done']} of 10 batches of epoch {place['epoch']}" in written["status"])
 
 
 def test_evaluate_sample_inpaint(trained, tmp_path):
@@ -102,6 +106,40 @@ def test_resume_continues_exactly(tmp_path):
     a, b = metrics(straight), metrics(split)
     assert [r["epoch"] for r in b] == ["1", "2"]
     assert a[1]["train_ll_nats"] == b[1]["train_ll_nats"] and a[1]["valid_ll_nats"] == b[1]["valid_ll_nats"]
+
+
+def test_resume_inside_an_epoch_continues_exactly(tmp_path):
+    """A run stopped inside an epoch (--max_iter here; --time-limit takes the same path) resumes with the
+    same batches and sums: its weights and metrics end as an uninterrupted run's do."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", straight, "--epochs", "2", *TINY]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "2", "--max_iter", "15", *TINY]) == 0
+    stopped = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert (stopped["epoch"], stopped["step"], stopped["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
+    assert [r["epoch"] for r in metrics(split)] == ["1"]  # half an epoch is not a row of metrics.csv
+    assert train.main(["--resume", os.path.join(split, "last.pt"), "--max_iter", "1000", "--device", "cpu"]) == 0
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert (b["epoch"], b["step"], b["epoch_in_progress"]) == (2, 20, None)
+    for name, value in a["model_state"].items():
+        assert torch.equal(value, b["model_state"][name]), name
+    drop_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop_seconds(metrics(straight)) == drop_seconds(metrics(split))
+
+
+def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "15", *TINY]) == 0
+    last = os.path.join(out, "last.pt")
+    assert train.main(["--resume", last, "--max_iter", "1000", "--batch_size", "50", "--device", "cpu"]) == 0
+    assert "with --batch_size 50 on 1000 images that epoch starts over" in capsys.readouterr().out
+    resumed = torch.load(last, weights_only=True)
+    assert (resumed["epoch"], resumed["step"]) == (2, 15 + 20)
+    damaged = torch.load(last, weights_only=True)
+    damaged["epoch"], damaged["epoch_in_progress"] = 1, {"epoch": 2, "batches_done": "five"}
+    torch.save(damaged, str(tmp_path / "damaged.pt"))
+    result = run_tool("train", "--resume", str(tmp_path / "damaged.pt"), "--data-dir", data_dir(), "--device", "cpu")
+    assert result.returncode == 1 and "record of the epoch in progress is damaged" in result.stderr
 
 
 def test_resume_applies_new_settings_and_keeps_the_architecture(trained, tmp_path, capsys):
