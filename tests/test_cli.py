@@ -279,3 +279,29 @@ def test_missing_data_is_one_clear_line(tmp_path):
     result = run_tool("train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-download")
     assert result.returncode == 1 and "train-images-idx3-ubyte.gz" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=data_dir(), RUNS_DIR=str(tmp_path / "runs"),
+               RESULTS_DIR=str(tmp_path / "results"), INPAINT_STEPS="5")
+    tiny = ["--subset", "1000", "--mid-dim", "24", "--hidden", "1", "--batch_size", "100", "--sample_size", "4",
+            "--epochs", "2", "--device", "cpu", "--no-download"]
+
+    def script(*args):
+        result = subprocess.run(["bash", "scripts/reproduce_mnist.sh", *args], cwd=ROOT, env=env,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+        with open(tmp_path / "results" / "reproduce_mnist_t.json") as f:
+            return result.stdout, json.load(f)
+
+    stdout, first = script("t", *tiny, "--max_iter", "15")  # stops inside epoch 2
+    assert "== starting" in stdout and first["status"].startswith("partial: --max_iter 15 reached after 1 of 2")
+    stdout, second = script("t", "--max_iter", "1000")
+    assert "== resuming" in stdout and second["status"] == "complete" and second["epochs"] == 2
+    assert second["steps"] == 20 and "--resume" in second["command"]
+    filed = sorted(os.listdir(tmp_path / "results" / "reproduce_mnist_t"))
+    assert filed == ["curve.png", "inpaint.png", "metrics.csv", "samples.png", "spectrum.png", "train.log"]
+    log = (tmp_path / "results" / "reproduce_mnist_t" / "train.log").read_text()
+    assert log.count("test log-likelihood") == 2  # both pieces, in one log
+    usage = subprocess.run(["bash", "scripts/reproduce_mnist.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: bash scripts/reproduce_mnist.sh TAG" in usage.stderr
