@@ -20,16 +20,24 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({os.cpu_count()} cores)"
 
 
-def source_commit() -> str:
-    """The commit of the checkout nice_ext runs from, with "-dirty" when tracked files differ from it; in a
-    copy of the tree without git metadata, $NICE_EXT_COMMIT, else "unknown"."""
+def _git(*args: str) -> str:
     try:
-        described = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], cwd=SOURCE_ROOT,
-                                   capture_output=True, text=True, timeout=30)
-        commit = described.stdout.strip() if described.returncode == 0 else ""
+        done = subprocess.run(["git", *args], cwd=SOURCE_ROOT, capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return commit or os.environ.get("NICE_EXT_COMMIT", "unknown")
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def source_commit() -> str:
+    """The commit of the nice_ext checkout this package runs from, with "-dirty" when tracked files differ
+    from it. Installed elsewhere (site-packages, perhaps inside another project's repository) or in a copy
+    of the tree without git metadata: $NICE_EXT_COMMIT, else "unknown"."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top and os.path.realpath(top) == os.path.realpath(SOURCE_ROOT):
+        commit = _git("describe", "--always", "--dirty", "--abbrev=7")
+        if commit:
+            return commit
+    return os.environ.get("NICE_EXT_COMMIT", "unknown")
 
 
 def record(device: torch.device, command: str, date: Optional[str] = None) -> Dict[str, object]:

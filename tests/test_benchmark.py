@@ -1,8 +1,11 @@
-"""The benchmark runs end to end (a short --quick run on the CPU) and writes the results other tools read."""
+"""The benchmark runs end to end (a short --quick run on the CPU) and writes the results other tools read,
+with the provenance (nice_ext/provenance.py) that results files carry."""
 import json
 import os
 import subprocess
 import sys
+
+import torch
 
 from conftest import ROOT
 
@@ -33,3 +36,23 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
     assert "| fused-eager | 200 |" in markdown and "Median over entries" in markdown
     assert (tmp_path / "CPU_{}_cores.png".format(os.cpu_count())).read_bytes()[:4] == b"\x89PNG"
     assert "| coupling | fwd | float32 | 256 | 784 |" in result.stdout
+
+
+def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypatch):
+    from nice_ext import provenance
+
+    head = subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode != 0:  # a copy of the tree without git metadata
+        assert provenance.source_commit() == os.environ.get("NICE_EXT_COMMIT", "unknown")
+        return
+    assert provenance.source_commit().startswith(head.stdout.strip())
+    # installed inside some other repository (a project's virtual environment), the commit is not ours
+    other = tmp_path / "project"
+    (other / "site-packages").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(other)], check=True)
+    monkeypatch.setattr(provenance, "SOURCE_ROOT", str(other / "site-packages"))
+    monkeypatch.setenv("NICE_EXT_COMMIT", "abc1234")
+    assert provenance.source_commit() == "abc1234"
+    monkeypatch.delenv("NICE_EXT_COMMIT")
+    assert provenance.source_commit() == "unknown"
+    assert provenance.device_name(torch.device("cpu")) == f"CPU ({os.cpu_count()} cores)"
