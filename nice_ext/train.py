@@ -199,10 +199,11 @@ def resume_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object],
     optimizer.load_state_dict(state)
 
 
-def epoch_place(resume: Dict[str, object], images: int, batch_size: int, path: str) -> Optional[Dict[str, object]]:
+def epoch_place(resume: Dict[str, object], images: int, batch_size: int, path: str,
+                generator: torch.Generator) -> Optional[Dict[str, object]]:
     """Where the checkpoint's run stopped inside an epoch (--time-limit or --max_iter), or None when it
-    stopped between epochs. The place holds only for the same training images and batch size: with other
-    ones the epoch starts over (said on stdout)."""
+    stopped between epochs. The place holds only for the same training images and batch size, on the same
+    device type: otherwise the epoch starts over (said on stdout)."""
     place = resume.get("epoch_in_progress")
     if place is None:
         return None
@@ -215,6 +216,10 @@ def epoch_place(resume: Dict[str, object], images: int, batch_size: int, path: s
         print(f"note: {path} stopped after {place['batches_done']} batches of epoch {place['epoch']} with "
               f"--batch_size {place['batch_size']} on {place['images']} images; with --batch_size {batch_size} on "
               f"{images} images that epoch starts over")
+        return None
+    if not same_kind_of_generator(place["order_rng"], generator):
+        print(f"note: {path} stopped inside epoch {place['epoch']} on another device type, whose shuffle cannot be "
+              f"drawn here; that epoch starts over")
         return None
     return place
 
@@ -265,14 +270,25 @@ def rng_state(generator: torch.Generator) -> Dict[str, object]:
     return state
 
 
-def set_rng_state(state: Dict[str, object], generator: torch.Generator) -> None:
+def same_kind_of_generator(state: torch.Tensor, generator: torch.Generator) -> bool:
+    """Whether a saved generator state fits this generator: a CPU generator's state and a CUDA one's differ
+    in kind and size, so a run written on one device type cannot continue the other's random stream."""
+    return state.numel() == generator.get_state().numel()
+
+
+def set_rng_state(state: Dict[str, object], generator: torch.Generator) -> bool:
+    """Restore every random stream of a checkpoint; False when its data generator was another device type's
+    (that stream is then left to the caller)."""
     torch.set_rng_state(state["torch"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     random.setstate(state["python"])
-    generator.set_state(state["data"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if not same_kind_of_generator(state["data"], generator):
+        return False
+    generator.set_state(state["data"])
+    return True
 
 
 @torch.no_grad()
@@ -345,7 +361,10 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         resume_optimizer(optimizer, resume["optimizer_state"], args)
         start_epoch, step = resume["epoch"], resume["step"]
         best_valid, history = resume["best_valid"], resume["history"]
-        set_rng_state(resume["rng_state"], generator)
+        if not set_rng_state(resume["rng_state"], generator):
+            generator.manual_seed(args.seed + step)
+            print(f"note: {args.resume} was written on another device type, whose data order and noise cannot "
+                  f"go on here: they continue from seed {args.seed} + step {step}")
 
     # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
@@ -402,7 +421,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     stop_reason = None
     completed_epoch, start_step = start_epoch, step
     batches_per_epoch = math.ceil(train_pixels.shape[0] / args.batch_size)
-    place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume) if resume is not None else None
+    place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume, generator) \
+        if resume is not None else None
     for epoch in range(start_epoch + 1, args.epochs + 1):
         epoch_start = time.time()
         model.train()

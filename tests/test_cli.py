@@ -142,6 +142,25 @@ def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path,
     assert result.returncode == 1 and "record of the epoch in progress is damaged" in result.stderr
 
 
+def test_resume_of_a_run_from_another_device_type(tmp_path, capsys):
+    """A CUDA generator's state (16 bytes) cannot drive a CPU generator: a GPU run resumed on a CPU goes on
+    with a fresh data stream and starts its unfinished epoch over, saying so, instead of failing."""
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "15", *TINY]) == 0
+    last = os.path.join(out, "last.pt")
+    payload = torch.load(last, weights_only=True)
+    cuda_like = torch.zeros(16, dtype=torch.uint8)
+    payload["rng_state"]["data"] = cuda_like
+    payload["epoch_in_progress"]["order_rng"] = cuda_like
+    torch.save(payload, last)
+    capsys.readouterr()
+    assert train.main(["--resume", last, "--max_iter", "1000", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "written on another device type" in printed and "that epoch starts over" in printed
+    resumed = torch.load(last, weights_only=True)
+    assert (resumed["epoch"], resumed["step"], resumed["epoch_in_progress"]) == (2, 25, None)
+
+
 def test_resume_applies_new_settings_and_keeps_the_architecture(trained, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
