@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Callable, List, Optional, Tuple
 
@@ -69,6 +70,24 @@ def one_line(error: Exception) -> str:
     return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator's (a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
+def allocation_size(error: RuntimeError) -> str:
+    """What an out-of-memory error says failed, short: torch's messages run to several sentences."""
+    message = str(error)
+    cpu = re.search(r"allocate (\d+) bytes", message)
+    if cpu:
+        return f"{int(cpu.group(1)) / 2**30:.1f} GiB could not be allocated in host memory"
+    cuda = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", message)
+    if cuda:
+        return f"{cuda.group(1)} could not be allocated on the GPU"
+    return one_line(error)[:200]
+
+
 def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
     """Run a tool's main, turning the errors a user can cause into one line and an exit status."""
     try:
@@ -81,4 +100,10 @@ def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
         return 1
     except OSError as error:  # a file that cannot be read or written: a full disk, a missing permission
         print(f"error: {one_line(error)}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        if not is_out_of_memory(error):
+            raise  # a bug, not a user's doing: keep the traceback
+        print(f"error: out of memory: {allocation_size(error)}; ask for less at once (a smaller --n or "
+              "--batch_size)", file=sys.stderr)
         return 1

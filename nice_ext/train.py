@@ -228,13 +228,32 @@ def epoch_place(resume: Dict[str, object], images: int, batch_size: int, path: s
 RUN_OUTPUTS = ("last.pt", "best.pt", "metrics.csv", "samples.png", "curve.png", "spectrum.png", "result.json")
 
 
-def prepare_out_dir(args: argparse.Namespace, is_main: bool) -> None:
+def later_step_in(path: str, step: int) -> Optional[int]:
+    """The step of the checkpoint at ``path`` when it is past ``step``; None when it is not, or is unreadable
+    (a damaged last.pt is what resuming from another checkpoint recovers from)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        later = int(payload["step"])
+    except Exception:
+        return None
+    return later if later > step else None
+
+
+def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optional[int] = None) -> None:
     """An output folder holds one run. A new run never replaces another run's files unless --overwrite says
-    so; --resume from a checkpoint in --out-dir continues that run in place."""
+    so; --resume from a checkpoint in --out-dir continues that run in place, and refuses to rewind it (from
+    best.pt, say) over a later last.pt unless --overwrite says so."""
     out_dir = args.out_dir
     existing = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out_dir, name))]
     continuing = args.resume is not None and os.path.isdir(out_dir) and os.path.samefile(
         os.path.dirname(os.path.abspath(args.resume)), out_dir)
+    last = os.path.join(out_dir, "last.pt")
+    if continuing and not args.overwrite and os.path.exists(last) and not os.path.samefile(args.resume, last):
+        later = later_step_in(last, resumed_step or 0)
+        if later is not None:
+            raise UsageError(f"--resume {args.resume} (step {resumed_step}) would rewind the run in {out_dir}, "
+                             f"whose last.pt is at step {later}, and replace its later checkpoints: resume "
+                             f"{last}, branch off with --out-dir NEW, or rewind it with --overwrite")
     if existing and not continuing:
         if not args.overwrite:
             raise UsageError(f"{out_dir} already holds a training run ({', '.join(existing)}): continue it with "
@@ -329,7 +348,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         if ctx.is_main:
             print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                   + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
-    prepare_out_dir(args, ctx.is_main)
+    prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
     device = ctx.device if ctx.enabled else pick_device(args.device)
     seed_everything(args.seed)
     if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
@@ -339,6 +358,9 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
 
     splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
     info = splits.info
+    if args.subset is not None and args.subset > splits.train.shape[0] and ctx.is_main:
+        print(f"note: --subset {args.subset} is more than the {splits.train.shape[0]} training images of "
+              f"{args.dataset}: training on all of them", flush=True)
     preprocess = data_lib.Preprocess(info)
     if resume is not None:
         preprocess.load_state_dict(resume["preprocess_state"])

@@ -228,6 +228,25 @@ def test_a_new_run_never_replaces_another(trained, tmp_path, capsys):
     assert "test log-likelihood of best.pt (epoch 1)" in capsys.readouterr().out
 
 
+def test_resume_never_rewinds_a_run_over_its_later_checkpoints(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", *TINY]) == 0
+    early = os.path.join(out, "epoch1.pt")
+    shutil.copy(os.path.join(out, "last.pt"), early)
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
+    later = open(os.path.join(out, "last.pt"), "rb").read()
+    capsys.readouterr()
+    assert train.main(["--resume", early, "--epochs", "3", "--device", "cpu"]) == 2
+    message = capsys.readouterr().err
+    assert "would rewind the run" in message and "step 20" in message and "--overwrite" in message
+    assert open(os.path.join(out, "last.pt"), "rb").read() == later
+    branch = str(tmp_path / "branch")  # branching off into another folder leaves the run alone
+    assert train.main(["--resume", early, "--out-dir", branch, "--epochs", "2", "--device", "cpu"]) == 0
+    assert open(os.path.join(out, "last.pt"), "rb").read() == later
+    assert train.main(["--resume", early, "--epochs", "2", "--overwrite", "--device", "cpu"]) == 0  # as asked
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2"]
+
+
 def test_outputs_that_cannot_be_written_are_one_clear_line(trained, tmp_path, capsys):
     best = os.path.join(trained[0], "best.pt")
     blocker = tmp_path / "a-file"
@@ -324,3 +343,31 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
     assert log.count("test log-likelihood") == 2  # both pieces, in one log
     usage = subprocess.run(["bash", "scripts/reproduce_mnist.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash scripts/reproduce_mnist.sh TAG" in usage.stderr
+
+
+@pytest.mark.parametrize("error, expected", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                  "tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)"),
+     "3.0 GiB could not be allocated in host memory"),
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of 79.19 "
+                            "GiB of which 1.2 GiB is free. Including non-PyTorch memory, ..."),
+     "20.00 GiB could not be allocated on the GPU")])
+def test_out_of_memory_is_one_clear_line(error, expected, capsys):
+    def main(argv):
+        raise error
+    assert run_in_process(main, []) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory: " + expected) and len(err.strip().splitlines()) == 1
+
+
+def test_a_bug_keeps_its_traceback():
+    def main(argv):
+        raise RuntimeError("an internal error")
+    with pytest.raises(RuntimeError, match="an internal error"):
+        run_in_process(main, [])
+
+
+def test_a_subset_larger_than_the_dataset_says_so(tmp_path, capsys):
+    tiny = [arg if arg != "1000" else "100000000" for arg in TINY]
+    assert train.main(["--data-dir", data_dir(), "--out-dir", str(tmp_path), "--max_iter", "1", *tiny]) == 0
+    assert "--subset 100000000 is more than the 50000 training images of mnist" in capsys.readouterr().out
