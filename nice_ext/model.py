@@ -12,6 +12,7 @@ Additive layers run on the fused ops (``fused=True``, the default) or on their p
 from __future__ import annotations
 
 import math
+import operator
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -22,6 +23,28 @@ from .masks import check_mask, checkerboard_mask, coupling_maps, kept_index, odd
 
 COUPLINGS = ("additive", "affine")
 PRIORS = ops.PRIORS
+
+
+def count_argument(value, name: str) -> int:
+    """A non-negative count given as any integer (Python, NumPy or a 0-d integer tensor), never a bool."""
+    try:
+        count = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        count = None
+    if count is None or count < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return count
+
+
+def temperature_argument(value) -> float:
+    """A finite temperature >= 0 given as any real number (a 0-d tensor too)."""
+    try:
+        temperature = float(value) if not isinstance(value, (bool, str, complex)) else math.nan
+    except (TypeError, ValueError, RuntimeError):  # RuntimeError: a tensor of more than one element
+        temperature = math.nan
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {value!r}")
+    return temperature
 
 
 def coupling_mlp(in_features: int, out_features: int, hidden_dim: int, num_hidden_layers: int) -> nn.Sequential:
@@ -237,10 +260,7 @@ class NICE(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
         """n samples x = f^-1(z), z ~ p_H (times ``temperature``), on the model's device and dtype."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
-        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature >= 0):
-            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        n, temperature = count_argument(n, "n"), temperature_argument(temperature)
         return self.inverse(self.sample_prior(n, temperature, generator))
 
     def inpaint(self, x: Tensor, observed: Tensor, steps: int = 1000, generator: Optional[torch.Generator] = None
@@ -258,8 +278,7 @@ class NICE(nn.Module):
         if observed.shape not in ((self.data_dim,), tuple(x.shape)):
             raise ValueError(f"observed must have shape ({self.data_dim},) or {tuple(x.shape)}, "
                              f"got {tuple(observed.shape)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        steps = count_argument(steps, "steps")
         low, high = self.data_range
         observed = observed.to(x.device).expand_as(x)
         noise_init = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (high - low) + low

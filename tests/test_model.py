@@ -1,6 +1,7 @@
 """Properties of the NICE model: exact log-likelihood, exact inverse, sampling, gradients, inpainting."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,9 +174,25 @@ def test_bad_inputs():
         model.log_prob(torch.ones(3, 10, dtype=torch.long))
     with pytest.raises(TypeError, match="dtype"):
         model.log_prob(torch.rand(3, 10, dtype=torch.float64))
-    with pytest.raises(ValueError, match="n must be"):
-        model.sample(-1)
+    for n in (-1, 2.5, True, "3", torch.tensor(2.0)):
+        with pytest.raises(ValueError, match="n must be a non-negative int"):
+            model.sample(n)
+    for temperature in (-1, math.nan, math.inf, "hot", True, torch.ones(2)):
+        with pytest.raises(ValueError, match="temperature must be a finite number"):
+            model.sample(2, temperature=temperature)
+    with pytest.raises(ValueError, match="steps must be a non-negative int"):
+        model.inpaint(torch.rand(2, 10), torch.ones(10, dtype=torch.bool), steps=-1)
     assert model.log_prob(torch.rand(0, 10)).shape == (0,)
+
+
+def test_counts_and_temperatures_from_numpy_or_tensors_are_accepted():
+    model = NICE(10, 2, 1, 4)
+    torch.manual_seed(0)
+    expected = model.sample(3, temperature=0.5)
+    for n, temperature in ((np.int64(3), np.float32(0.5)), (torch.tensor(3), torch.tensor(0.5))):
+        torch.manual_seed(0)
+        assert torch.equal(model.sample(n, temperature=temperature), expected)
+    assert model.inpaint(torch.rand(2, 10), torch.ones(10, dtype=torch.bool), steps=np.int32(1)).shape == (2, 10)
 
 
 def test_nan_in_one_row_leaves_the_other_rows_untouched():
