@@ -138,14 +138,15 @@ inline void check_coupling_update_backward(const at::Tensor& grad_y, const c10::
 }
 
 // Diagonal scaling + prior (paper §3.3, §3.4).
-inline void check_scale_prior(const at::Tensor& h, const at::Tensor& log_scale) {
-  check_float_matrix(h, "h");
+// h_name: the op's name for its (batch, features) input, h for scale_prior and z for scale_inverse.
+inline void check_scale_prior(const at::Tensor& h, const at::Tensor& log_scale, const char* h_name = "h") {
+  check_float_matrix(h, h_name);
   TORCH_CHECK(log_scale.dim() == 1, "nice_ext: log_scale must be a 1-D (features,) tensor, got shape ",
               log_scale.sizes());
-  check_same_dtype(h, "h", log_scale, "log_scale");
-  check_same_device(h, "h", log_scale, "log_scale");
-  TORCH_CHECK(log_scale.size(0) == h.size(1), "nice_ext: log_scale must have one entry per feature of h (",
-              h.size(1), "), got ", log_scale.size(0));
+  check_same_dtype(h, h_name, log_scale, "log_scale");
+  check_same_device(h, h_name, log_scale, "log_scale");
+  TORCH_CHECK(log_scale.size(0) == h.size(1), "nice_ext: log_scale must have one entry per feature of ", h_name,
+              " (", h.size(1), "), got ", log_scale.size(0));
 }
 
 inline void check_scale_prior_backward(const at::Tensor& grad_log_prob, const c10::optional<at::Tensor>& grad_z,

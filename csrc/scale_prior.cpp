@@ -52,7 +52,7 @@ std::tuple<at::Tensor, at::Tensor> scale_prior_backward(const at::Tensor& grad_l
 
 template <Backend backend>
 at::Tensor scale_inverse(const at::Tensor& z_in, const at::Tensor& log_scale_in) {
-  check_scale_prior(z_in, log_scale_in);
+  check_scale_prior(z_in, log_scale_in, "z");
   const c10::OptionalDeviceGuard guard(z_in.device());
   const at::Tensor z = unit_feature_stride(z_in);
   const at::Tensor log_scale = log_scale_in.contiguous();

@@ -161,6 +161,11 @@ def test_bad_inputs_raise_clear_errors(device):
         ops.scale_prior(h, log_scale, "laplace")
     with pytest.raises(RuntimeError, match="prior must be"):
         torch.ops.nice_ext.scale_prior(h, log_scale, "laplace", True)
+    # the inverse names its own argument, z
+    with pytest.raises(RuntimeError, match=r"one entry per feature of z \(10\), got 9"):
+        ops.scale_inverse(h, log_scale[:9])
+    with pytest.raises(RuntimeError, match="z must be a 2-D"):
+        ops.scale_inverse(h[0], log_scale)
     if device == "cuda":
         with pytest.raises(RuntimeError, match="same device"):
             ops.scale_prior(h, log_scale.cpu())
