@@ -40,7 +40,9 @@ def source_commit() -> str:
     return os.environ.get("NICE_EXT_COMMIT", "unknown")
 
 
-def record(device: torch.device, command: str, date: Optional[str] = None) -> Dict[str, object]:
-    """device, torch, cuda, commit, date and command, as results files record them."""
-    return dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda, commit=source_commit(),
-                date=date or datetime.date.today().isoformat(), command=command)
+def record(device: torch.device, command: str, date: Optional[str] = None, commit: Optional[str] = None
+           ) -> Dict[str, object]:
+    """device, torch, cuda, commit, date and command, as results files record them. ``commit``: the
+    source_commit() read when the measurement began (the checkout may move on while a run goes)."""
+    return dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
+                commit=commit or source_commit(), date=date or datetime.date.today().isoformat(), command=command)

@@ -342,6 +342,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
+    # The code that runs is the checkout as it is now; a commit made while the run goes must not be named.
+    commit = provenance.source_commit() if ctx.is_main else None
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         changed = inherit_settings(args, resume, args.resume)
@@ -553,7 +555,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
                   draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), model=best_name,
                   best_epoch=best["epoch"], epochs=completed_epoch, steps=step, resumed_after_epoch=start_epoch,
                   wall_seconds=round(train_seconds, 1), precision=args.precision, processes=ctx.world_size,
-                  **provenance.record(device, args.command))
+                  **provenance.record(device, args.command, commit=commit))
     with atomic_file(os.path.join(out_dir, "result.json")) as f:
         f.write((json.dumps(result, indent=1) + "\n").encode())
     return 0

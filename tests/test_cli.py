@@ -371,3 +371,17 @@ def test_a_subset_larger_than_the_dataset_says_so(tmp_path, capsys):
     tiny = [arg if arg != "1000" else "100000000" for arg in TINY]
     assert train.main(["--data-dir", data_dir(), "--out-dir", str(tmp_path), "--max_iter", "1", *tiny]) == 0
     assert "--subset 100000000 is more than the 50000 training images of mnist" in capsys.readouterr().out
+
+
+def test_result_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
+    from nice_ext import provenance
+    checkout = {"commit": "started-here"}
+    monkeypatch.setattr(provenance, "source_commit", lambda: checkout["commit"])
+    prepare_out_dir = train.prepare_out_dir
+
+    def prepare_then_commit(*args, **kwargs):  # the checkout moves on once the run has begun
+        prepare_out_dir(*args, **kwargs)
+        checkout["commit"] = "committed-while-running"
+    monkeypatch.setattr(train, "prepare_out_dir", prepare_then_commit)
+    assert train.main(["--data-dir", data_dir(), "--out-dir", str(tmp_path), "--max_iter", "2", *TINY]) == 0
+    assert json.load(open(tmp_path / "result.json"))["commit"] == "started-here"
