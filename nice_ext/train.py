@@ -14,6 +14,7 @@ stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on fr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import functools
 import io
@@ -239,10 +240,12 @@ def later_step_in(path: str, step: int) -> Optional[int]:
     return later if later > step else None
 
 
-def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optional[int] = None) -> None:
+def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optional[int] = None) -> List[str]:
     """An output folder holds one run. A new run never replaces another run's files unless --overwrite says
     so; --resume from a checkpoint in --out-dir continues that run in place, and refuses to rewind it (from
-    best.pt, say) over a later last.pt unless --overwrite says so."""
+    best.pt, say) over a later last.pt unless --overwrite says so. Returns the files --overwrite replaces:
+    clear_out_dir removes them once the new run is ready to train, so a run that fails to start (missing
+    data, a bad checkpoint) leaves the old one whole."""
     out_dir = args.out_dir
     existing = [name for name in RUN_OUTPUTS if os.path.exists(os.path.join(out_dir, name))]
     continuing = args.resume is not None and os.path.isdir(out_dir) and os.path.samefile(
@@ -259,17 +262,21 @@ def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optio
             raise UsageError(f"{out_dir} already holds a training run ({', '.join(existing)}): continue it with "
                              f"--resume {os.path.join(out_dir, 'last.pt')}, replace it with --overwrite, or choose "
                              f"another --out-dir")
-        if is_main:
-            for name in existing:
-                os.unlink(os.path.join(out_dir, name))
+    replaced = existing if existing and not continuing else []
     if not is_main:
-        return
+        return replaced
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--out-dir {out_dir}: cannot create it: {error.strerror}") from None
-    for path in stale_temporaries(out_dir, RUN_OUTPUTS):  # left by writes that a crash interrupted
-        os.unlink(path)
+    return replaced
+
+
+def clear_out_dir(out_dir: str, replaced: List[str]) -> None:
+    """Remove the old run's outputs that --overwrite replaces, and temporaries left by interrupted writes."""
+    for path in [os.path.join(out_dir, name) for name in replaced] + stale_temporaries(out_dir, RUN_OUTPUTS):
+        with contextlib.suppress(FileNotFoundError):  # gone already
+            os.unlink(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -350,7 +357,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         if ctx.is_main:
             print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                   + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
-    prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
+    replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
     device = ctx.device if ctx.enabled else pick_device(args.device)
     seed_everything(args.seed)
     if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
@@ -410,6 +417,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     else:
         train_step = functools.partial(optimizer_step, loss_step, optimizer, parameters, args.clip_grad)
     out_dir = args.out_dir
+    if ctx.is_main:  # everything is ready to train: only now may the run it replaces go
+        clear_out_dir(out_dir, replaced)
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
     in_progress = None  # where a run stopped inside an epoch (see epoch_place)

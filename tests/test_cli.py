@@ -222,6 +222,11 @@ def test_a_new_run_never_replaces_another(trained, tmp_path, capsys):
     # --resume from another folder into this one would mix two runs' files as well
     assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "4", "--resume",
                        os.path.join(trained[0], "last.pt"), *TINY]) == 2
+    # --overwrite replaces the run only once the new one is ready to train: one that cannot start keeps it
+    assert train.main(["--data-dir", str(tmp_path / "no-data"), "--out-dir", out, "--epochs", "1", "--overwrite",
+                       *TINY]) == 1
+    assert "not found" in capsys.readouterr().err
+    assert {name: open(os.path.join(out, name), "rb").read() for name in os.listdir(out)} == before
     assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", "--overwrite", *TINY]) == 0
     assert [r["epoch"] for r in metrics(out)] == ["1"]
     assert torch.load(os.path.join(out, "best.pt"), weights_only=True)["epoch"] == 1
@@ -380,8 +385,9 @@ def test_result_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
     prepare_out_dir = train.prepare_out_dir
 
     def prepare_then_commit(*args, **kwargs):  # the checkout moves on once the run has begun
-        prepare_out_dir(*args, **kwargs)
+        replaced = prepare_out_dir(*args, **kwargs)
         checkout["commit"] = "committed-while-running"
+        return replaced
     monkeypatch.setattr(train, "prepare_out_dir", prepare_then_commit)
     assert train.main(["--data-dir", data_dir(), "--out-dir", str(tmp_path), "--max_iter", "2", *TINY]) == 0
     assert json.load(open(tmp_path / "result.json"))["commit"] == "started-here"
