@@ -6,7 +6,8 @@ model on validation log-likelihood. Outputs in ``--out-dir``: last.pt, best.pt, 
 curve.png, spectrum.png, and at the end result.json (the test log-likelihood of the best model with the
 device, software, commit, date and command that produced it). A folder that already holds a run is
 refused (``--resume`` continues it, ``--overwrite`` replaces it). ``--time-limit`` or ``--max_iter`` may
-stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on from there. Under
+stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on from there. ``--patience N``
+ends a run once the validation log-likelihood has not improved for N epochs. Under
 ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel (see nice_ext/distributed.py);
 ``--batch_size`` is then the global batch.
 """
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graph", action="store_true",
                    help="capture the whole training step (forward, backward, Adam) in one CUDA graph and replay it: "
                         "the fastest way to train at small batch sizes on a GPU")
+    p.add_argument("--patience", type=int, default=None, metavar="N",
+                   help="stop once the validation log-likelihood has not improved for N epochs (default: train all "
+                        "epochs, as the paper does; the best model is kept either way)")
     p.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
     return p
@@ -128,6 +132,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               (not (args.cuda_graph and (args.compile or args.compile_mode)),
                "--cuda-graph and --compile/--compile-mode are alternatives; choose one"),
               (args.time_limit is None or args.time_limit > 0, f"--time-limit must be positive, got {args.time_limit}"),
+              (args.patience is None or args.patience >= 1, f"--patience must be >= 1, got {args.patience}"),
               (args.eval_draws >= 1, f"--eval-draws must be >= 1, got {args.eval_draws}"),
               (args.dataset in data_lib.DATASETS, f"--dataset must be one of {', '.join(data_lib.DATASETS)}, "
                                                    f"got {args.dataset!r}"),
@@ -175,7 +180,7 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
             changed.append(f"{options[dest]} {getattr(args, dest)} (was {value})")
     args.dataset = resume["dataset"]
     if "out_dir" not in args.explicit:
-        args.out_dir = os.path.dirname(os.path.abspath(path))
+        args.out_dir = os.path.dirname(path) or os.curdir  # as given: messages name the path the user typed
     return changed
 
 
@@ -396,6 +401,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
             generator.manual_seed(args.seed + step)
             print(f"note: {args.resume} was written on another device type, whose data order and noise cannot "
                   f"go on here: they continue from seed {args.seed} + step {step}")
+    # The epoch of the best validation score so far (improvements are strict, so the first maximum).
+    best_epoch = max(history, key=lambda row: row["valid_ll_nats"])["epoch"] if history else start_epoch
 
     # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
@@ -421,7 +428,9 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         clear_out_dir(out_dir, replaced)
     metrics_path = os.path.join(out_dir, "metrics.csv")
 
-    in_progress = None  # where a run stopped inside an epoch (see epoch_place)
+    # Where a run stopped inside an epoch (see epoch_place). A resumed run that trains nothing keeps the
+    # checkpoint's place, so that a later --resume can still go on from it.
+    in_progress = resume.get("epoch_in_progress") if resume is not None else None
 
     def checkpoint(epoch: int) -> Dict[str, object]:
         return make_checkpoint(model, args.dataset, preprocess.state_dict(), optimizer_state=optimizer.state_dict(),
@@ -451,13 +460,23 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     check_every = 1 if device.type == "cpu" else 50
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
     started = time.time()
-    stop_reason = None
+
+    def patience_spent(epoch: int) -> Optional[str]:
+        """Why --patience stops the run after ``epoch``, or None while the run goes on."""
+        if args.patience is None or epoch - best_epoch < args.patience:
+            return None
+        return f"--patience {args.patience}: no validation gain since epoch {best_epoch}"
+
+    # A resumed run whose patience ran out already does not train (a larger --patience goes on).
+    stop_reason = patience_spent(start_epoch) if resume is not None else None
+    stopped_early = stop_reason is not None
     completed_epoch, start_step = start_epoch, step
     batches_per_epoch = math.ceil(train_pixels.shape[0] / args.batch_size)
     place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume, generator) \
         if resume is not None else None
-    for epoch in range(start_epoch + 1, args.epochs + 1):
-        epoch_start = time.time()
+    last_epoch = start_epoch if stopped_early else args.epochs
+    for epoch in range(start_epoch + 1, last_epoch + 1):
+        epoch_start, in_progress = time.time(), None
         model.train()
         # The epoch's shuffle comes from the data generator's state at its start. A run stopped inside an
         # epoch saved that state and how far it got (`place`): resuming draws the same order, skips the
@@ -511,36 +530,38 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
             break
         train_ll = -total_loss / seen + preprocess.log_det if seen else float("nan")
         completed_epoch = epoch
-        if not ctx.is_main:  # rank 0 validates, logs and writes; the others go on to the next epoch
-            if stop_reason:
-                break
-            continue
-        model.eval()
-        valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
-                                          torch.Generator(device=device).manual_seed(12345))
-        bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
-        row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
-                   valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
-                   seconds=round(seconds_before + time.time() - epoch_start, 3))
-        history.append(row)
-        print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
-              f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
-        if valid_ll > best_valid:
-            best_valid = valid_ll
-            save_atomic(checkpoint(epoch), os.path.join(out_dir, "best.pt"))
-        if epoch % args.save_every < 1 and epoch != args.epochs and not stop_reason:
+        if ctx.is_main:  # rank 0 validates, logs and writes; the others go on to the next epoch
+            model.eval()
+            valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
+                                              torch.Generator(device=device).manual_seed(12345))
+            bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
+            row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
+                       valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
+                       seconds=round(seconds_before + time.time() - epoch_start, 3))
+            history.append(row)
+            print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
+                  f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
+            if valid_ll > best_valid:
+                best_valid, best_epoch = valid_ll, epoch
+                save_atomic(checkpoint(epoch), os.path.join(out_dir, "best.pt"))
+        # Only rank 0 knows the validation score: its verdict is shared so that all ranks stop together.
+        if args.patience is not None and ctx.any(ctx.is_main and patience_spent(epoch) is not None, device):
+            stop_reason, stopped_early = stop_reason or patience_spent(epoch), True
+        if ctx.is_main and epoch % args.save_every < 1 and epoch != args.epochs and not stop_reason:
             write_outputs(epoch)  # the final outputs are written once, after the loop
         if stop_reason:
             break
     train_seconds = time.time() - started
     if not ctx.is_main:
         return 0
-    if step == start_step:
+    if step == start_step and stopped_early:
+        print(f"nothing to train: {stop_reason} (a larger --patience goes on)")
+    elif step == start_step:
         print(f"nothing to train: --epochs {args.epochs}" +
               (f" is not above the checkpoint's epoch {start_epoch} (a larger --epochs goes on)"
                if resume is not None else ""))
     write_outputs(completed_epoch)
-    if stop_reason:
+    if stop_reason and step != start_step:
         where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of {batches_per_epoch} " \
                 f"batches (--resume {os.path.join(out_dir, 'last.pt')} goes on from there)" if in_progress else ""
         print(f"stopped: {stop_reason}{where}")
@@ -556,9 +577,13 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
           f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
           f"trained {train_seconds:.1f} s")
-    status = "complete" if completed_epoch >= args.epochs else \
-        f"partial: {stop_reason or 'stopped'} after {completed_epoch} of {args.epochs} epochs"
-    if in_progress:
+    if stopped_early:  # a finished run, not a piece of one
+        status = f"stopped early: {stop_reason}; trained {completed_epoch} of {args.epochs} epochs"
+    elif completed_epoch >= args.epochs:
+        status = "complete"
+    else:
+        status = f"partial: {stop_reason or 'stopped'} after {completed_epoch} of {args.epochs} epochs"
+    if in_progress and status.startswith("partial"):
         status += f" and {in_progress['batches_done']} of {batches_per_epoch} batches of epoch {in_progress['epoch']}"
     result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
                   draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), model=best_name,

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, data_dir
+from conftest import ROOT, data_dir, make_first_epoch_unbeatable
 from nice_ext import sample, train
 from nice_ext.cli_common import run_tool as run_in_process
 
@@ -140,6 +140,39 @@ def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path,
     torch.save(damaged, str(tmp_path / "damaged.pt"))
     result = run_tool("train", "--resume", str(tmp_path / "damaged.pt"), "--data-dir", data_dir(), "--device", "cpu")
     assert result.returncode == 1 and "record of the epoch in progress is damaged" in result.stderr
+
+
+def test_patience_stops_a_run_that_no_longer_improves(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", *TINY]) == 0
+    last = os.path.join(out, "last.pt")
+    make_first_epoch_unbeatable(last)  # epochs 2, 3, ... bring no gain over epoch 1
+    capsys.readouterr()
+    assert train.main(["--resume", last, "--epochs", "10", "--patience", "3", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "stopped: --patience 3: no validation gain since epoch 1" in printed
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2", "3", "4"]
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    assert result["status"] == "stopped early: --patience 3: no validation gain since epoch 1; trained 4 of 10 epochs"
+    assert torch.load(last, weights_only=True)["epoch"] == 4
+    # The patience is the run's: resumed again, it trains nothing; a larger --patience goes on.
+    assert train.main(["--resume", last, "--device", "cpu"]) == 0
+    assert "nothing to train: --patience 3: no validation gain since epoch 1 (a larger --patience goes on)" in \
+        capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["epoch"] == 4 and len(metrics(out)) == 4
+    assert train.main(["--resume", last, "--patience", "5", "--device", "cpu"]) == 0
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2", "3", "4", "5", "6"]
+
+
+def test_a_resume_that_trains_nothing_keeps_the_place_inside_an_epoch(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "15", *TINY]) == 0
+    last = os.path.join(out, "last.pt")
+    assert train.main(["--resume", last, "--epochs", "1", "--device", "cpu"]) == 0
+    assert "nothing to train: --epochs 1" in capsys.readouterr().out
+    kept = torch.load(last, weights_only=True)
+    assert (kept["epoch"], kept["step"], kept["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
 
 
 def test_resume_of_a_run_from_another_device_type(tmp_path, capsys):
@@ -312,6 +345,7 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--cuda-graph", "--compile"], "--cuda-graph and --compile/--compile-mode are alternatives"),
     (["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
     (["--time-limit", "0"], "--time-limit must be positive"),
+    (["--patience", "0"], "--patience must be >= 1"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)

@@ -10,17 +10,20 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, data_dir
+from conftest import ROOT, data_dir, make_first_epoch_unbeatable
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
 ARGS = ["-m", "nice_ext.train", "--subset", "198", "--batch_size", "99", "--mid-dim", "16", "--hidden", "1",
         "--sample_size", "0", "--eval-draws", "1", "--device", "cpu", "--no-download", "--epochs", "1"]
 
 
-def run(launcher, out, *extra):
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+
+def run(launcher, out, *extra, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run([sys.executable, *launcher, *ARGS, "--data-dir", data_dir(), "--out-dir", out, *extra],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+                            cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
 
@@ -28,8 +31,7 @@ def run(launcher, out, *extra):
 def test_two_processes_take_the_same_step_as_one(tmp_path):
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     run([], single, "--max_iter", "1")
-    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    stdout = run(torchrun, double, "--max_iter", "1")
+    stdout = run(TORCHRUN, double, "--max_iter", "1")
     assert stdout.count("test log-likelihood") == 1  # rank 0 alone reports
     with open(os.path.join(double, "result.json")) as f:
         assert json.load(f)["processes"] == 2
@@ -44,6 +46,18 @@ def test_two_processes_take_the_same_step_as_one(tmp_path):
     # one step of two-batch epochs: both stopped inside epoch 1 and kept the whole batch's loss (all ranks')
     assert a["epoch_in_progress"]["batches_done"] == b["epoch_in_progress"]["batches_done"] == 1
     assert a["epoch_in_progress"]["loss_sum"] == pytest.approx(b["epoch_in_progress"]["loss_sum"], rel=1e-6)
+
+
+def test_all_ranks_stop_together_when_patience_runs_out(tmp_path):
+    """Only rank 0 validates; a rank that did not hear its verdict would start another epoch and wait
+    forever for the others' gradients."""
+    out = str(tmp_path / "run")
+    run([], out)
+    make_first_epoch_unbeatable(os.path.join(out, "last.pt"))
+    stdout = run(TORCHRUN, out, "--resume", os.path.join(out, "last.pt"), "--epochs", "10", "--patience", "2",
+                 timeout=300)
+    assert "stopped: --patience 2: no validation gain since epoch 1" in stdout
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 3
 
 
 def test_each_rank_trains_on_its_own_part_of_the_global_batch():
