@@ -165,6 +165,39 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path, capsys):
     assert [r["epoch"] for r in metrics(out)] == ["1", "2", "3", "4", "5", "6"]
 
 
+def test_scheduled_learning_rate():
+    args = train.parse_args(["--lr", "1e-3", "--lr-decay", "1.0005", "--min-lr", "1e-4"])
+    assert train.scheduled_lr(args, 0) == 1e-3
+    assert train.scheduled_lr(args, 100) == pytest.approx(1e-3 / 1.0005 ** 100, rel=1e-12)
+    assert train.scheduled_lr(args, 4605) > 1e-4 and train.scheduled_lr(args, 4606) == 1e-4  # about 18 epochs
+    steep = train.parse_args(["--lr-decay", "2"])
+    assert train.scheduled_lr(steep, 10 ** 9) == 0.0  # no overflow, floor 0
+    assert train.scheduled_lr(train.parse_args([]), 10 ** 6) == 1e-3  # constant by default
+
+
+def test_lr_decay_trains_with_the_scheduled_rate_and_resumes_on_it(tmp_path):
+    def weights(out):
+        return torch.load(os.path.join(out, "last.pt"), weights_only=True)
+
+    runs = {name: str(tmp_path / name) for name in ("constant", "factor1", "decayed", "split")}
+    assert train.main(["--data-dir", data_dir(), "--out-dir", runs["constant"], "--epochs", "2", *TINY]) == 0
+    # a factor of 1 takes the tensor learning rate's path and must take exactly the constant run's steps
+    assert train.main(["--data-dir", data_dir(), "--out-dir", runs["factor1"], "--epochs", "2", "--lr-decay", "1",
+                       *TINY]) == 0
+    decayed = ["--lr-decay", "1.2", "--min-lr", "1e-3", *TINY]
+    assert train.main(["--data-dir", data_dir(), "--out-dir", runs["decayed"], "--epochs", "2", *decayed]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", runs["split"], "--epochs", "1", *decayed]) == 0
+    assert train.main(["--resume", os.path.join(runs["split"], "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
+    constant, factor1, decayed, split = (weights(runs[name]) for name in runs)
+    # the rate of the 20th (last) step: 3e-3 / 1.2^19 is below the floor
+    assert float(decayed["optimizer_state"]["param_groups"][0]["lr"]) == pytest.approx(1e-3)
+    assert float(factor1["optimizer_state"]["param_groups"][0]["lr"]) == pytest.approx(3e-3)
+    for name, value in constant["model_state"].items():
+        assert torch.equal(value, factor1["model_state"][name]), name
+        assert torch.equal(decayed["model_state"][name], split["model_state"][name]), name
+    assert any(not torch.equal(value, decayed["model_state"][name]) for name, value in constant["model_state"].items())
+
+
 def test_a_resume_that_trains_nothing_keeps_the_place_inside_an_epoch(tmp_path, capsys):
     out = str(tmp_path / "run")
     assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "15", *TINY]) == 0
@@ -318,8 +351,10 @@ def test_cuda_graph_needs_a_cuda_device(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_training_matches_eager(tmp_path):
-    on_cuda = [a if a != "cpu" else "cuda" for a in TINY]
+@pytest.mark.parametrize("schedule", [[], ["--lr-decay", "1.2", "--min-lr", "1e-3"]], ids=["constant", "decaying"])
+def test_cuda_graph_training_matches_eager(tmp_path, schedule):
+    """A decaying learning rate is a tensor the graph reads: a captured Python number would replay 3e-3."""
+    on_cuda = [a if a != "cpu" else "cuda" for a in TINY] + schedule
     eager, graphed = str(tmp_path / "eager"), str(tmp_path / "graphed")
     assert train.main(["--data-dir", data_dir(), "--out-dir", eager, "--epochs", "2", *on_cuda]) == 0
     assert train.main(["--data-dir", data_dir(), "--out-dir", graphed, "--epochs", "2", "--cuda-graph", *on_cuda]) == 0
@@ -346,6 +381,9 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
     (["--time-limit", "0"], "--time-limit must be positive"),
     (["--patience", "0"], "--patience must be >= 1"),
+    (["--lr-decay", "0.5"], "--lr-decay must be a number >= 1"),
+    (["--lr-decay", "inf"], "--lr-decay must be a number >= 1"),
+    (["--min-lr", "0.1"], "--min-lr must be in [0, --lr]"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)
