@@ -169,7 +169,7 @@ def test_scheduled_learning_rate():
     args = train.parse_args(["--lr", "1e-3", "--lr-decay", "1.0005", "--min-lr", "1e-4"])
     assert train.scheduled_lr(args, 0) == 1e-3
     assert train.scheduled_lr(args, 100) == pytest.approx(1e-3 / 1.0005 ** 100, rel=1e-12)
-    assert train.scheduled_lr(args, 4605) > 1e-4 and train.scheduled_lr(args, 4606) == 1e-4  # about 18 epochs
+    assert train.scheduled_lr(args, 4606) > 1e-4 and train.scheduled_lr(args, 4607) == 1e-4  # about 18 epochs
     steep = train.parse_args(["--lr-decay", "2"])
     assert train.scheduled_lr(steep, 10 ** 9) == 0.0  # no overflow, floor 0
     assert train.scheduled_lr(train.parse_args([]), 10 ** 6) == 1e-3  # constant by default
