@@ -7,7 +7,8 @@ curve.png, spectrum.png, and at the end result.json (the test log-likelihood of 
 device, software, commit, date and command that produced it). A folder that already holds a run is
 refused (``--resume`` continues it, ``--overwrite`` replaces it). ``--time-limit`` or ``--max_iter`` may
 stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on from there. ``--patience N``
-ends a run once the validation log-likelihood has not improved for N epochs. Under
+ends a run once the validation log-likelihood has not improved for N epochs; ``--lr-plateau N`` divides the
+learning rate instead (the paper keeps it constant). Under
 ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel (see nice_ext/distributed.py);
 ``--batch_size`` is then the global batch.
 """
@@ -26,7 +27,7 @@ import random
 import shlex
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -63,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-decay", type=float, default=None, metavar="FACTOR",
                    help="divide the learning rate by FACTOR after every step, down to --min-lr (the authors' released "
                         "MNIST config uses 1.0005 and 1e-4; default: a constant rate, as the paper states)")
-    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of --lr-decay")
+    p.add_argument("--lr-plateau", type=int, default=None, metavar="N",
+                   help="divide the learning rate by --lr-plateau-factor once the validation log-likelihood has not "
+                        "improved for N epochs (since the best epoch or the last division), down to --min-lr")
+    p.add_argument("--lr-plateau-factor", type=float, default=10.0, help="the divisor of --lr-plateau")
+    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of --lr-decay and --lr-plateau")
     p.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
     p.add_argument("--decay", type=float, default=0.99,
                    help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms)")
@@ -124,6 +129,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               (args.lr > 0 and math.isfinite(args.lr), f"--lr must be a positive number, got {args.lr}"),
               (args.lr_decay is None or (args.lr_decay >= 1 and math.isfinite(args.lr_decay)),
                f"--lr-decay must be a number >= 1, got {args.lr_decay}"),
+              (args.lr_plateau is None or args.lr_plateau >= 1, f"--lr-plateau must be >= 1, got {args.lr_plateau}"),
+              (args.lr_plateau_factor > 1 and math.isfinite(args.lr_plateau_factor),
+               f"--lr-plateau-factor must be a number > 1, got {args.lr_plateau_factor}"),
               (0 <= args.min_lr <= args.lr, f"--min-lr must be in [0, --lr], got {args.min_lr}"),
               (0 <= args.momentum < 1, f"--momentum (Adam beta1) must be in [0, 1), got {args.momentum}"),
               (0 <= args.decay < 1, f"--decay (Adam beta2) must be in [0, 1), got {args.decay}"),
@@ -198,18 +206,33 @@ def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Adam:
     the GPU (capturable), inside the graph; a decaying learning rate (--lr-decay) is then a float32 tensor
     on the GPU, changed in place before each step, since a captured graph would replay a Python number."""
     parameters = list(parameters)
-    graphed_schedule = args.cuda_graph and args.lr_decay is not None
+    graphed_schedule = args.cuda_graph and has_lr_schedule(args)
     lr = torch.tensor(args.lr, dtype=torch.float32, device=parameters[0].device) if graphed_schedule else args.lr
     return torch.optim.Adam(parameters, lr=lr, betas=(args.momentum, args.decay), eps=args.eps, fused=True,
                             capturable=bool(args.cuda_graph))
 
 
-def scheduled_lr(args: argparse.Namespace, step: int) -> float:
-    """The learning rate of the step after ``step`` steps: --lr divided by --lr-decay once per step taken,
-    never below --min-lr (the released MNIST config's exponential decay)."""
-    if args.lr_decay is None:
-        return args.lr
-    return max(args.lr * math.exp(-step * math.log(args.lr_decay)), args.min_lr)
+def has_lr_schedule(args: argparse.Namespace) -> bool:
+    return args.lr_decay is not None or args.lr_plateau is not None
+
+
+def scheduled_lr(args: argparse.Namespace, step: int, plateau_drops: int = 0) -> float:
+    """The learning rate of the step after ``step`` steps: --lr divided by --lr-decay once per step taken
+    (the released MNIST config's exponential decay) and by --lr-plateau-factor once per plateau met so far,
+    never below --min-lr. Logarithms, so that no power overflows."""
+    log_divisor = plateau_drops * math.log(args.lr_plateau_factor)
+    if args.lr_decay is not None:
+        log_divisor += step * math.log(args.lr_decay)
+    return max(args.lr * math.exp(-log_divisor), args.min_lr)
+
+
+def lr_plateau_state(resume: Dict[str, object], path: str) -> Tuple[int, int]:
+    """(divisions so far, epoch of the last) from a checkpoint; (0, 0) for one written before --lr-plateau."""
+    state = resume.get("lr_plateau", {"drops": 0, "last_drop_epoch": 0})
+    if not isinstance(state, dict) or not all(isinstance(state.get(k), int) and state[k] >= 0
+                                              for k in ("drops", "last_drop_epoch")):
+        raise CheckpointError(f"{path}: its --lr-plateau record is damaged")
+    return state["drops"], state["last_drop_epoch"]
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -432,6 +455,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
                   f"go on here: they continue from seed {args.seed} + step {step}")
     # The epoch of the best validation score so far (improvements are strict, so the first maximum).
     best_epoch = max(history, key=lambda row: row["valid_ll_nats"])["epoch"] if history else start_epoch
+    # --lr-plateau's state: how many times the rate was divided, and the epoch of the last division.
+    plateau_drops, last_drop_epoch = lr_plateau_state(resume, args.resume) if resume is not None else (0, 0)
 
     # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
@@ -464,12 +489,15 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     def checkpoint(epoch: int) -> Dict[str, object]:
         return make_checkpoint(model, args.dataset, preprocess.state_dict(), optimizer_state=optimizer.state_dict(),
                                epoch=epoch, step=step, best_valid=best_valid, history=history,
-                               rng_state=rng_state(generator), args=vars(args), epoch_in_progress=in_progress)
+                               rng_state=rng_state(generator), args=vars(args), epoch_in_progress=in_progress,
+                               lr_plateau=dict(drops=plateau_drops, last_drop_epoch=last_drop_epoch))
 
     def write_outputs(epoch: int) -> None:
         save_atomic(checkpoint(epoch), os.path.join(out_dir, "last.pt"))
         table = io.StringIO()
-        writer = csv.DictWriter(table, fieldnames=list(history[0].keys()) if history else ["epoch"])
+        # every column any row has (rows from before the lr column was added leave it empty)
+        columns = list(dict.fromkeys(key for row in history for key in row)) or ["epoch"]
+        writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
         with atomic_file(metrics_path) as f:
@@ -527,8 +555,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
         for batch in bar:
             x = preprocess(batch, generator)  # the global batch: the same on every rank
-            if args.lr_decay is not None:
-                set_lr(optimizer, scheduled_lr(args, step))
+            if has_lr_schedule(args):
+                set_lr(optimizer, scheduled_lr(args, step, plateau_drops))
             loss = train_step(x)
             first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
             step += 1
@@ -568,13 +596,24 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
             bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
             row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
                        valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
-                       seconds=round(seconds_before + time.time() - epoch_start, 3))
+                       seconds=round(seconds_before + time.time() - epoch_start, 3),
+                       lr=float(f"{scheduled_lr(args, step - 1, plateau_drops):.6g}"))  # the epoch's last step's
             history.append(row)
             print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
                   f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
             if valid_ll > best_valid:
                 best_valid, best_epoch = valid_ll, epoch
                 save_atomic(checkpoint(epoch), os.path.join(out_dir, "best.pt"))
+        # --lr-plateau, decided by rank 0 (which alone validates) and applied by every rank.
+        if args.lr_plateau is not None:
+            waited = epoch - max(best_epoch, last_drop_epoch)  # epochs without a gain since the last division
+            lower = scheduled_lr(args, step, plateau_drops + 1)
+            if ctx.any(ctx.is_main and waited >= args.lr_plateau and lower < scheduled_lr(args, step, plateau_drops),
+                       device):
+                plateau_drops, last_drop_epoch = plateau_drops + 1, epoch
+                if ctx.is_main:
+                    print(f"epoch {epoch}: {waited} epochs without a validation gain; the learning rate is now "
+                          f"{lower:.3g}", flush=True)
         # Only rank 0 knows the validation score: its verdict is shared so that all ranks stop together.
         if args.patience is not None and ctx.any(ctx.is_main and patience_spent(epoch) is not None, device):
             stop_reason, stopped_early = stop_reason or patience_spent(epoch), True

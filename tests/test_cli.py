@@ -49,7 +49,7 @@ def test_train_writes_everything_and_learns(trained):
     rows = metrics(out)
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
     assert set(rows[0]) == {"epoch", "step", "train_ll_nats", "train_bits_per_dim", "valid_ll_nats",
-                            "valid_bits_per_dim", "seconds"}
+                            "valid_bits_per_dim", "seconds", "lr"}
     assert float(rows[-1]["valid_ll_nats"]) > float(rows[0]["valid_ll_nats"]) + 5
     assert "nats" in stdout and "bits/dim" in stdout
     # result.json records the printed test score with where it came from
@@ -173,6 +173,12 @@ def test_scheduled_learning_rate():
     steep = train.parse_args(["--lr-decay", "2"])
     assert train.scheduled_lr(steep, 10 ** 9) == 0.0  # no overflow, floor 0
     assert train.scheduled_lr(train.parse_args([]), 10 ** 6) == 1e-3  # constant by default
+    plateau = train.parse_args(["--lr", "1e-3", "--lr-plateau", "5", "--min-lr", "5e-6"])
+    assert train.scheduled_lr(plateau, 10 ** 6, 1) == pytest.approx(1e-4, rel=1e-12)
+    assert train.scheduled_lr(plateau, 0, 2) == pytest.approx(1e-5, rel=1e-12)
+    assert train.scheduled_lr(plateau, 0, 3) == 5e-6
+    both = train.parse_args(["--lr-decay", "1.1", "--lr-plateau", "5", "--lr-plateau-factor", "4"])
+    assert train.scheduled_lr(both, 3, 2) == pytest.approx(1e-3 / 1.1 ** 3 / 16, rel=1e-12)
 
 
 def test_lr_decay_trains_with_the_scheduled_rate_and_resumes_on_it(tmp_path):
@@ -196,6 +202,52 @@ def test_lr_decay_trains_with_the_scheduled_rate_and_resumes_on_it(tmp_path):
         assert torch.equal(value, factor1["model_state"][name]), name
         assert torch.equal(decayed["model_state"][name], split["model_state"][name]), name
     assert any(not torch.equal(value, decayed["model_state"][name]) for name, value in constant["model_state"].items())
+
+
+def test_lr_plateau_divides_the_rate_after_epochs_without_gain_and_resumes_on_it(tmp_path, capsys):
+    first = str(tmp_path / "first")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", first, "--epochs", "2", *TINY]) == 0
+    make_first_epoch_unbeatable(os.path.join(first, "last.pt"))  # epochs 2, 3, ... bring no gain over epoch 1
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    plateau = ["--lr-plateau", "2", "--min-lr", "3e-5", "--device", "cpu"]
+    capsys.readouterr()
+    assert train.main(["--resume", os.path.join(first, "last.pt"), "--out-dir", straight, "--epochs", "7",
+                       *plateau]) == 0
+    printed = capsys.readouterr().out
+    assert "epoch 3: 2 epochs without a validation gain; the learning rate is now 0.0003" in printed
+    assert "epoch 5: 2 epochs without a validation gain; the learning rate is now 3e-05" in printed
+    assert printed.count("the learning rate is now") == 2  # at epoch 7 the floor is reached: no third
+    rows = metrics(straight)
+    assert [float(r["lr"]) for r in rows] == pytest.approx([3e-3, 3e-3, 3e-3, 3e-4, 3e-4, 3e-5, 3e-5])
+    last = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
+    assert last["lr_plateau"] == {"drops": 2, "last_drop_epoch": 5}
+    assert last["optimizer_state"]["param_groups"][0]["lr"] == pytest.approx(3e-5)
+    # Stopped between the divisions and resumed, the run takes the same steps as one made in one go.
+    assert train.main(["--resume", os.path.join(first, "last.pt"), "--out-dir", split, "--epochs", "4",
+                       *plateau]) == 0
+    assert train.main(["--resume", os.path.join(split, "last.pt"), "--epochs", "7", "--device", "cpu"]) == 0
+    resumed = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert resumed["lr_plateau"] == last["lr_plateau"]
+    for name, value in last["model_state"].items():
+        assert torch.equal(value, resumed["model_state"][name]), name
+    damaged = dict(resumed, lr_plateau={"drops": -1, "last_drop_epoch": 5})
+    torch.save(damaged, str(tmp_path / "damaged.pt"))
+    result = run_tool("train", "--resume", str(tmp_path / "damaged.pt"), "--data-dir", data_dir(), "--device", "cpu",
+                      "--epochs", "8")
+    assert result.returncode == 1 and "its --lr-plateau record is damaged" in result.stderr
+
+
+def test_a_run_from_before_the_lr_column_gets_it_from_its_next_epoch(tmp_path):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", *TINY]) == 0
+    last = os.path.join(out, "last.pt")
+    old = torch.load(last, weights_only=True)
+    for row in old["history"]:
+        del row["lr"]
+    del old["lr_plateau"]
+    torch.save(old, last)
+    assert train.main(["--resume", last, "--epochs", "2", "--device", "cpu"]) == 0
+    assert [(r["epoch"], r["lr"]) for r in metrics(out)] == [("1", ""), ("2", "0.003")]
 
 
 def test_a_resume_that_trains_nothing_keeps_the_place_inside_an_epoch(tmp_path, capsys):
@@ -384,6 +436,8 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--lr-decay", "0.5"], "--lr-decay must be a number >= 1"),
     (["--lr-decay", "inf"], "--lr-decay must be a number >= 1"),
     (["--min-lr", "0.1"], "--min-lr must be in [0, --lr]"),
+    (["--lr-plateau", "0"], "--lr-plateau must be >= 1"),
+    (["--lr-plateau", "3", "--lr-plateau-factor", "1"], "--lr-plateau-factor must be a number > 1"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)

@@ -60,6 +60,23 @@ def test_all_ranks_stop_together_when_patience_runs_out(tmp_path):
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == 3
 
 
+def test_all_ranks_divide_the_learning_rate_together(tmp_path):
+    """--lr-plateau is rank 0's decision: a rank that kept the old rate would step its own copy of the weights
+    differently, and its gradients would pull rank 0's away from a single process's."""
+    first, single, double = str(tmp_path / "first"), str(tmp_path / "single"), str(tmp_path / "double")
+    run([], first)
+    make_first_epoch_unbeatable(os.path.join(first, "last.pt"))
+    plateau = ["--resume", os.path.join(first, "last.pt"), "--epochs", "4", "--lr-plateau", "1", "--lr", "3e-3"]
+    run([], single, *plateau)
+    stdout = run(TORCHRUN, double, *plateau, timeout=300)
+    assert stdout.count("the learning rate is now") == 3
+    a = torch.load(os.path.join(single, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(double, "last.pt"), weights_only=True)
+    assert a["lr_plateau"] == b["lr_plateau"] == {"drops": 3, "last_drop_epoch": 4}
+    for name, value in a["model_state"].items():
+        assert torch.allclose(value, b["model_state"][name], rtol=1e-4, atol=1e-6), name
+
+
 def test_each_rank_trains_on_its_own_part_of_the_global_batch():
     from nice_ext.distributed import Context
 
