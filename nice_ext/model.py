@@ -193,6 +193,22 @@ class NICE(nn.Module):
                            coupling=coupling, mask=mask if isinstance(mask, str) else mask.tolist(),
                            image_shape=self.image_shape, data_range=self.data_range)
 
+    @torch.no_grad()
+    def init_uniform_(self, weight_range: float) -> "NICE":
+        """Re-initialise as the authors' released configurations do (pylearn2 ``irange``): every weight of
+        every coupling network drawn from U(-weight_range, weight_range), every bias and the log-scales s
+        zero. (The default initialisation is PyTorch's, with each network's last layer at zero so that the
+        model starts as the identity.) Returns the model."""
+        weight_range = float(weight_range)
+        if not (math.isfinite(weight_range) and weight_range >= 0):
+            raise ValueError(f"weight_range must be a finite number >= 0, got {weight_range}")
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.uniform_(module.weight, -weight_range, weight_range)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.log_scale)
+        return self
+
     # ---------------------------------------------------------------------------------------------
     def _check_input(self, x: Tensor, name: str = "x") -> None:
         if not isinstance(x, Tensor):

@@ -203,3 +203,23 @@ def test_nan_in_one_row_leaves_the_other_rows_untouched():
     dirty = model.log_prob(x)
     assert torch.isnan(dirty[2])
     assert torch.equal(dirty[[0, 1, 3]], clean[[0, 1, 3]])
+
+
+def test_init_uniform_is_the_released_configs_initialisation():
+    torch.manual_seed(0)
+    model = NICE(data_dim=10, num_coupling_layers=3, num_hidden_layers=2, hidden_dim=64, coupling="affine")
+    with torch.no_grad():
+        model.log_scale.fill_(0.3)
+    assert model.init_uniform_(0.01) is model
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 3 * 3
+    weights = torch.cat([m.weight.detach().flatten() for m in linears])
+    assert weights.abs().max() <= 0.01 and weights.abs().max() > 0.0099  # U(-0.01, 0.01), its edges reached
+    assert abs(weights.mean()) < 1e-3 and weights.std().item() == pytest.approx(0.01 / math.sqrt(3), rel=0.05)
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in linears)
+    assert torch.equal(model.log_scale, torch.zeros(10))
+    x = torch.rand(4, 10)
+    torch.testing.assert_close(model.inverse(model(x)[0]), x, rtol=1e-5, atol=1e-5)
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="weight_range must be a finite number >= 0"):
+            model.init_uniform_(bad)
