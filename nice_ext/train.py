@@ -8,7 +8,8 @@ device, software, commit, date and command that produced it). A folder that alre
 refused (``--resume`` continues it, ``--overwrite`` replaces it). ``--time-limit`` or ``--max_iter`` may
 stop a run inside an epoch: last.pt keeps the place, and ``--resume`` goes on from there. ``--patience N``
 ends a run once the validation log-likelihood has not improved for N epochs; ``--lr-plateau N`` divides the
-learning rate instead (the paper keeps it constant). Under
+learning rate instead (the paper keeps it constant). ``--preset released-mnist`` trains the same model as the
+authors' released code does (RMSProp with momentum, a decaying rate, uniform initialisation). Under
 ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel (see nice_ext/distributed.py);
 ``--batch_size`` is then the global batch.
 """
@@ -39,14 +40,22 @@ from .cli_common import UsageError, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .files import atomic_file, stale_temporaries
 from .model import NICE
+from .optim import RMSPropMomentum
 
 # Paper §5.1: Adam (lr 1e-3, betas (0.9, 0.99), eps 1e-4), four additive couplings, logistic prior, best
 # validation model after 1500 epochs. Coupling MLPs: 5 x 1000 for MNIST, 4 x 2000 for SVHN and CIFAR-10.
 # Batch 200 is the authors' released MNIST setting; the paper gives none for the others.
 _PAPER = dict(batch_size=200, latent="logistic", lr=1e-3, momentum=0.9, decay=0.99, eps=1e-4, coupling=4,
               coup_type="additive", epochs=1500)
+# The authors' released MNIST config (pylearn2, laurent-dinh/nice exp/nice_mnist.yaml) trains the same model
+# otherwise than the paper's text: RMSProp with momentum (averaging 0.95, the root floored at 1e-2), the rate
+# divided by 1.0005 per step down to 1e-4, momentum 0 for five epochs then 0.5, and weights drawn from
+# U(-0.01, 0.01) with zero biases.
+_RELEASED = dict(optimizer="rmsprop", momentum=0.5, decay=0.95, eps=1e-2, momentum_warmup=5, lr_decay=1.0005,
+                 min_lr=1e-4, init_range=0.01)
 PRESETS: Dict[str, Dict[str, object]] = {
     "paper-mnist": dict(_PAPER, dataset="mnist", mid_dim=1000, hidden=5),
+    "released-mnist": dict(_PAPER, dataset="mnist", mid_dim=1000, hidden=5, **_RELEASED),
     "paper-cifar10": dict(_PAPER, dataset="cifar10", mid_dim=2000, hidden=4),
     "paper-svhn": dict(_PAPER, dataset="svhn", mid_dim=2000, hidden=4),
 }
@@ -60,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", default="logistic", help="prior: logistic or gaussian")
     p.add_argument("--max_iter", type=int, default=None, help="stop after this many optimizer steps")
     p.add_argument("--sample_size", type=int, default=64, help="images in the sample grid")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "rmsprop"],
+                   help="adam (the paper) or rmsprop: RMSProp with momentum as in the authors' released configs "
+                        "(nice_ext/optim.py); --momentum, --decay and --eps then mean its momentum, averaging "
+                        "coefficient and stabilizer (--preset released-mnist sets all of it)")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     p.add_argument("--lr-decay", type=float, default=None, metavar="FACTOR",
                    help="divide the learning rate by FACTOR after every step, down to --min-lr (the authors' released "
                         "MNIST config uses 1.0005 and 1e-4; default: a constant rate, as the paper states)")
@@ -69,10 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "improved for N epochs (since the best epoch or the last division), down to --min-lr")
     p.add_argument("--lr-plateau-factor", type=float, default=10.0, help="the divisor of --lr-plateau")
     p.add_argument("--min-lr", type=float, default=0.0, help="the floor of --lr-decay and --lr-plateau")
-    p.add_argument("--momentum", type=float, default=0.9, help="Adam beta1")
+    p.add_argument("--momentum", type=float, default=0.9, help="Adam beta1; rmsprop: the momentum")
     p.add_argument("--decay", type=float, default=0.99,
-                   help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms)")
-    p.add_argument("--eps", type=float, default=1e-4, help="Adam epsilon")
+                   help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms); rmsprop: the "
+                        "averaging coefficient of the squared gradients")
+    p.add_argument("--eps", type=float, default=1e-4, help="Adam epsilon; rmsprop: the floor of the gradients' RMS")
+    p.add_argument("--momentum-warmup", type=int, default=0, metavar="N",
+                   help="rmsprop: train the first N epochs without momentum (the released configs: 5)")
+    p.add_argument("--init-range", type=float, default=None, metavar="R",
+                   help="draw every coupling-network weight from U(-R, R), biases and log-scales zero (the released "
+                        "configs: 0.01); default: PyTorch's initialisation with each network's last layer at zero")
     p.add_argument("--coupling", type=int, default=4, help="number of coupling layers")
     p.add_argument("--save-every", type=float, default=5, help="write checkpoints and figures every N epochs")
     p.add_argument("--coup-type", default="additive", help="coupling law: additive or affine")
@@ -97,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
                    help="torch.compile mode; reduce-overhead captures the loss's forward and backward in CUDA graphs")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the whole training step (forward, backward, Adam) in one CUDA graph and replay it: "
-                        "the fastest way to train at small batch sizes on a GPU")
+                   help="capture the whole training step (forward, backward, optimizer) in one CUDA graph and "
+                        "replay it: the fastest way to train at small batch sizes on a GPU")
     p.add_argument("--patience", type=int, default=None, metavar="N",
                    help="stop once the validation log-likelihood has not improved for N epochs (default: train all "
                         "epochs, as the paper does; the best model is kept either way)")
@@ -133,8 +152,11 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
               (args.lr_plateau_factor > 1 and math.isfinite(args.lr_plateau_factor),
                f"--lr-plateau-factor must be a number > 1, got {args.lr_plateau_factor}"),
               (0 <= args.min_lr <= args.lr, f"--min-lr must be in [0, --lr], got {args.min_lr}"),
-              (0 <= args.momentum < 1, f"--momentum (Adam beta1) must be in [0, 1), got {args.momentum}"),
-              (0 <= args.decay < 1, f"--decay (Adam beta2) must be in [0, 1), got {args.decay}"),
+              (0 <= args.momentum < 1, f"--momentum must be in [0, 1), got {args.momentum}"),
+              (0 <= args.decay < 1, f"--decay must be in [0, 1), got {args.decay}"),
+              (args.momentum_warmup >= 0, f"--momentum-warmup must be >= 0, got {args.momentum_warmup}"),
+              (args.init_range is None or (args.init_range >= 0 and math.isfinite(args.init_range)),
+               f"--init-range must be a finite number >= 0, got {args.init_range}"),
               (args.eps > 0, f"--eps must be positive, got {args.eps}"),
               (args.epochs >= 0, f"--epochs must be >= 0, got {args.epochs}"),
               (args.sample_size >= 0, f"--sample_size must be >= 0, got {args.sample_size}"),
@@ -185,6 +207,10 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
         if dest in args.explicit and getattr(args, dest) != stored:
             raise UsageError(f"{options[dest]} {getattr(args, dest)} differs from {path}'s {stored}: a resumed run "
                              f"keeps its architecture")
+    stored_optimizer = dict(resume.get("args", {})).get("optimizer", "adam")  # runs before --optimizer: Adam
+    if "optimizer" in args.explicit and args.optimizer != stored_optimizer:
+        raise UsageError(f"--optimizer {args.optimizer} differs from {path}'s {stored_optimizer}: a resumed run keeps "
+                         f"its optimizer (its state fits only that one)")
     changed = []
     for dest, value in dict(resume.get("args", {})).items():
         if dest in NOT_INHERITED or not hasattr(args, dest):
@@ -199,17 +225,46 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
     return changed
 
 
-def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Adam:
-    """Adam with the run's hyperparameters, fused on every device: one pass over the parameters per step
-    instead of a handful per parameter tensor (on a 2-core CPU 11 ms instead of 65 ms for the paper's
-    MNIST model, a third of a training step at batch 200). With --cuda-graph, Adam's step count lives on
-    the GPU (capturable), inside the graph; a decaying learning rate (--lr-decay) is then a float32 tensor
-    on the GPU, changed in place before each step, since a captured graph would replay a Python number."""
+def check_optimizer_settings(args: argparse.Namespace) -> None:
+    """Checks that depend on the optimizer, made once a resumed run has its settings from the checkpoint."""
+    if args.momentum_warmup and args.optimizer != "rmsprop":
+        raise UsageError("--momentum-warmup applies to --optimizer rmsprop (Adam's --momentum is its beta1)")
+
+
+def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The run's optimizer with its hyperparameters.
+
+    Adam is fused on every device: one pass over the parameters per step instead of a handful per
+    parameter tensor (on a 2-core CPU 11 ms instead of 65 ms for the paper's MNIST model, a third of a
+    training step at batch 200); RMSProp with momentum runs on multi-tensor operations. With --cuda-graph,
+    Adam's step count lives on the GPU (capturable), inside the graph; a learning rate that changes
+    (--lr-decay, --lr-plateau) or rmsprop's momentum is then a float32 tensor on the GPU, changed in place
+    before each step, since a captured graph would replay a Python number."""
     parameters = list(parameters)
-    graphed_schedule = args.cuda_graph and has_lr_schedule(args)
-    lr = torch.tensor(args.lr, dtype=torch.float32, device=parameters[0].device) if graphed_schedule else args.lr
+
+    def on_device(value: float, changes: bool):
+        return torch.tensor(value, dtype=torch.float32, device=parameters[0].device) \
+            if args.cuda_graph and changes else value
+
+    lr = on_device(args.lr, has_lr_schedule(args))
+    if args.optimizer == "rmsprop":
+        return RMSPropMomentum(parameters, lr=lr, momentum=on_device(epoch_momentum(args, 1), True),
+                               averaging=args.decay, stabilizer=args.eps, capturable=bool(args.cuda_graph))
     return torch.optim.Adam(parameters, lr=lr, betas=(args.momentum, args.decay), eps=args.eps, fused=True,
                             capturable=bool(args.cuda_graph))
+
+
+def optimizer_hyperparameters(args: argparse.Namespace) -> Dict[str, object]:
+    """The run's settings as the optimizer's param-group entries (without the learning rate)."""
+    if args.optimizer == "rmsprop":
+        return dict(averaging=args.decay, stabilizer=args.eps)
+    return dict(betas=(args.momentum, args.decay), eps=args.eps)
+
+
+def epoch_momentum(args: argparse.Namespace, epoch: int) -> float:
+    """rmsprop's momentum in ``epoch`` (from 1): none during the --momentum-warmup epochs, then --momentum
+    (the released configs' MomentumAdjustor(start=5, saturate=6): 0 in epochs 1-5, 0.5 from epoch 6)."""
+    return 0.0 if epoch <= args.momentum_warmup else args.momentum
 
 
 def has_lr_schedule(args: argparse.Namespace) -> bool:
@@ -235,25 +290,28 @@ def lr_plateau_state(resume: Dict[str, object], path: str) -> Tuple[int, int]:
     return state["drops"], state["last_drop_epoch"]
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the learning rate of the next step (in place where it is a tensor a CUDA graph reads)."""
+def set_hyperparameter(optimizer: torch.optim.Optimizer, key: str, value: float) -> None:
+    """Set a value the next step reads (the learning rate, rmsprop's momentum) in every param group, in
+    place where it is a tensor a CUDA graph reads."""
     for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)
+        if isinstance(group[key], torch.Tensor):
+            group[key].fill_(value)
         else:
-            group["lr"] = lr
+            group[key] = value
 
 
 def resume_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object], args: argparse.Namespace) -> None:
-    """Load Adam's moments and step counts with this run's hyperparameters (a learning rate given with
-    --resume must take effect) and this device's implementation flags (a checkpoint written on a GPU with
-    fused or capturable Adam resumes on a CPU, and the other way round)."""
+    """Load the optimizer's state (Adam's moments and step counts, rmsprop's averages and velocities) with
+    this run's hyperparameters (a learning rate given with --resume must take effect) and this device's
+    implementation flags (a checkpoint written on a GPU with fused or capturable Adam resumes on a CPU, and
+    the other way round)."""
     state = dict(state)
+    # this run's kinds of values: floats, or tensors a CUDA graph reads
+    current = {key: optimizer.param_groups[0][key] for key in ("lr", "momentum") if key in optimizer.defaults}
     implementation = {key: optimizer.defaults[key] for key in ("fused", "capturable", "foreach")
                       if key in optimizer.defaults}
-    lr = optimizer.param_groups[0]["lr"]  # this run's kind: a float, or a tensor with --lr-decay
-    state["param_groups"] = [dict(group, lr=lr, betas=(args.momentum, args.decay), eps=args.eps,
-                                  **implementation) for group in state["param_groups"]]
+    state["param_groups"] = [dict(group, **current, **optimizer_hyperparameters(args), **implementation)
+                             for group in state["param_groups"]]
     optimizer.load_state_dict(state)
 
 
@@ -387,9 +445,10 @@ def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels:
 
 
 def build_model(args: argparse.Namespace, info: data_lib.DatasetInfo) -> NICE:
-    return NICE(info.dim, num_coupling_layers=args.coupling, num_hidden_layers=args.hidden, hidden_dim=args.mid_dim,
-                prior=args.latent, coupling=args.coup_type, mask=args.mask, image_shape=info.image_shape,
-                data_range=info.data_range)
+    model = NICE(info.dim, num_coupling_layers=args.coupling, num_hidden_layers=args.hidden, hidden_dim=args.mid_dim,
+                 prior=args.latent, coupling=args.coup_type, mask=args.mask, image_shape=info.image_shape,
+                 data_range=info.data_range)
+    return model.init_uniform_(args.init_range) if args.init_range is not None else model
 
 
 def run(args: argparse.Namespace) -> int:
@@ -414,6 +473,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         if ctx.is_main:
             print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                   + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
+    check_optimizer_settings(args)
     replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
     device = ctx.device if ctx.enabled else pick_device(args.device)
     seed_everything(args.seed)
@@ -535,6 +595,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     for epoch in range(start_epoch + 1, last_epoch + 1):
         epoch_start, in_progress = time.time(), None
         model.train()
+        if args.optimizer == "rmsprop":
+            set_hyperparameter(optimizer, "momentum", epoch_momentum(args, epoch))
         # The epoch's shuffle comes from the data generator's state at its start. A run stopped inside an
         # epoch saved that state and how far it got (`place`): resuming draws the same order, skips the
         # batches already taken and carries on with the sums, as an uninterrupted run would.
@@ -556,7 +618,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         for batch in bar:
             x = preprocess(batch, generator)  # the global batch: the same on every rank
             if has_lr_schedule(args):
-                set_lr(optimizer, scheduled_lr(args, step, plateau_drops))
+                set_hyperparameter(optimizer, "lr", scheduled_lr(args, step, plateau_drops))
             loss = train_step(x)
             first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
             step += 1

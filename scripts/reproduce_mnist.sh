@@ -3,6 +3,8 @@
 #
 #   usage: bash scripts/reproduce_mnist.sh TAG [train flags, e.g. --precision tf32 --cuda-graph --time-limit 560]
 #
+# A --preset among the flags replaces paper-mnist (e.g. --preset released-mnist: the authors' released config).
+#
 # The run lives in $RUNS_DIR/reproduce_mnist_TAG (default runs/). A first call starts
 # `python -m nice_ext.train --preset paper-mnist`; a later call resumes the run from its last.pt (a run
 # stopped by --time-limit inside an epoch goes on exactly where it stopped), so a 1500-epoch run can be

@@ -237,6 +237,34 @@ def test_lr_plateau_divides_the_rate_after_epochs_without_gain_and_resumes_on_it
     assert result.returncode == 1 and "its --lr-plateau record is damaged" in result.stderr
 
 
+RMSPROP = ["--optimizer", "rmsprop", "--momentum", "0.5", "--decay", "0.95", "--eps", "1e-2", "--momentum-warmup", "1",
+           "--init-range", "0.01", "--lr-decay", "1.05", "--min-lr", "1e-3"]
+
+
+def test_rmsprop_with_momentum_warmup_learns_and_resumes_exactly(tmp_path, capsys):
+    """The released configs' training (--preset released-mnist on a tiny model): no momentum in the warm-up
+    epoch, then --momentum; the optimizer's averages and velocities go on through --resume."""
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", straight, "--epochs", "3", *TINY, *RMSPROP]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", split, "--epochs", "1", *TINY, *RMSPROP]) == 0
+    first = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert first["optimizer_state"]["param_groups"][0]["momentum"] == 0.0
+    assert set(first["optimizer_state"]["state"][0]) == {"mean_square", "velocity"}
+    assert train.main(["--resume", os.path.join(split, "last.pt"), "--epochs", "3", "--device", "cpu"]) == 0
+    a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
+    b = torch.load(os.path.join(split, "last.pt"), weights_only=True)
+    assert a["optimizer_state"]["param_groups"][0]["momentum"] == 0.5
+    assert a["args"]["optimizer"] == "rmsprop" and a["args"]["init_range"] == 0.01
+    for name, value in a["model_state"].items():
+        assert torch.equal(value, b["model_state"][name]), name
+    rows = metrics(straight)
+    assert float(rows[-1]["valid_ll_nats"]) > float(rows[0]["valid_ll_nats"]) + 5
+    capsys.readouterr()
+    assert train.main(["--resume", os.path.join(split, "last.pt"), "--optimizer", "adam", "--epochs", "4",
+                       "--device", "cpu"]) == 2
+    assert "--optimizer adam differs from" in capsys.readouterr().err
+
+
 def test_a_run_from_before_the_lr_column_gets_it_from_its_next_epoch(tmp_path):
     out = str(tmp_path / "run")
     assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", *TINY]) == 0
@@ -403,9 +431,11 @@ def test_cuda_graph_needs_a_cuda_device(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("schedule", [[], ["--lr-decay", "1.2", "--min-lr", "1e-3"]], ids=["constant", "decaying"])
+@pytest.mark.parametrize("schedule", [[], ["--lr-decay", "1.2", "--min-lr", "1e-3"], RMSPROP],
+                         ids=["constant", "decaying", "rmsprop"])
 def test_cuda_graph_training_matches_eager(tmp_path, schedule):
-    """A decaying learning rate is a tensor the graph reads: a captured Python number would replay 3e-3."""
+    """A decaying learning rate (and rmsprop's momentum, 0 in the first epoch) is a tensor the graph reads:
+    a captured Python number would replay its first value."""
     on_cuda = [a if a != "cpu" else "cuda" for a in TINY] + schedule
     eager, graphed = str(tmp_path / "eager"), str(tmp_path / "graphed")
     assert train.main(["--data-dir", data_dir(), "--out-dir", eager, "--epochs", "2", *on_cuda]) == 0
@@ -420,6 +450,11 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     assert args.lr == 3e-3 and args.epochs == 7 and args.mid_dim == 1000 and args.decay == 0.99
     assert args.eps == 1e-4 and args.batch_size == 200 and args.hidden == 5
     assert train.parse_args([]).epochs == 10 and train.parse_args(["--preset", "paper-mnist"]).epochs == 1500
+    released = train.parse_args(["--preset", "released-mnist", "--momentum", "0.6"])
+    assert (released.optimizer, released.momentum, released.decay, released.eps, released.momentum_warmup) == \
+        ("rmsprop", 0.6, 0.95, 1e-2, 5)
+    assert (released.lr, released.lr_decay, released.min_lr, released.init_range) == (1e-3, 1.0005, 1e-4, 0.01)
+    assert (released.mid_dim, released.hidden, released.batch_size, released.epochs) == (1000, 5, 200, 1500)
     cifar = train.parse_args(["--preset", "paper-cifar10"])
     assert (cifar.dataset, cifar.mid_dim, cifar.hidden, cifar.decay) == ("cifar10", 2000, 4, 0.99)
 
@@ -438,6 +473,11 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--min-lr", "0.1"], "--min-lr must be in [0, --lr]"),
     (["--lr-plateau", "0"], "--lr-plateau must be >= 1"),
     (["--lr-plateau", "3", "--lr-plateau-factor", "1"], "--lr-plateau-factor must be a number > 1"),
+    (["--optimizer", "sgd"], "argument --optimizer: invalid choice"),
+    (["--momentum-warmup", "-1"], "--momentum-warmup must be >= 0"),
+    (["--momentum-warmup", "5"], "--momentum-warmup applies to --optimizer rmsprop"),
+    (["--init-range", "-0.1"], "--init-range must be a finite number >= 0"),
+    (["--init-range", "nan"], "--init-range must be a finite number >= 0"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)
