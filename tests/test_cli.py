@@ -505,6 +505,7 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
 
     stdout, first = script("t", *tiny, "--max_iter", "15")  # stops inside epoch 2
     assert "== starting" in stdout and first["status"].startswith("partial: --max_iter 15 reached after 1 of 2")
+    assert first["command"].count("--preset") == 1 and "--preset paper-mnist" in first["command"]
     stdout, second = script("t", "--max_iter", "1000")
     assert "== resuming" in stdout and second["status"] == "complete" and second["epochs"] == 2
     assert second["steps"] == 20 and "--resume" in second["command"]
@@ -512,6 +513,16 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
     assert filed == ["curve.png", "inpaint.png", "metrics.csv", "samples.png", "spectrum.png", "train.log"]
     log = (tmp_path / "results" / "reproduce_mnist_t" / "train.log").read_text()
     assert log.count("test log-likelihood") == 2  # both pieces, in one log
+    # a preset among the flags replaces the paper's (another tag: a run of its own)
+    result = subprocess.run(["bash", "scripts/reproduce_mnist.sh", "r", "--preset", "released-mnist", *tiny,
+                             "--max_iter", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(tmp_path / "results" / "reproduce_mnist_r.json") as f:
+        command = json.load(f)["command"]
+    assert command.count("--preset") == 1 and "--preset released-mnist" in command
+    # stopped before its first epoch ended: no best.pt, so no inpainting, and the rest is still filed
+    assert "no best.pt to inpaint with" in result.stdout
+    assert "train.log" in os.listdir(tmp_path / "results" / "reproduce_mnist_r")
     usage = subprocess.run(["bash", "scripts/reproduce_mnist.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash scripts/reproduce_mnist.sh TAG" in usage.stderr
 
