@@ -496,11 +496,11 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
     tiny = ["--subset", "1000", "--mid-dim", "24", "--hidden", "1", "--batch_size", "100", "--sample_size", "4",
             "--epochs", "2", "--device", "cpu", "--no-download"]
 
-    def script(*args):
-        result = subprocess.run(["bash", "scripts/reproduce_mnist.sh", *args], cwd=ROOT, env=env,
+    def script(tag, *args):
+        result = subprocess.run(["bash", "scripts/reproduce_mnist.sh", tag, *args], cwd=ROOT, env=env,
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-        with open(tmp_path / "results" / "reproduce_mnist_t.json") as f:
+        with open(tmp_path / "results" / f"reproduce_mnist_{tag}.json") as f:
             return result.stdout, json.load(f)
 
     stdout, first = script("t", *tiny, "--max_iter", "15")  # stops inside epoch 2
@@ -514,14 +514,10 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
     log = (tmp_path / "results" / "reproduce_mnist_t" / "train.log").read_text()
     assert log.count("test log-likelihood") == 2  # both pieces, in one log
     # a preset among the flags replaces the paper's (another tag: a run of its own)
-    result = subprocess.run(["bash", "scripts/reproduce_mnist.sh", "r", "--preset", "released-mnist", *tiny,
-                             "--max_iter", "3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    with open(tmp_path / "results" / "reproduce_mnist_r.json") as f:
-        command = json.load(f)["command"]
-    assert command.count("--preset") == 1 and "--preset released-mnist" in command
+    stdout, released = script("r", "--preset", "released-mnist", *tiny, "--max_iter", "3")
+    assert released["command"].count("--preset") == 1 and "--preset released-mnist" in released["command"]
     # stopped before its first epoch ended: no best.pt, so no inpainting, and the rest is still filed
-    assert "no best.pt to inpaint with" in result.stdout
+    assert "no best.pt to inpaint with" in stdout
     assert "train.log" in os.listdir(tmp_path / "results" / "reproduce_mnist_r")
     usage = subprocess.run(["bash", "scripts/reproduce_mnist.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash scripts/reproduce_mnist.sh TAG" in usage.stderr
