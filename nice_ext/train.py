@@ -64,65 +64,87 @@ PRESETS: Dict[str, Dict[str, object]] = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nice_ext.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or svhn")
-    p.add_argument("--batch_size", type=int, default=200, help="images per optimizer step")
-    p.add_argument("--latent", default="logistic", help="prior: logistic or gaussian")
-    p.add_argument("--max_iter", type=int, default=None, help="stop after this many optimizer steps")
-    p.add_argument("--sample_size", type=int, default=64, help="images in the sample grid")
-    p.add_argument("--optimizer", default="adam", choices=["adam", "rmsprop"],
-                   help="adam (the paper) or rmsprop: RMSProp with momentum as in the authors' released configs "
-                        "(nice_ext/optim.py); --momentum, --decay and --eps then mean its momentum, averaging "
-                        "coefficient and stabilizer (--preset released-mnist sets all of it)")
-    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
-    p.add_argument("--lr-decay", type=float, default=None, metavar="FACTOR",
-                   help="divide the learning rate by FACTOR after every step, down to --min-lr (the authors' released "
-                        "MNIST config uses 1.0005 and 1e-4; default: a constant rate, as the paper states)")
-    p.add_argument("--lr-plateau", type=int, default=None, metavar="N",
-                   help="divide the learning rate by --lr-plateau-factor once the validation log-likelihood has not "
-                        "improved for N epochs (since the best epoch or the last division), down to --min-lr")
-    p.add_argument("--lr-plateau-factor", type=float, default=10.0, help="the divisor of --lr-plateau")
-    p.add_argument("--min-lr", type=float, default=0.0, help="the floor of --lr-decay and --lr-plateau")
-    p.add_argument("--momentum", type=float, default=0.9, help="Adam beta1; rmsprop: the momentum")
-    p.add_argument("--decay", type=float, default=0.99,
-                   help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms); rmsprop: the "
-                        "averaging coefficient of the squared gradients")
-    p.add_argument("--eps", type=float, default=1e-4, help="Adam epsilon; rmsprop: the floor of the gradients' RMS")
-    p.add_argument("--momentum-warmup", type=int, default=0, metavar="N",
-                   help="rmsprop: train the first N epochs without momentum (the released configs: 5)")
-    p.add_argument("--init-range", type=float, default=None, metavar="R",
-                   help="draw every coupling-network weight from U(-R, R), biases and log-scales zero (the released "
-                        "configs: 0.01); default: PyTorch's initialisation with each network's last layer at zero")
-    p.add_argument("--coupling", type=int, default=4, help="number of coupling layers")
-    p.add_argument("--save-every", type=float, default=5, help="write checkpoints and figures every N epochs")
-    p.add_argument("--coup-type", default="additive", help="coupling law: additive or affine")
-    p.add_argument("--mid-dim", type=int, default=1000, help="hidden units per coupling-network layer")
-    p.add_argument("--hidden", type=int, default=5, help="hidden layers per coupling network")
-    p.add_argument("--mask", default="odd-even", help="odd-even or checkerboard")
-    p.add_argument("--data-dir", default="data", help="folder with the datasets (see nice_ext/data.py)")
-    p.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
-    p.add_argument("--out-dir", default="runs/nice", help="where checkpoints, figures and metrics go")
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default 1500 with a preset, else 10)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue from a checkpoint (last.pt)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --out-dir (its checkpoints, metrics and figures are deleted)")
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None)
-    p.add_argument("--subset", type=int, default=None, help="train on the first N training images")
-    p.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
-    p.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
-                   help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the training loss")
-    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode; reduce-overhead captures the loss's forward and backward in CUDA graphs")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the whole training step (forward, backward, optimizer) in one CUDA graph and "
-                        "replay it: the fastest way to train at small batch sizes on a GPU")
-    p.add_argument("--patience", type=int, default=None, metavar="N",
-                   help="stop once the validation log-likelihood has not improved for N epochs (default: train all "
-                        "epochs, as the paper does; the best model is kept either way)")
-    p.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds of training")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a published setup: paper-mnist, paper-cifar10 and paper-svhn as the paper states them, "
+                        "released-mnist as the authors' released code trains MNIST; flags given too still win")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or svhn")
+    data.add_argument("--data-dir", default="data", help="folder with the datasets (see nice_ext/data.py)")
+    data.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
+    data.add_argument("--subset", type=int, default=None, help="train on the first N training images")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--coupling", type=int, default=4, help="number of coupling layers")
+    model.add_argument("--coup-type", default="additive", help="coupling law: additive or affine")
+    model.add_argument("--mask", default="odd-even", help="odd-even or checkerboard")
+    model.add_argument("--hidden", type=int, default=5, help="hidden layers per coupling network")
+    model.add_argument("--mid-dim", type=int, default=1000, help="hidden units per coupling-network layer")
+    model.add_argument("--latent", default="logistic", help="prior: logistic or gaussian")
+    model.add_argument("--init-range", type=float, default=None, metavar="R",
+                       help="draw every coupling-network weight from U(-R, R), biases and log-scales zero (the "
+                            "released configs: 0.01); default: PyTorch's initialisation with each network's last "
+                            "layer at zero")
+
+    optim = p.add_argument_group("optimizer and learning rate")
+    optim.add_argument("--optimizer", default="adam", choices=["adam", "rmsprop"],
+                       help="adam (the paper) or rmsprop: RMSProp with momentum as in the authors' released configs "
+                            "(nice_ext/optim.py); --momentum, --decay and --eps then mean its momentum, averaging "
+                            "coefficient and stabilizer (--preset released-mnist sets all of it)")
+    optim.add_argument("--batch_size", type=int, default=200, help="images per optimizer step")
+    optim.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    optim.add_argument("--momentum", type=float, default=0.9, help="Adam beta1; rmsprop: the momentum")
+    optim.add_argument("--decay", type=float, default=0.99,
+                       help="Adam beta2 (the paper's 'beta2 = 0.01' means 1 - 0.01 = 0.99 in torch terms); rmsprop: "
+                            "the averaging coefficient of the squared gradients")
+    optim.add_argument("--eps", type=float, default=1e-4, help="Adam epsilon; rmsprop: the floor of the gradients' RMS")
+    optim.add_argument("--momentum-warmup", type=int, default=0, metavar="N",
+                       help="rmsprop: train the first N epochs without momentum (the released configs: 5)")
+    optim.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+    optim.add_argument("--lr-decay", type=float, default=None, metavar="FACTOR",
+                       help="divide the learning rate by FACTOR after every step, down to --min-lr (the authors' "
+                            "released MNIST config uses 1.0005 and 1e-4; default: a constant rate, as the paper "
+                            "states)")
+    optim.add_argument("--lr-plateau", type=int, default=None, metavar="N",
+                       help="divide the learning rate by --lr-plateau-factor once the validation log-likelihood has "
+                            "not improved for N epochs (since the best epoch or the last division), down to --min-lr")
+    optim.add_argument("--lr-plateau-factor", type=float, default=10.0, help="the divisor of --lr-plateau")
+    optim.add_argument("--min-lr", type=float, default=0.0, help="the floor of --lr-decay and --lr-plateau")
+
+    length = p.add_argument_group("how long to train")
+    length.add_argument("--epochs", type=int, default=None,
+                        help="epochs to train (default 1500 with a preset, else 10)")
+    length.add_argument("--max_iter", type=int, default=None, help="stop after this many optimizer steps")
+    length.add_argument("--time-limit", type=float, default=None,
+                        help="stop after this many seconds of training (last.pt keeps the place for --resume)")
+    length.add_argument("--patience", type=int, default=None, metavar="N",
+                        help="stop once the validation log-likelihood has not improved for N epochs (default: train "
+                             "all epochs, as the paper does; the best model is kept either way)")
+
+    run = p.add_argument_group("run, outputs and resuming")
+    run.add_argument("--out-dir", default="runs/nice", help="where checkpoints, figures and metrics go")
+    run.add_argument("--resume", default=None, metavar="PATH",
+                     help="continue a run from its checkpoint (last.pt); settings not given again come from it")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the run already in --out-dir (its checkpoints, metrics and figures are deleted)")
+    run.add_argument("--save-every", type=float, default=5, help="write checkpoints and figures every N epochs")
+    run.add_argument("--sample_size", type=int, default=64, help="images in the sample grid")
+    run.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
+    run.add_argument("--seed", type=seed_value, default=0,
+                     help="seed of the weights, the data order and the dequantization noise (default 0)")
+
+    speed = p.add_argument_group("device and speed")
+    speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: cuda when a GPU is visible, else cpu")
+    speed.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
+                       help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the training loss")
+    speed.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                       help="torch.compile mode; reduce-overhead captures the loss's forward and backward in CUDA "
+                            "graphs")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="capture the whole training step (forward, backward, optimizer) in one CUDA graph and "
+                            "replay it: the fastest way to train at small batch sizes on a GPU")
     return p
 
 
