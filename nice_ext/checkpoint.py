@@ -8,7 +8,7 @@ every field the tools need; any problem becomes a ``CheckpointError`` naming the
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import torch
 
@@ -69,3 +69,14 @@ def model_from_checkpoint(payload: Dict[str, Any], path: str = "checkpoint") -> 
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: the stored model does not load: {error}") from None
     return model
+
+
+def load_model(path: str, device: Union[str, torch.device] = "cpu") -> NICE:
+    """The model of a checkpoint written by ``python -m nice_ext.train`` (its ``best.pt`` or ``last.pt``), on
+    ``device`` and in eval mode. A missing, corrupt or foreign file raises ``CheckpointError`` naming it.
+
+    ``model.log_prob`` of the result is in the model's input space: dequantized pixels for MNIST and
+    Fashion-MNIST; for the whitened datasets (CIFAR-10, SVHN) ``python -m nice_ext.evaluate`` adds the
+    whitening's log-determinant to report likelihoods in pixel space.
+    """
+    return model_from_checkpoint(load_checkpoint(path), path).to(device).eval()

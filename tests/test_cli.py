@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import ROOT, data_dir, make_first_epoch_unbeatable
+import nice_ext
+from nice_ext import data as data_lib
 from nice_ext import sample, train
 from nice_ext.cli_common import run_tool as run_in_process
 
@@ -93,6 +95,26 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
                       "--steps", "5", "--device", "cpu", "--no-download")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
+
+
+def test_load_model_gives_back_the_trained_model(trained, tmp_path):
+    """nice_ext.load_model, the Python way into a run: the model it loads scores what training printed."""
+    out, _ = trained
+    model = nice_ext.load_model(os.path.join(out, "best.pt"), device="cpu")
+    assert isinstance(model, nice_ext.NICE) and not model.training and model.log_scale.device.type == "cpu"
+    with open(os.path.join(out, "result.json")) as f:
+        result = json.load(f)
+    info = data_lib.dataset_info("mnist")
+    test_pixels = data_lib.load_pixels("mnist", data_dir(), "test", download=False)
+    with torch.no_grad():  # the draw (seed 777) of the training run's one-draw test score
+        score = train.average_log_likelihood(model, data_lib.Preprocess(info), test_pixels, 1000,
+                                             torch.Generator().manual_seed(777))
+    assert abs(score - result["test_ll_nats"]) < 0.01
+    with pytest.raises(nice_ext.CheckpointError, match="missing.pt: no such checkpoint"):
+        nice_ext.load_model(str(tmp_path / "missing.pt"))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    with pytest.raises(nice_ext.CheckpointError, match="foreign.pt: not a nice_ext checkpoint"):
+        nice_ext.load_model(str(tmp_path / "foreign.pt"))
 
 
 def test_resume_continues_exactly(tmp_path):
