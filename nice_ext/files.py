@@ -15,6 +15,18 @@ def temporary_prefix(path: str) -> str:
     return ".tmp-" + os.path.basename(path) + "-"
 
 
+def file_mode(path: str) -> int:
+    """The permissions ``path`` should get: those of the file it replaces, else what ``open()`` would give a
+    new file (0666 less the umask). mkstemp makes its file private (0600), which would hide a run's outputs
+    from the other users of a shared machine."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except FileNotFoundError:
+        umask = os.umask(0)  # the only portable way to read the umask is to set it
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[BinaryIO]:
     """``with atomic_file(path) as f: f.write(...)``: ``path`` gets all of it, or stays as it was."""
@@ -23,6 +35,7 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     fd, tmp_path = tempfile.mkstemp(prefix=temporary_prefix(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode(path))
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -74,6 +74,25 @@ def test_whitened_dataset_end_to_end(fake_dataset, tmp_path):
     assert os.path.getsize(os.path.join(out, "samples.png")) > 0
 
 
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Not mkstemp's private 0600: a new file gets 0666 less the umask, a replaced one keeps its mode."""
+    old_umask = os.umask(0o022)
+    try:
+        with atomic_file(str(tmp_path / "metrics.csv")) as f:
+            f.write(b"new")
+        assert os.stat(tmp_path / "metrics.csv").st_mode & 0o777 == 0o644
+        os.chmod(tmp_path / "metrics.csv", 0o640)
+        with atomic_file(str(tmp_path / "metrics.csv")) as f:
+            f.write(b"newer")
+        assert os.stat(tmp_path / "metrics.csv").st_mode & 0o777 == 0o640
+        os.umask(0o077)
+        with atomic_file(str(tmp_path / "best.pt")) as f:
+            f.write(b"private")
+        assert os.stat(tmp_path / "best.pt").st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old_umask)
+
+
 def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     target = tmp_path / "samples.png"
     target.write_bytes(b"old")
