@@ -26,7 +26,9 @@ import math
 import os
 import random
 import shlex
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
@@ -473,20 +475,53 @@ def build_model(args: argparse.Namespace, info: data_lib.DatasetInfo) -> NICE:
     return model.init_uniform_(args.init_range) if args.init_range is not None else model
 
 
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (what a job scheduler sends before it ends a job) stop training at the
+    next step, as ``--time-limit`` does: last.pt keeps the place and ``--resume`` goes on from there. A
+    second signal interrupts at once. Installed only around the training loop, in the main thread."""
+
+    def __init__(self) -> None:
+        self.received: Optional[signal.Signals] = None
+        self.previous: Dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(number) is not signal.SIG_IGN:  # an ignored one (nohup, `cmd &`) stays so
+                    self.previous[number] = signal.signal(number, self._handle)
+
+    def restore(self) -> None:
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+        self.previous.clear()
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number)
+        print(f"\n{self.received.name} received: stopping after this step (again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    @property
+    def reason(self) -> str:
+        return f"{self.received.name if self.received else 'a stop signal'} received"
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import plots
     from .distributed import Context
 
-    ctx = Context(args.device)
+    ctx, stop_signals = Context(args.device), StopSignals()
     try:
-        return train(args, ctx, tqdm, plots)
+        return train(args, ctx, tqdm, plots, stop_signals)
     finally:
+        stop_signals.restore()
         ctx.close()
 
 
-def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
+def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals) -> int:
     # The code that runs is the checkout as it is now; a commit made while the run goes must not be named.
     commit = provenance.source_commit() if ctx.is_main else None
     resume = load_checkpoint(args.resume) if args.resume else None
@@ -614,6 +649,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume, generator) \
         if resume is not None else None
     last_epoch = start_epoch if stopped_early else args.epochs
+    stop_signals.install()
     for epoch in range(start_epoch + 1, last_epoch + 1):
         epoch_start, in_progress = time.time(), None
         model.train()
@@ -661,6 +697,10 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
                     and ctx.any(time.time() - started > args.time_limit, device)):
                 stop_reason = f"--time-limit {args.time_limit:g} s reached"
                 break
+            # a Python flag: read at every step by a lone process, with the other checks under torchrun
+            if (step % check_every == 0 or not ctx.enabled) and ctx.any(stop_signals.received is not None, device):
+                stop_reason = stop_signals.reason
+                break
         if ctx.any(first_bad_step.item() >= 0, device):
             print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
                   f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
@@ -701,13 +741,17 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
         # Only rank 0 knows the validation score: its verdict is shared so that all ranks stop together.
         if args.patience is not None and ctx.any(ctx.is_main and patience_spent(epoch) is not None, device):
             stop_reason, stopped_early = stop_reason or patience_spent(epoch), True
+        if not stop_reason and ctx.any(stop_signals.received is not None, device):  # one that came in validation
+            stop_reason = stop_signals.reason
         if ctx.is_main and epoch % args.save_every < 1 and epoch != args.epochs and not stop_reason:
             write_outputs(epoch)  # the final outputs are written once, after the loop
         if stop_reason:
             break
+    stop_signals.restore()
     train_seconds = time.time() - started
+    signalled = stop_signals.received is not None and stop_reason == stop_signals.reason
     if not ctx.is_main:
-        return 0
+        return 128 + stop_signals.received if signalled else 0
     if step == start_step and stopped_early:
         print(f"nothing to train: {stop_reason} (a larger --patience goes on)")
     elif step == start_step:
@@ -718,7 +762,11 @@ def train(args: argparse.Namespace, ctx, tqdm, plots) -> int:
     if stop_reason and step != start_step:
         where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of {batches_per_epoch} " \
                 f"batches (--resume {os.path.join(out_dir, 'last.pt')} goes on from there)" if in_progress else ""
-        print(f"stopped: {stop_reason}{where}")
+        print(f"stopped: {stop_reason}{where}", flush=True)
+    if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
+        print(f"last.pt holds epoch {completed_epoch}; --resume {os.path.join(out_dir, 'last.pt')} goes on",
+              flush=True)
+        return 128 + stop_signals.received
     best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
     best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
         (checkpoint(completed_epoch), "the final model")

@@ -1,5 +1,5 @@
-"""Training that survives: the NaN/Inf guard, whitened datasets end to end, atomic writes, and SIGKILL at
-random moments."""
+"""Training that survives: the NaN/Inf guard, whitened datasets end to end, atomic writes, SIGINT/SIGTERM and
+SIGKILL at random moments."""
 import os
 import random
 import signal
@@ -143,3 +143,56 @@ def test_sigkill_at_random_moments_leaves_loadable_checkpoints(tmp_path):
     assert result.returncode == 0, result.stderr
     assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == before + 1
     assert not [name for name in os.listdir(out) if name.startswith(".tmp-")]  # leftovers were cleared
+
+
+@pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])
+def test_sigint_and_sigterm_save_the_place_and_resume_goes_on(tmp_path, stop):
+    """Ctrl-C, or a scheduler's SIGTERM, stops the run as --time-limit does: last.pt (never written on a
+    schedule here) keeps the place, the exit status is 128 + the signal, and --resume goes on."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "nice_ext.train", "--data-dir", data_dir(), "--out-dir", out, "--subset", "500",
+            "--save-every", "1000", "--epochs", "1000", *TINY]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stdout:  # wait until two epochs are done: the signal then lands in the middle of a run
+        seen.append(line)
+        if line.startswith("epoch 2:"):
+            break
+    proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=300)
+    stdout = "".join(seen) + stdout
+    assert proc.returncode == 128 + stop, stderr
+    assert f"stopped: {stop.name} received" in stdout and "Traceback" not in stderr, (stdout, stderr)
+    assert not os.path.exists(os.path.join(out, "result.json"))  # no test evaluation on the way out
+    saved = load_checkpoint(os.path.join(out, "last.pt"))
+    assert saved["epoch"] >= 2 and saved["args"]["epochs"] == 1000
+    result = subprocess.run(args[:-len(TINY) - 2] + ["--epochs", str(saved["epoch"] + 1), *TINY, "--resume",
+                                                     os.path.join(out, "last.pt")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == saved["epoch"] + 1
+    assert os.path.exists(os.path.join(out, "result.json"))
+
+
+def test_a_second_stop_signal_interrupts_at_once():
+    stop_signals = train.StopSignals()
+    before = signal.getsignal(signal.SIGTERM)
+    stop_signals.install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop_signals.received == signal.SIGTERM and stop_signals.reason == "SIGTERM received"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop_signals.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+    # A signal the process was started ignoring (nohup, a shell's `cmd &`) stays ignored.
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop_signals = train.StopSignals()
+        stop_signals.install()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop_signals.restore()
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
