@@ -92,6 +92,9 @@ def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
     """Run a tool's main, turning the errors a user can cause into one line and an exit status."""
     try:
         return main(argv)
+    except KeyboardInterrupt:  # Ctrl-C: what was written stays (every write is atomic); no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except UsageError as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

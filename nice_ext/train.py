@@ -798,11 +798,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    try:
-        return run_tool(lambda a: run(parse_args(a)), argv)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    return run_tool(lambda a: run(parse_args(a)), argv)
 
 
 if __name__ == "__main__":

@@ -560,6 +560,17 @@ def test_out_of_memory_is_one_clear_line(error, expected, capsys):
     assert err.startswith("error: out of memory: " + expected) and len(err.strip().splitlines()) == 1
 
 
+def test_ctrl_c_in_any_tool_is_one_line_and_status_130(trained, tmp_path, capsys, monkeypatch):
+    out, _ = trained
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(sample.plots, "sample_grid", interrupted)  # Ctrl-C while the grid is drawn
+    assert run_in_process(sample.main, [os.path.join(out, "best.pt"), "--out", str(tmp_path / "s.png"),
+                                        "--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "interrupted\n" and not os.path.exists(tmp_path / "s.png")
+
+
 def test_a_bug_keeps_its_traceback():
     def main(argv):
         raise RuntimeError("an internal error")
