@@ -764,8 +764,9 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
                 f"batches (--resume {os.path.join(out_dir, 'last.pt')} goes on from there)" if in_progress else ""
         print(f"stopped: {stop_reason}{where}", flush=True)
     if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
-        print(f"last.pt holds epoch {completed_epoch}; --resume {os.path.join(out_dir, 'last.pt')} goes on",
-              flush=True)
+        if not in_progress:  # (a stop inside an epoch said where already)
+            print(f"last.pt holds epoch {completed_epoch}; --resume {os.path.join(out_dir, 'last.pt')} goes on",
+                  flush=True)
         return 128 + stop_signals.received
     best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
     best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
