@@ -153,7 +153,10 @@ def test_sigint_and_sigterm_save_the_place_and_resume_goes_on(tmp_path, stop):
     out = str(tmp_path / "run")
     args = [sys.executable, "-m", "nice_ext.train", "--data-dir", data_dir(), "--out-dir", out, "--subset", "500",
             "--save-every", "1000", "--epochs", "1000", *TINY]
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # As in a terminal: a runner that started these tests in the background passes SIGINT on ignored, and
+    # training rightly leaves an inherited ignored signal alone.
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:  # wait until two epochs are done: the signal then lands in the middle of a run
         seen.append(line)
@@ -176,17 +179,22 @@ def test_sigint_and_sigterm_save_the_place_and_resume_goes_on(tmp_path, stop):
 
 
 def test_a_second_stop_signal_interrupts_at_once():
-    stop_signals = train.StopSignals()
-    before = signal.getsignal(signal.SIGTERM)
-    stop_signals.install()
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive Python
     try:
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop_signals.received == signal.SIGTERM and stop_signals.reason == "SIGTERM received"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
+        stop_signals = train.StopSignals()
+        before = signal.getsignal(signal.SIGTERM)
+        stop_signals.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop_signals.received == signal.SIGTERM and stop_signals.reason == "SIGTERM received"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            stop_signals.restore()
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        stop_signals.restore()
-    assert signal.getsignal(signal.SIGTERM) is before
+        signal.signal(signal.SIGINT, interrupt)
     # A signal the process was started ignoring (nohup, a shell's `cmd &`) stays ignored.
     interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
