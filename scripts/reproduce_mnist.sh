@@ -31,14 +31,41 @@ for flag in "$@"; do
   if [[ "$flag" == --preset || "$flag" == --preset=* ]]; then preset=(); fi
 done
 
+# train LOG_MODE ARGS...: python -m nice_ext.train ARGS, its output shown and written to train.log (LOG_MODE
+# -a appends). Training runs as a child the script waits on, not in a pipeline, so that a SIGTERM sent to
+# the script (a job scheduler's notice) is passed on: training stops at its next step, keeps its place in
+# last.pt, and the script ends with its status (128 + the signal) without filing anything. Ctrl-C in a
+# terminal signals the whole foreground group, training included; the script and tee only wait for it.
+train() {
+  local log_mode=$1
+  shift
+  local log pid="" term_pending="" status
+  exec {log}> >(trap '' INT TERM; exec tee $log_mode "$run_dir/train.log")
+  local tee_pid=$!
+  trap 'if [ -n "$pid" ]; then kill -TERM "$pid" 2>/dev/null || true; else term_pending=1; fi' TERM
+  trap ':' INT
+  # A background child starts with SIGINT ignored unless it is reset (an ignored one the script itself
+  # was started with stays ignored).
+  ( trap - INT TERM; exec "$python" -m nice_ext.train "$@" ) >&"$log" &
+  pid=$!
+  exec {log}>&-
+  if [ -n "$term_pending" ]; then kill -TERM "$pid" 2>/dev/null || true; fi
+  while :; do  # a trapped signal ends `wait` early; wait again until training has exited
+    wait "$pid" && status=0 || status=$?
+    kill -0 "$pid" 2>/dev/null || break
+  done
+  trap - TERM INT
+  wait "$tee_pid" || true  # the log is complete before anything is filed
+  return "$status"
+}
+
 mkdir -p "$run_dir"
 if [ -f "$run_dir/last.pt" ]; then
   echo "== resuming $run_dir/last.pt"
-  "$python" -m nice_ext.train --resume "$run_dir/last.pt" --data-dir "$data_dir" "$@" | tee -a "$run_dir/train.log"
+  train -a --resume "$run_dir/last.pt" --data-dir "$data_dir" "$@"
 else
   echo "== starting $run_dir"
-  "$python" -m nice_ext.train "${preset[@]}" --data-dir "$data_dir" --out-dir "$run_dir" --eval-draws 3 "$@" \
-    | tee "$run_dir/train.log"
+  train "" "${preset[@]}" --data-dir "$data_dir" --out-dir "$run_dir" --eval-draws 3 "$@"
 fi
 if [ -f "$run_dir/best.pt" ]; then
   "$python" -m nice_ext.inpaint "$run_dir/best.pt" --data-dir "$data_dir" --out "$run_dir/inpaint.png" \

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ from conftest import ROOT, data_dir, make_first_epoch_unbeatable
 import nice_ext
 from nice_ext import data as data_lib
 from nice_ext import sample, train
+from nice_ext.checkpoint import load_checkpoint
 from nice_ext.cli_common import run_tool as run_in_process
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
@@ -543,6 +545,46 @@ def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
     assert "train.log" in os.listdir(tmp_path / "results" / "reproduce_mnist_r")
     usage = subprocess.run(["bash", "scripts/reproduce_mnist.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert usage.returncode == 2 and "usage: bash scripts/reproduce_mnist.sh TAG" in usage.stderr
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_reproduce_script_passes_a_stop_on(tmp_path, stop):
+    """A scheduler's SIGTERM goes to the script alone: the script must pass it on to training (bash would
+    otherwise wait for its child). Ctrl-C in a terminal goes to the whole foreground group: training must
+    get it once (a second one would stop it at once, without saving its place). Either way training keeps
+    its place, nothing is filed, the script exits with training's status, and the next call goes on."""
+    env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=data_dir(), RUNS_DIR=str(tmp_path / "runs"),
+               RESULTS_DIR=str(tmp_path / "results"), INPAINT_STEPS="5")
+    args = ["bash", "scripts/reproduce_mnist.sh", "s", "--subset", "500", "--save-every", "1000", *TINY]
+    # As from a terminal: a session of its own (the terminal's foreground group) and SIGINT not ignored.
+    proc = subprocess.Popen(args + ["--epochs", "1000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    for line in proc.stdout:  # two epochs done: the signal lands in the middle of the run
+        seen.append(line)
+        if line.startswith("epoch 2:"):
+            break
+    if stop == signal.SIGTERM:
+        proc.send_signal(stop)
+    else:
+        os.killpg(proc.pid, stop)
+    stdout, stderr = proc.communicate(timeout=300)
+    stdout = "".join(seen) + stdout
+    assert proc.returncode == 128 + stop, (stdout, stderr)
+    assert f"stopped: {stop.name} received" in stdout and "Traceback" not in stderr, (stdout, stderr)
+    assert "interrupted" not in stderr  # one signal reached training, not two
+    run_dir = tmp_path / "runs" / "reproduce_mnist_s"
+    assert f"stopped: {stop.name} received" in (run_dir / "train.log").read_text()  # the log is complete
+    assert not (tmp_path / "results").exists()
+    epoch = load_checkpoint(str(run_dir / "last.pt"))["epoch"]
+    result = subprocess.run(args + ["--epochs", str(epoch + 1)], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(tmp_path / "results" / "reproduce_mnist_s.json") as f:
+        assert json.load(f)["epochs"] == epoch + 1
+    log = (run_dir / "train.log").read_text()
+    assert f"stopped: {stop.name} received" in log and "test log-likelihood" in log  # both calls, one log
 
 
 @pytest.mark.parametrize("error, expected", [
