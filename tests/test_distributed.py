@@ -4,6 +4,7 @@ The global batch of 99 splits 50 + 49: a rank that averaged its own slice, inste
 the global batch, would take a different step."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -75,6 +76,37 @@ def test_all_ranks_divide_the_learning_rate_together(tmp_path):
     assert a["lr_plateau"] == b["lr_plateau"] == {"drops": 3, "last_drop_epoch": 4}
     for name, value in a["model_state"].items():
         assert torch.allclose(value, b["model_state"][name], rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, stop):
+    """torchrun passes a SIGTERM (a scheduler's notice) or SIGINT on to every rank. The ranks must agree on
+    the step to stop at (one that went on would wait forever for the others' gradients), and rank 0 must
+    keep the place, before torchrun's own grace period runs out."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, *TORCHRUN, *ARGS, "--epochs", "1000", "--batch_size", "50", "--subset", "500",
+            "--save-every", "1000", "--data-dir", data_dir(), "--out-dir", out]  # (a flag given again wins)
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    seen = []
+    for line in proc.stdout:  # two epochs done: the signal lands in the middle of the run
+        seen.append(line)
+        if line.startswith("epoch 2:"):
+            break
+    proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=120)
+    stdout = "".join(seen) + stdout
+    # torchrun itself ends with status 1 and its own traceback (SignalException) after the ranks have exited
+    assert proc.returncode != 0 and stderr.count(f"{stop.name} received: stopping after this step") == 2, stderr
+    assert "KeyboardInterrupt" not in stderr and "interrupted" not in stderr  # each rank heard it once
+    assert f"stopped: {stop.name} received" in stdout, stdout
+    saved = torch.load(os.path.join(out, "last.pt"), weights_only=True)
+    assert saved["epoch"] >= 2 and not os.path.exists(os.path.join(out, "result.json"))
+    stdout = run(TORCHRUN, out, "--resume", os.path.join(out, "last.pt"), "--epochs", str(saved["epoch"] + 1),
+                 timeout=300)
+    assert "test log-likelihood" in stdout
+    assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == saved["epoch"] + 1
 
 
 def test_each_rank_trains_on_its_own_part_of_the_global_batch():
