@@ -86,15 +86,19 @@ def test_a_stop_signal_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, s
     out = str(tmp_path / "run")
     args = [sys.executable, *TORCHRUN, *ARGS, "--epochs", "1000", "--batch_size", "50", "--subset", "500",
             "--save-every", "1000", "--data-dir", data_dir(), "--out-dir", out]  # (a flag given again wins)
+    # As from a terminal: a session of its own (the terminal's foreground group) and SIGINT not ignored.
     proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stdout:  # two epochs done: the signal lands in the middle of the run
         seen.append(line)
         if line.startswith("epoch 2:"):
             break
-    proc.send_signal(stop)
+    if stop == signal.SIGTERM:  # a scheduler signals torchrun alone
+        proc.send_signal(stop)
+    else:  # Ctrl-C signals the foreground group (torchrun starts each rank in a session of its own)
+        os.killpg(proc.pid, stop)
     stdout, stderr = proc.communicate(timeout=120)
     stdout = "".join(seen) + stdout
     # torchrun itself ends with status 1 and its own traceback (SignalException) after the ranks have exited
