@@ -61,6 +61,9 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
 
 def model_from_checkpoint(payload: Dict[str, Any], path: str = "checkpoint") -> NICE:
     config = dict(payload["model_config"])
+    if config.get("coupling") == "affine":
+        # written before affine log-scales were bounded: keep the function those weights were trained as
+        config.setdefault("affine_log_scale", "unbounded")
     if isinstance(config.get("mask"), list):
         config["mask"] = torch.tensor(config["mask"], dtype=torch.bool)
     try:

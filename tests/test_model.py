@@ -15,11 +15,13 @@ MASKS = ["odd-even", "checkerboard", "tensor"]
 
 def small_model(prior="logistic", coupling="additive", mask="odd-even", fused=True, dim=6, dtype=torch.float64,
                 device="cpu", seed=0):
+    """coupling: "additive", "affine" (bounded log-scale, the default) or "affine-unbounded"."""
     torch.manual_seed(seed)
     image_shape = (1, 2, 3) if dim == 6 else None
     mask_arg = torch.tensor([True, False, False, True, True, False])[:dim] if mask == "tensor" else mask
+    coupling, _, log_scale = coupling.partition("-")
     model = NICE(dim, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=16, prior=prior, coupling=coupling,
-                 mask=mask_arg, image_shape=image_shape, fused=fused)
+                 mask=mask_arg, image_shape=image_shape, fused=fused, affine_log_scale=log_scale or "tanh")
     with torch.no_grad():  # leave the identity start: random weights make every test meaningful
         for p in model.parameters():
             p.normal_(0, 0.3)
@@ -27,7 +29,7 @@ def small_model(prior="logistic", coupling="additive", mask="odd-even", fused=Tr
 
 
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
-@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("mask", MASKS)
 def test_log_prob_is_prior_plus_log_det_of_the_jacobian(prior, coupling, mask):
     model = small_model(prior, coupling, mask)
@@ -44,7 +46,7 @@ def test_log_prob_is_prior_plus_log_det_of_the_jacobian(prior, coupling, mask):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("mask", MASKS)
 def test_inverse_undoes_forward(device, coupling, mask):
     model = small_model(coupling=coupling, mask=mask, device=device)
@@ -113,6 +115,38 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
         assert rel_error(a.grad, b.grad) < 1e-4, name
     z = torch.randn(5, fused.data_dim, device=device)
     assert rel_error(fused.inverse(z), plain.inverse(z)) < 1e-5
+
+
+@pytest.mark.parametrize("log_scale", ["tanh", "unbounded"])
+def test_affine_log_scales_are_bounded_by_default(log_scale):
+    """A coupling network whose output has grown large (as the paper's MNIST setup makes it within five Adam
+    steps) must not overflow: with a = tanh(r) every scale stays within e^(+-1) per layer."""
+    model = small_model(coupling="affine" if log_scale == "tanh" else "affine-unbounded", dtype=torch.float32)
+    with torch.no_grad():
+        for layer in model.layers:
+            bias = layer.net[-1].bias  # (log-scale outputs r, shift outputs b)
+            bias[:bias.numel() // 2].fill_(200.0)  # r = 200 + ...: exp(200) overflows float32
+    x = torch.rand(5, 6)
+    z, log_det = model(x)
+    if log_scale == "unbounded":
+        assert not torch.isfinite(z).all()
+        return
+    updated = sum(int((~layer.mask).sum()) for layer in model.layers)
+    assert torch.isfinite(z).all() and (log_det - model.log_scale.sum()).abs().max() <= updated
+    assert rel_error(model.inverse(z), x) < 1e-5
+
+
+def test_affine_checkpoints_from_before_the_bound_keep_their_function():
+    from nice_ext.checkpoint import make_checkpoint, model_from_checkpoint
+
+    old = small_model(coupling="affine-unbounded", dtype=torch.float32)
+    payload = make_checkpoint(old, "mnist", {})
+    del payload["model_config"]["affine_log_scale"]  # as written before the option existed
+    loaded = model_from_checkpoint(payload)
+    x = torch.rand(4, 6)
+    assert loaded.config["affine_log_scale"] == "unbounded" and torch.equal(loaded.log_prob(x), old.log_prob(x))
+    with pytest.raises(ValueError, match="affine_log_scale must be one of"):
+        NICE(6, coupling="affine", affine_log_scale="sigmoid")
 
 
 def test_seed_model_computes_a_likelihood():
