@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 import sys
 
 import pytest
@@ -43,3 +45,27 @@ def make_first_epoch_unbeatable(checkpoint_path: str) -> None:
     state = torch.load(checkpoint_path, weights_only=True)
     state["history"][0]["valid_ll_nats"] = state["best_valid"] = 1e9
     torch.save(state, checkpoint_path)
+
+
+def signal_mid_run(args, stop: signal.Signals, *, to_group: bool = False, timeout: float = 300, **popen):
+    """Start a training command as from a terminal, wait until its second epoch is done (the signal then
+    lands in the middle of a run) and send it ``stop``: to the process alone, as a job scheduler does, or
+    with ``to_group`` to its whole process group, as Ctrl-C in a terminal does. Returns (returncode,
+    stdout, stderr).
+
+    SIGINT is reset to its default in the child: a runner that started these tests in the background
+    passes it on ignored, and training rightly leaves an inherited ignored signal alone."""
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=to_group,  # a group of its own: the terminal's foreground group
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **popen)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 2:"):
+            break
+    if to_group:
+        os.killpg(proc.pid, stop)
+    else:
+        proc.send_signal(stop)
+    stdout, stderr = proc.communicate(timeout=timeout)
+    return proc.returncode, "".join(seen) + stdout, stderr

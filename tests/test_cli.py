@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, data_dir, make_first_epoch_unbeatable
+from conftest import ROOT, data_dir, make_first_epoch_unbeatable, signal_mid_run
 import nice_ext
 from nice_ext import data as data_lib
 from nice_ext import sample, train
@@ -556,22 +556,9 @@ def test_reproduce_script_passes_a_stop_on(tmp_path, stop):
     env = dict(os.environ, PYTHON=sys.executable, DATA_DIR=data_dir(), RUNS_DIR=str(tmp_path / "runs"),
                RESULTS_DIR=str(tmp_path / "results"), INPAINT_STEPS="5")
     args = ["bash", "scripts/reproduce_mnist.sh", "s", "--subset", "500", "--save-every", "1000", *TINY]
-    # As from a terminal: a session of its own (the terminal's foreground group) and SIGINT not ignored.
-    proc = subprocess.Popen(args + ["--epochs", "1000"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen = []
-    for line in proc.stdout:  # two epochs done: the signal lands in the middle of the run
-        seen.append(line)
-        if line.startswith("epoch 2:"):
-            break
-    if stop == signal.SIGTERM:
-        proc.send_signal(stop)
-    else:
-        os.killpg(proc.pid, stop)
-    stdout, stderr = proc.communicate(timeout=300)
-    stdout = "".join(seen) + stdout
-    assert proc.returncode == 128 + stop, (stdout, stderr)
+    returncode, stdout, stderr = signal_mid_run(args + ["--epochs", "1000"], stop, to_group=stop == signal.SIGINT,
+                                                env=env)
+    assert returncode == 128 + stop, (stdout, stderr)
     assert f"stopped: {stop.name} received" in stdout and "Traceback" not in stderr, (stdout, stderr)
     assert "interrupted" not in stderr  # one signal reached training, not two
     run_dir = tmp_path / "runs" / "reproduce_mnist_s"

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, data_dir, make_first_epoch_unbeatable
+from conftest import ROOT, data_dir, make_first_epoch_unbeatable, signal_mid_run
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
 ARGS = ["-m", "nice_ext.train", "--subset", "198", "--batch_size", "99", "--mid-dim", "16", "--hidden", "1",
@@ -86,23 +86,12 @@ def test_a_stop_signal_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, s
     out = str(tmp_path / "run")
     args = [sys.executable, *TORCHRUN, *ARGS, "--epochs", "1000", "--batch_size", "50", "--subset", "500",
             "--save-every", "1000", "--data-dir", data_dir(), "--out-dir", out]  # (a flag given again wins)
-    # As from a terminal: a session of its own (the terminal's foreground group) and SIGINT not ignored.
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen = []
-    for line in proc.stdout:  # two epochs done: the signal lands in the middle of the run
-        seen.append(line)
-        if line.startswith("epoch 2:"):
-            break
-    if stop == signal.SIGTERM:  # a scheduler signals torchrun alone
-        proc.send_signal(stop)
-    else:  # Ctrl-C signals the foreground group (torchrun starts each rank in a session of its own)
-        os.killpg(proc.pid, stop)
-    stdout, stderr = proc.communicate(timeout=120)
-    stdout = "".join(seen) + stdout
+    # A scheduler signals torchrun alone; Ctrl-C the foreground group (torchrun starts each rank in a
+    # session of its own, so each rank hears it once, from torchrun).
+    returncode, stdout, stderr = signal_mid_run(args, stop, to_group=stop == signal.SIGINT, timeout=120,
+                                                env=dict(os.environ, OMP_NUM_THREADS="1"))
     # torchrun itself ends with status 1 and its own traceback (SignalException) after the ranks have exited
-    assert proc.returncode != 0 and stderr.count(f"{stop.name} received: stopping after this step") == 2, stderr
+    assert returncode != 0 and stderr.count(f"{stop.name} received: stopping after this step") == 2, stderr
     assert "KeyboardInterrupt" not in stderr and "interrupted" not in stderr  # each rank heard it once
     assert f"stopped: {stop.name} received" in stdout, stdout
     saved = torch.load(os.path.join(out, "last.pt"), weights_only=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, data_dir
+from conftest import ROOT, data_dir, signal_mid_run
 from nice_ext import NICE, train
 from nice_ext import data as data_lib
 from nice_ext.checkpoint import load_checkpoint, model_from_checkpoint
@@ -153,19 +153,8 @@ def test_sigint_and_sigterm_save_the_place_and_resume_goes_on(tmp_path, stop):
     out = str(tmp_path / "run")
     args = [sys.executable, "-m", "nice_ext.train", "--data-dir", data_dir(), "--out-dir", out, "--subset", "500",
             "--save-every", "1000", "--epochs", "1000", *TINY]
-    # As in a terminal: a runner that started these tests in the background passes SIGINT on ignored, and
-    # training rightly leaves an inherited ignored signal alone.
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    seen = []
-    for line in proc.stdout:  # wait until two epochs are done: the signal then lands in the middle of a run
-        seen.append(line)
-        if line.startswith("epoch 2:"):
-            break
-    proc.send_signal(stop)
-    stdout, stderr = proc.communicate(timeout=300)
-    stdout = "".join(seen) + stdout
-    assert proc.returncode == 128 + stop, stderr
+    returncode, stdout, stderr = signal_mid_run(args, stop)
+    assert returncode == 128 + stop, stderr
     assert f"stopped: {stop.name} received" in stdout and "Traceback" not in stderr, (stdout, stderr)
     assert not os.path.exists(os.path.join(out, "result.json"))  # no test evaluation on the way out
     saved = load_checkpoint(os.path.join(out, "last.pt"))
