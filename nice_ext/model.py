@@ -190,6 +190,7 @@ class NICE(nn.Module):
         self.data_dim = data_dim
         self.prior = prior
         self.coupling = coupling
+        self.affine_log_scale = affine_log_scale
         self.image_shape = tuple(int(s) for s in image_shape) if image_shape is not None else None
         self.data_range = (low, high)
         self.fused = fused
@@ -325,5 +326,5 @@ class NICE(nn.Module):
         return current.detach()
 
     def extra_repr(self) -> str:
-        affine = f", affine_log_scale={self.config['affine_log_scale']!r}" if self.coupling == "affine" else ""
+        affine = f", affine_log_scale={self.affine_log_scale!r}" if self.coupling == "affine" else ""
         return f"data_dim={self.data_dim}, prior={self.prior!r}, coupling={self.coupling!r}{affine}, fused={self.fused}"
