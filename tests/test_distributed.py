@@ -86,8 +86,8 @@ def test_a_stop_signal_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, s
     out = str(tmp_path / "run")
     args = [sys.executable, *TORCHRUN, *ARGS, "--epochs", "1000", "--batch_size", "50", "--subset", "500",
             "--save-every", "1000", "--data-dir", data_dir(), "--out-dir", out]  # (a flag given again wins)
-    # A scheduler signals torchrun alone; Ctrl-C the foreground group (torchrun starts each rank in a
-    # session of its own, so each rank hears it once, from torchrun).
+    # A scheduler signals torchrun alone; Ctrl-C the foreground group (torchrun starts each rank with
+    # setsid, in a process group of its own, so each rank hears it once, from torchrun).
     returncode, stdout, stderr = signal_mid_run(args, stop, to_group=stop == signal.SIGINT, timeout=120,
                                                 env=dict(os.environ, OMP_NUM_THREADS="1"))
     # torchrun itself ends with status 1 and its own traceback (SignalException) after the ranks have exited
