@@ -76,7 +76,7 @@ class CouplingLayer(nn.Module):
     """
 
     def __init__(self, mask: Tensor, prev_mask: Optional[Tensor], next_mask: Optional[Tensor], hidden_dim: int,
-                 num_hidden_layers: int, coupling: str, fused: bool, affine_log_scale: str = "tanh"):
+                 num_hidden_layers: int, coupling: str, fused: bool, affine_log_scale: str):
         super().__init__()
         self.coupling = coupling
         self.affine_log_scale = affine_log_scale

@@ -79,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     model = p.add_argument_group("model")
     model.add_argument("--coupling", type=int, default=4, help="number of coupling layers")
     model.add_argument("--coup-type", default="additive",
-                       help="coupling law: additive, or affine (y = x * exp(tanh(r)) + b; "
-                            "nice_ext.model.AFFINE_LOG_SCALES)")
+                       help="coupling law: additive, or affine (y = x * exp(tanh(r)) + b: a bounded log-scale)")
     model.add_argument("--mask", default="odd-even", help="odd-even or checkerboard")
     model.add_argument("--hidden", type=int, default=5, help="hidden layers per coupling network")
     model.add_argument("--mid-dim", type=int, default=1000, help="hidden units per coupling-network layer")
