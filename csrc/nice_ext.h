@@ -57,6 +57,18 @@ C10_HOST_DEVICE inline T prior_score(Prior prior, T z) {
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Affine coupling law (paper §3.2.2): y_I2 = x_I2 * exp(a) + b with the log-scale a = tanh(r) ("tanh",
+// bounded, nice_ext's default) or a = r ("unbounded", the paper's), r being the coupling network's output.
+// ---------------------------------------------------------------------------------------------------
+enum class AffineLaw { Tanh = 0, Unbounded = 1 };
+
+inline AffineLaw parse_affine_law(const std::string& name) {
+  if (name == "tanh") return AffineLaw::Tanh;
+  if (name == "unbounded") return AffineLaw::Unbounded;
+  TORCH_CHECK(false, "nice_ext: log_scale_law must be 'tanh' or 'unbounded', got '", name, "'");
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Argument checks. Each message names the argument and what was expected.
 // ---------------------------------------------------------------------------------------------------
 inline void check_float_matrix(const at::Tensor& t, const char* name) {
@@ -137,6 +149,37 @@ inline void check_coupling_update_backward(const at::Tensor& grad_y, const c10::
   }
 }
 
+// Affine coupling update: the additive op's checks, plus the log-scale input beside shift.
+inline void check_affine_coupling_update(const at::Tensor& x, const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                         const at::Tensor& shift_col, const at::Tensor& gather_index) {
+  check_coupling_update(x, shift, shift_col, gather_index);
+  check_float_matrix(log_scale_raw, "log_scale_raw");
+  check_same_dtype(x, "x", log_scale_raw, "log_scale_raw");
+  check_same_device(x, "x", log_scale_raw, "log_scale_raw");
+  TORCH_CHECK(log_scale_raw.sizes() == shift.sizes(), "nice_ext: log_scale_raw must have the shape of shift ",
+              shift.sizes(), " (one column per updated feature), got ", log_scale_raw.sizes());
+}
+
+inline void check_affine_coupling_update_backward(const at::Tensor& grad_y,
+                                                  const c10::optional<at::Tensor>& grad_gathered,
+                                                  const c10::optional<at::Tensor>& grad_log_det, const at::Tensor& x,
+                                                  const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                                  const at::Tensor& shift_col, const at::Tensor& gather_index) {
+  check_affine_coupling_update(x, log_scale_raw, shift, shift_col, gather_index);
+  TORCH_CHECK(grad_y.sizes() == x.sizes(), "nice_ext: grad_y must have the shape of x ", x.sizes(), ", got ",
+              grad_y.sizes());
+  check_coupling_update_backward(grad_y, grad_gathered, shift_col, gather_index, shift.size(1));
+  check_same_dtype(x, "x", grad_y, "grad_y");
+  check_same_device(x, "x", grad_y, "grad_y");
+  if (grad_log_det.has_value() && grad_log_det->defined()) {
+    TORCH_CHECK(grad_log_det->dim() == 1 && grad_log_det->size(0) == x.size(0),
+                "nice_ext: grad_log_det must have shape (", x.size(0), ",), got ", grad_log_det->sizes());
+    TORCH_CHECK(at::isFloatingType(grad_log_det->scalar_type()), "nice_ext: grad_log_det must be floating-point, got ",
+                grad_log_det->scalar_type());
+    check_same_device(x, "x", *grad_log_det, "grad_log_det");
+  }
+}
+
 // Diagonal scaling + prior (paper §3.3, §3.4).
 // h_name: the op's name for its (batch, features) input, h for scale_prior and z for scale_inverse.
 inline void check_scale_prior(const at::Tensor& h, const at::Tensor& log_scale, const char* h_name = "h") {
@@ -191,6 +234,15 @@ void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, co
 void coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
                                          const at::Tensor& shift_col, const at::Tensor& gather_index, bool inverse,
                                          at::Tensor& grad_x, at::Tensor& grad_shift);
+void affine_coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                       const at::Tensor& shift_col, const at::Tensor& gather_index, AffineLaw law,
+                                       bool inverse, at::Tensor& y, at::Tensor& gathered, at::Tensor& log_det);
+void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                                const at::Tensor& grad_log_det, const at::Tensor& x,
+                                                const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                                const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                AffineLaw law, bool inverse, at::Tensor& grad_x,
+                                                at::Tensor& grad_log_scale_raw, at::Tensor& grad_shift);
 void scale_prior_kernel_cpu(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
                             at::Tensor& log_prob);
 void scale_prior_backward_kernel_cpu(const at::Tensor& grad_log_prob, const at::Tensor& grad_z, const at::Tensor& h,
@@ -221,6 +273,16 @@ const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& s
 const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
                                                  const at::Tensor& shift_col, const at::Tensor& gather_index,
                                                  bool inverse, at::Tensor& grad_x, at::Tensor& grad_shift);
+const char* affine_coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& log_scale_raw,
+                                               const at::Tensor& shift, const at::Tensor& shift_col,
+                                               const at::Tensor& gather_index, AffineLaw law, bool inverse,
+                                               at::Tensor& y, at::Tensor& gathered, at::Tensor& log_det);
+const char* affine_coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const at::Tensor& grad_gathered,
+                                                        const at::Tensor& grad_log_det, const at::Tensor& x,
+                                                        const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                                        const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                        AffineLaw law, bool inverse, at::Tensor& grad_x,
+                                                        at::Tensor& grad_log_scale_raw, at::Tensor& grad_shift);
 const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
                                     at::Tensor& log_prob);
 const char* scale_prior_backward_kernel_cuda(const at::Tensor& grad_log_prob, const at::Tensor& grad_z,

@@ -21,6 +21,20 @@ TORCH_LIBRARY(nice_ext, m) {
   m.def("coupling_update_backward(Tensor grad_y, Tensor? grad_gathered, Tensor shift_col,"
         " Tensor gather_index, int updated, bool inverse) -> (Tensor grad_x, Tensor grad_shift)");
 
+  // Masked affine coupling update (paper §3.2.2), forward or inverse, with the same index maps:
+  //   forward  y[:, j] = x[:, j] * exp(a[:, c]) + shift[:, c]        c = shift_col[j] >= 0 (updated part I2)
+  //   inverse  y[:, j] = (x[:, j] - shift[:, c]) * exp(-a[:, c])
+  //            y[:, j] = x[:, j]                                     shift_col[j] == -1 (kept part I1)
+  // where a = tanh(log_scale_raw) (log_scale_law 'tanh') or a = log_scale_raw ('unbounded'), and
+  //   log_det[b] = +/- sum_c a[b, c], the log|det| of the map applied (float32 for half inputs).
+  // log_scale_raw and shift (B, |I2|) are the coupling network's outputs; gathered as in coupling_update.
+  m.def("affine_coupling_update(Tensor x, Tensor log_scale_raw, Tensor shift, Tensor shift_col, Tensor gather_index,"
+        " str log_scale_law, bool inverse) -> (Tensor y, Tensor gathered, Tensor log_det)");
+  // Its backward. x is the op's input; the outputs' gradients may be absent.
+  m.def("affine_coupling_update_backward(Tensor grad_y, Tensor? grad_gathered, Tensor? grad_log_det, Tensor x,"
+        " Tensor log_scale_raw, Tensor shift, Tensor shift_col, Tensor gather_index, str log_scale_law,"
+        " bool inverse) -> (Tensor grad_x, Tensor grad_log_scale_raw, Tensor grad_shift)");
+
   // Diagonal scaling (paper §3.3) with the factorised prior's log-density (§3.4), one pass:
   //   z = exp(log_scale) * h,   log_prob[b] = sum_d log p_H(z[b, d]) + sum_d log_scale[d]
   // prior is 'logistic' or 'gaussian'. With compute_z false only log_prob is written (z is empty).

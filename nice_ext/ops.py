@@ -63,15 +63,8 @@ def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_
     return torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, inverse)
 
 
-def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = False,
-                    next_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
-    """Additive coupling update y_I1 = x_I1, y_I2 = x_I2 + shift (or - shift with ``inverse``).
-
-    ``mask`` (bool, D) marks the kept features I1; ``shift`` (B, |I2|) is the coupling network's output
-    for the updated features, in order. With ``next_mask`` also returns y[:, next_mask] contiguous (the
-    next layer's network input), written in the same pass. Layers that call this repeatedly should build
-    the index maps once with ``masks.coupling_maps`` and call ``coupling_update_indexed``.
-    """
+def _index_maps(x: Tensor, shift: Tensor, mask: Tensor, next_mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Checks a coupling update's x, shift and masks and returns the index maps (shift_col, gather_index)."""
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"x must be a (batch, features) tensor, got {getattr(x, 'shape', type(x))}")
     mask = check_mask(mask, x.shape[1])
@@ -81,9 +74,95 @@ def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = F
     if not isinstance(shift, Tensor) or tuple(shift.shape) != (x.shape[0], updated):
         raise ValueError(f"shift must have shape ({x.shape[0]}, {updated}): one column per updated feature of each "
                          f"row of x, got {tuple(getattr(shift, 'shape', ())) or type(shift).__name__}")
-    shift_col, gather_index = coupling_maps(mask, next_mask)
+    return coupling_maps(mask, next_mask)
+
+
+def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = False,
+                    next_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """Additive coupling update y_I1 = x_I1, y_I2 = x_I2 + shift (or - shift with ``inverse``).
+
+    ``mask`` (bool, D) marks the kept features I1; ``shift`` (B, |I2|) is the coupling network's output
+    for the updated features, in order. With ``next_mask`` also returns y[:, next_mask] contiguous (the
+    next layer's network input), written in the same pass. Layers that call this repeatedly should build
+    the index maps once with ``masks.coupling_maps`` and call ``coupling_update_indexed``.
+    """
+    shift_col, gather_index = _index_maps(x, shift, mask, next_mask)
     y, gathered = coupling_update_indexed(x, shift, shift_col.to(x.device), gather_index.to(x.device), inverse)
     return (y, gathered) if next_mask is not None else y
+
+
+# ------------------------------------------------------------------------------------------------
+# Masked affine coupling update (paper §3.2.2)
+# ------------------------------------------------------------------------------------------------
+AFFINE_LOG_SCALE_LAWS = ("tanh", "unbounded")
+
+
+@torch.library.register_fake("nice_ext::affine_coupling_update")
+def _affine_coupling_update_fake(x, log_scale_raw, shift, shift_col, gather_index, log_scale_law, inverse):
+    log_det_dtype = torch.float32 if _half(x.dtype) else x.dtype
+    return (x.new_empty(x.shape), x.new_empty((x.shape[0], gather_index.shape[0])),
+            x.new_empty((x.shape[0],), dtype=log_det_dtype))
+
+
+@torch.library.register_fake("nice_ext::affine_coupling_update_backward")
+def _affine_coupling_update_backward_fake(grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift, shift_col,
+                                          gather_index, log_scale_law, inverse):
+    return x.new_empty(x.shape), shift.new_empty(shift.shape), shift.new_empty(shift.shape)
+
+
+def _affine_coupling_update_setup_context(ctx, inputs, output):
+    x, log_scale_raw, shift, shift_col, gather_index, log_scale_law, inverse = inputs
+    ctx.save_for_backward(x, log_scale_raw, shift, shift_col, gather_index)
+    ctx.log_scale_law = log_scale_law
+    ctx.inverse = inverse
+
+
+def _affine_coupling_update_backward(ctx, grad_y, grad_gathered, grad_log_det):
+    x, log_scale_raw, shift, shift_col, gather_index = ctx.saved_tensors
+    grad_x, grad_log_scale_raw, grad_shift = torch.ops.nice_ext.affine_coupling_update_backward(
+        grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift, shift_col, gather_index, ctx.log_scale_law,
+        ctx.inverse)
+    return grad_x, grad_log_scale_raw, grad_shift, None, None, None, None
+
+
+torch.library.register_autograd("nice_ext::affine_coupling_update", _affine_coupling_update_backward,
+                                setup_context=_affine_coupling_update_setup_context)
+
+
+def affine_coupling_update_indexed(x: Tensor, log_scale_raw: Tensor, shift: Tensor, shift_col: Tensor,
+                                   gather_index: Tensor, log_scale_law: str = "tanh",
+                                   inverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused affine op on precomputed index maps (see ``masks.coupling_maps``): returns
+    (y, gathered, log_det)."""
+    _check_affine_log_scale_law(log_scale_law)
+    return torch.ops.nice_ext.affine_coupling_update(x, log_scale_raw, shift, shift_col, gather_index, log_scale_law,
+                                                     inverse)
+
+
+def _check_affine_log_scale_law(log_scale_law: str) -> None:
+    if log_scale_law not in AFFINE_LOG_SCALE_LAWS:
+        raise ValueError(f"log_scale_law must be one of {AFFINE_LOG_SCALE_LAWS}, got {log_scale_law!r}")
+
+
+def affine_coupling_update(x: Tensor, log_scale_raw: Tensor, shift: Tensor, mask: Tensor, *,
+                           log_scale_law: str = "tanh", inverse: bool = False, next_mask: Optional[Tensor] = None
+                           ) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    """Affine coupling update y_I1 = x_I1, y_I2 = x_I2 * exp(a) + shift, or with ``inverse``
+    y_I2 = (x_I2 - shift) * exp(-a), where a = tanh(log_scale_raw) (``log_scale_law="tanh"``) or
+    a = log_scale_raw (``"unbounded"``).
+
+    ``mask`` (bool, D) marks the kept features I1; ``log_scale_raw`` and ``shift`` (B, |I2|) are the
+    coupling network's outputs for the updated features, in order. Returns (y, log_det) with
+    log_det = +/- sum a per row (the log|det| of the map applied; float32 for half inputs), and with
+    ``next_mask`` (y, y[:, next_mask] contiguous, log_det), written in the same pass.
+    """
+    shift_col, gather_index = _index_maps(x, shift, mask, next_mask)
+    if not isinstance(log_scale_raw, Tensor) or log_scale_raw.shape != shift.shape:
+        raise ValueError(f"log_scale_raw must have the shape of shift {tuple(shift.shape)}, "
+                         f"got {tuple(getattr(log_scale_raw, 'shape', ())) or type(log_scale_raw).__name__}")
+    y, gathered, log_det = affine_coupling_update_indexed(x, log_scale_raw, shift, shift_col.to(x.device),
+                                                          gather_index.to(x.device), log_scale_law, inverse)
+    return (y, gathered, log_det) if next_mask is not None else (y, log_det)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -26,6 +26,30 @@ def coupling_update(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: T
     return y, y.index_select(1, gather_index.long())
 
 
+def affine_coupling_update(x: Tensor, log_scale_raw: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,
+                           log_scale_law: str, inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """y = x with y[:, I2] = x[:, I2] * exp(a) + shift (inverse: (x[:, I2] - shift) * exp(-a)),
+    a = tanh(log_scale_raw) or log_scale_raw; gathered = y[:, gather_index]; log_det = +/- sum a."""
+    if log_scale_law not in ("tanh", "unbounded"):
+        raise ValueError(f"log_scale_law must be 'tanh' or 'unbounded', got {log_scale_law!r}")
+    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    log_scale = log_scale_raw.to(compute_dtype)
+    if log_scale_law == "tanh":
+        log_scale = torch.tanh(log_scale)
+    # Column -1 (kept features) picks the zero column appended to log_scale and shift: y = x * 1 + 0 there.
+    columns = torch.where(shift_col < 0, shift.shape[1], shift_col).long()
+    full_log_scale = F.pad(log_scale, (0, 1)).index_select(1, columns)
+    full_shift = F.pad(shift.to(compute_dtype), (0, 1)).index_select(1, columns)
+    x = x.to(compute_dtype)
+    if inverse:
+        y = (x - full_shift) * torch.exp(-full_log_scale)
+    else:
+        y = x * torch.exp(full_log_scale) + full_shift
+    y = y.to(shift.dtype)
+    log_det = log_scale.sum(dim=1)
+    return y, y.index_select(1, gather_index.long()), -log_det if inverse else log_det
+
+
 def logistic_log_density(z: Tensor) -> Tensor:
     return -(F.softplus(z) + F.softplus(-z))
 

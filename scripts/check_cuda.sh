@@ -21,7 +21,8 @@ echo "== tests"
 for tool in memcheck racecheck initcheck; do
   echo "== compute-sanitizer --tool $tool"
   compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
-    "$PYTHON" -m pytest tests/test_op_coupling.py tests/test_op_scale_prior.py -q -x -p no:cacheprovider \
+    "$PYTHON" -m pytest tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py -q -x \
+    -p no:cacheprovider \
     -k "$SANITIZE_K" > "$LOG_DIR/sanitizer_$tool.log" 2>&1
   rc=$?
   grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$tool.log" | tail -3

@@ -10,7 +10,8 @@ one run tells which kinds of error crash there:
   aten-cuda-mm                 an ATen error with CUDA tensors (is any C++ error with CUDA tensors fatal?)
   cuda-coupling                our check, CUDA tensors, through the Python autograd kernel
   cuda-coupling-below-autograd the same, called below autograd (is the Python autograd kernel involved?)
-  cuda-scale-prior, cuda-scale-inverse, cuda-mixed-devices: the other ops and a device mismatch
+  cuda-scale-prior, cuda-scale-inverse, cuda-affine-coupling, cuda-mixed-devices: the other ops and a
+                               device mismatch
 
 usage: python scripts/repro_bad_input.py [--case NAME]   (exit 0 when every case raised as it should;
 tests/test_op_coupling.py runs it)
@@ -69,6 +70,11 @@ def cuda_scale_inverse():
     torch.ops.nice_ext.scale_inverse(torch.randn(4, 10, device="cuda"), torch.randn(9, device="cuda"))
 
 
+def cuda_affine_coupling():
+    x, shift, shift_col, gather_index = coupling_args("cuda")
+    torch.ops.nice_ext.affine_coupling_update(x, shift[:3], shift, shift_col, gather_index, "tanh", False)
+
+
 def cuda_mixed_devices():
     x, shift, shift_col, gather_index = coupling_args("cuda")
     torch.ops.nice_ext.coupling_update(x, shift.cpu(), shift_col, gather_index, False)
@@ -79,6 +85,7 @@ CASES = {"cpu-coupling": (cpu_coupling, None), "cuda-entry-cpu-tensors": (cuda_e
          "aten-cuda-mm": (aten_cuda_mm, "gpu"), "cuda-coupling": (cuda_coupling, "gpu"),
          "cuda-coupling-below-autograd": (cuda_coupling_below_autograd, "gpu"),
          "cuda-scale-prior": (cuda_scale_prior, "gpu"), "cuda-scale-inverse": (cuda_scale_inverse, "gpu"),
+         "cuda-affine-coupling": (cuda_affine_coupling, "gpu"),
          "cuda-mixed-devices": (cuda_mixed_devices, "gpu")}
 
 

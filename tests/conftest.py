@@ -30,6 +30,41 @@ def sliced(t: torch.Tensor, pad_rows: int = 2, pad_cols: int = 3) -> torch.Tenso
     return view
 
 
+# Mask pairs (a layer's mask, the next layer's) for the coupling ops' tests. The CPU additive kernel takes
+# its stride-2 path for odd/even masks whose next layer keeps the other parity (odd-even, even-odd), the
+# same parity (odd-even-same-next) or is absent (odd-even-last); a next mask that keeps only a prefix of
+# one parity, a random next mask or a random mask take the general one.
+MASK_KINDS = ["odd-even", "even-odd", "odd-even-same-next", "odd-even-last", "odd-even-prefix-next",
+              "odd-even-random-next", "random"]
+
+
+def random_mask(d, generator):
+    while True:
+        mask = torch.rand(d, generator=generator) < 0.4
+        if 0 < int(mask.sum()) < d:
+            return mask
+
+
+def coupling_masks(features, mask_kind, generator):
+    """(mask, next_mask) of the kind named (one of MASK_KINDS); next_mask may be None."""
+    from nice_ext.masks import odd_even_mask
+
+    if mask_kind == "odd-even":
+        return odd_even_mask(features, True), odd_even_mask(features, False)
+    if mask_kind == "even-odd":
+        return odd_even_mask(features, False), odd_even_mask(features, True)
+    if mask_kind == "odd-even-same-next":
+        return odd_even_mask(features, True), odd_even_mask(features, True)
+    if mask_kind == "odd-even-last":
+        return odd_even_mask(features, True), None
+    if mask_kind == "odd-even-prefix-next":
+        return odd_even_mask(features, True), (torch.arange(features) % 2 == 0) & (torch.arange(features) <= features // 2)
+    if mask_kind == "odd-even-random-next":
+        return odd_even_mask(features, True), random_mask(features, generator)
+    assert mask_kind == "random", mask_kind
+    return random_mask(features, generator), random_mask(features, generator)
+
+
 def data_dir():
     """The shared MNIST / Fashion-MNIST files, or None when absent."""
     for candidate in (os.environ.get("NICE_EXT_DATA_DIR"), os.path.join(ROOT, "..", "shared", "data"),

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICES, rel_error, sliced
+from conftest import DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
 from nice_ext import cuda_kernels_built, ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
@@ -10,37 +10,9 @@ from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
-MASK_KINDS = ["odd-even", "even-odd", "odd-even-same-next", "odd-even-last", "odd-even-prefix-next",
-              "odd-even-random-next", "random"]
-
-
-def random_mask(d, generator):
-    while True:
-        mask = torch.rand(d, generator=generator) < 0.4
-        if 0 < int(mask.sum()) < d:
-            return mask
-
-
 def make_case(batch, features, mask_kind, device, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    # The CPU kernels take their stride-2 path for odd/even masks whose next layer keeps the other parity
-    # (odd-even, even-odd), the same parity (odd-even-same-next) or is absent (odd-even-last); a next
-    # mask that keeps only a prefix of one parity, a random next mask or a random mask take the general one.
-    if mask_kind == "odd-even":
-        mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, False)
-    elif mask_kind == "even-odd":
-        mask, next_mask = odd_even_mask(features, False), odd_even_mask(features, True)
-    elif mask_kind == "odd-even-same-next":
-        mask, next_mask = odd_even_mask(features, True), odd_even_mask(features, True)
-    elif mask_kind == "odd-even-last":
-        mask, next_mask = odd_even_mask(features, True), None
-    elif mask_kind == "odd-even-prefix-next":
-        mask, next_mask = odd_even_mask(features, True), (torch.arange(features) % 2 == 0) & (
-            torch.arange(features) <= features // 2)
-    elif mask_kind == "odd-even-random-next":
-        mask, next_mask = odd_even_mask(features, True), random_mask(features, g)
-    else:
-        mask, next_mask = random_mask(features, g), random_mask(features, g)
+    mask, next_mask = coupling_masks(features, mask_kind, g)
     updated = int((~mask).sum())
     x = torch.randn(batch, features, generator=g, dtype=torch.float64)
     shift = torch.randn(batch, updated, generator=g, dtype=torch.float64)
@@ -200,7 +172,7 @@ def test_bad_cuda_inputs_raise():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout}\n{result.stderr[-2000:]}"
     assert "cpu-coupling: raised OK" in result.stdout
-    expected = 1 + cuda_kernels_built() + (6 if torch.cuda.is_available() else 0)
+    expected = 1 + cuda_kernels_built() + (7 if torch.cuda.is_available() else 0)
     assert result.stdout.count("raised OK") == expected, result.stdout
 
 

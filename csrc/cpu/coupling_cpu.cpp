@@ -8,6 +8,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/index_maps.h"
 #include "nice_ext.h"
 #include "vector_math.h"
 
@@ -16,34 +17,6 @@ namespace {
 
 // Rows per parallel task: enough work per task to amortise scheduling (about 32k elements).
 int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(features, 1)); }
-
-// shift_col must send the updated features one-to-one onto the columns of shift (-1 marks kept ones).
-void check_shift_col_cpu(const at::Tensor& shift_col, int64_t updated) {
-  std::vector<char> seen(updated, 0);
-  const int32_t* col = shift_col.const_data_ptr<int32_t>();
-  int64_t count = 0;
-  for (int64_t j = 0; j < shift_col.numel(); ++j) {
-    const int32_t c = col[j];
-    if (c == -1) continue;
-    TORCH_CHECK(c >= 0 && c < updated && !seen[c], "nice_ext: shift_col must map the updated features one-to-one onto the ",
-                updated, " columns of shift (and -1 to kept features); entry ", j, " is ", c);
-    seen[c] = 1;
-    ++count;
-  }
-  TORCH_CHECK(count == updated, "nice_ext: the coupling mask updates ", count, " features but shift has ", updated,
-              " columns");
-}
-
-void check_gather_index_cpu(const at::Tensor& gather_index, int64_t features) {
-  std::vector<char> seen(features, 0);
-  const int32_t* idx = gather_index.const_data_ptr<int32_t>();
-  for (int64_t g = 0; g < gather_index.numel(); ++g) {
-    const int32_t j = idx[g];
-    TORCH_CHECK(j >= 0 && j < features && !seen[j], "nice_ext: gather_index must list distinct features in [0, ",
-                features, "); entry ", g, " is ", j);
-    seen[j] = 1;
-  }
-}
 
 // The paper's odd/even masks make both index maps stride-2 progressions: the updated features are
 // first, first + 2, ... (shift column k is feature first + 2k), and the next layer's kept features

@@ -55,6 +55,66 @@ inline double exp_nonpositive(double x) {
   return e * scale;
 }
 
+// e^x for any x: overflow gives inf, underflow gradual denormals then 0, NaN stays NaN. The same range
+// reduction as above, with 2^n applied as two factors 2^(n/2) and 2^(n - n/2) so that n can span the
+// whole range of finite results (single factors would stop at 2^127 and 2^-126).
+inline float exp_any(float x) {
+  const float xc = std::min(std::max(x, -104.0f), 89.0f);  // e^-104 is below every denormal, e^89 above FLT_MAX
+  const float t = xc * 1.44269504088896341f;
+  const int32_t n = static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f));  // round(x / ln 2)
+  const float nf = static_cast<float>(n);
+  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t half = n / 2;
+  return p * __builtin_bit_cast(float, (half + 127) << 23) * __builtin_bit_cast(float, (n - half + 127) << 23);
+}
+
+inline double exp_any(double x) {
+  const double xc = std::min(std::max(x, -746.0), 710.0);
+  const double t = xc * 1.4426950408889634074;
+  const int64_t n = static_cast<int64_t>(t + (t < 0.0 ? -0.5 : 0.5));
+  const double nf = static_cast<double>(n);
+  const double r = (xc - nf * 6.93145751953125e-1) - nf * 1.42860682030941723212e-6;
+  const double rr = r * r;
+  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
+                         9.99999999999999999910e-1);
+  const double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
+                     2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
+  const double e = 1.0 + 2.0 * px / (qx - px);
+  const int64_t half = n / 2;
+  return e * __builtin_bit_cast(double, (half + 1023) << 52) * __builtin_bit_cast(double, (n - half + 1023) << 52);
+}
+
+// tanh(x): near 0 as sinh / cosh from their series (no cancellation), elsewhere (1 - e^-2|x|) / (1 + e^-2|x|).
+// Both are computed and blended with a 0/1 weight: a plain select let GCC move each side into a branch
+// of its own, and a loop with branches stays scalar. The series is evaluated at min(|x|, 0.625), so that
+// it stays finite (0 * series = 0) when the other side is taken; a NaN stays NaN on both.
+template <typename T>
+inline T tanh(T x) {
+  const T a = std::fabs(x);
+  const T small = std::min(a, T(0.625));
+  const T s2 = small * small;
+  // Terms up to s^(2K) / (2K)! and s^(2K+1) / (2K+1)!: below the last bit for s <= 0.625.
+  constexpr int K = sizeof(T) == 4 ? 5 : 9;
+  T sinh_over_s = T(1), cosh = T(1);
+#pragma GCC unroll 16  // unrolled, so that the calling loop vectorises
+  for (int k = K; k >= 1; --k) {
+    sinh_over_s = T(1) + s2 * sinh_over_s * (T(1) / T((2 * k) * (2 * k + 1)));
+    cosh = T(1) + s2 * cosh * (T(1) / T((2 * k - 1) * (2 * k)));
+  }
+  const T series = small * sinh_over_s / cosh;
+  const T e = exp_nonpositive(T(-2) * a);
+  const T tail = (T(1) - e) / (T(1) + e);
+  const T use_series = a < T(0.625) ? T(1) : T(0);
+  return std::copysign(use_series * series + (T(1) - use_series) * tail, x);
+}
+
 // log(1 + t) for t in [0, 1]: 2 atanh(w) with w = t / (2 + t) in [0, 1/3], as an odd series in w.
 inline float log1p_unit(float t) {
   const float w = t / (2.0f + t);
