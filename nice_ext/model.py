@@ -5,8 +5,9 @@
     z     = exp(s) * h^(L)               (§3.3)
     log p_X(x) = sum_d log p_H(z_d) + sum_d s_d (+ sum of the affine couplings' log-scales)
 
-Additive layers run on the fused ops (``fused=True``, the default) or on their pure-PyTorch reference
-(``fused=False``): the same mathematics and parameters, for cross-checks and benchmarks.
+Coupling layers (additive and affine) and the scaling + prior run on the fused ops (``fused=True``, the
+default) or on their pure-PyTorch reference (``fused=False``): the same mathematics and parameters, for
+cross-checks and benchmarks.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ COUPLINGS = ("additive", "affine")
 # "tanh": a = tanh(r), in (-1, 1). "unbounded": a = r, the law as the paper writes it, which the paper set
 # aside for numerical stability (§3.2.2): with the MNIST setup (5 x 1000 ReLU layers, Adam at 1e-3) its
 # scales compound through the layers and overflow to NaN within five steps.
-AFFINE_LOG_SCALES = ("tanh", "unbounded")
+AFFINE_LOG_SCALES = ops.AFFINE_LOG_SCALE_LAWS
 PRIORS = ops.PRIORS
 
 
@@ -92,23 +93,16 @@ class CouplingLayer(nn.Module):
         self.register_buffer("next_gather", next_gather, persistent=False)  # forward: next layer's input
         self.register_buffer("prev_gather", prev_gather, persistent=False)  # inverse: previous layer's
         self.register_buffer("kept_index", kept_index(mask), persistent=False)
-        self.register_buffer("updated_index", kept_index(~mask), persistent=False)
 
     def _additive(self, x: Tensor, shift: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor]:
         update = ops.coupling_update_indexed if self.fused else reference.coupling_update
         return update(x, shift.to(x.dtype), self.shift_col, gather, inverse)
 
     def _affine(self, x: Tensor, params: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
-        # Affine law (paper §3.2.2): y_I2 = x_I2 * exp(a) + b, log|det J| = sum a.
+        # Affine law (paper §3.2.2): y_I2 = x_I2 * exp(a) + b with a = law(r), log|det J| = sum a.
         raw, shift = params.to(x.dtype).chunk(2, dim=1)
-        log_scale = torch.tanh(raw) if self.affine_log_scale == "tanh" else raw
-        x_updated = x.index_select(1, self.updated_index)
-        if inverse:
-            y_updated = (x_updated - shift) * torch.exp(-log_scale)
-        else:
-            y_updated = x_updated * torch.exp(log_scale) + shift
-        y = x.index_copy(1, self.updated_index, y_updated)
-        return y, y.index_select(1, gather.long()), log_scale.sum(dim=1)
+        update = ops.affine_coupling_update_indexed if self.fused else reference.affine_coupling_update
+        return update(x, raw, shift, self.shift_col, gather, self.affine_log_scale, inverse)
 
     def forward(self, x: Tensor, net_input: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
         params = self.net(net_input)

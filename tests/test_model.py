@@ -98,11 +98,15 @@ def test_a_new_model_is_the_identity_and_trains_every_layer_after_one_step():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("coupling", ["additive", "affine"])
+@pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
 def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
-    fused = small_model(prior, coupling, dim=784 if coupling == "additive" else 6, dtype=torch.float32, device=device)
-    plain = NICE(fused.data_dim, 4, 2, 16, prior=prior, coupling=coupling, fused=False).to(device)
+    fused = small_model(prior, coupling, dim=784, dtype=torch.float32, device=device)
+    if coupling == "affine-unbounded":  # smaller log-scales, or these random weights overflow e^a at D = 784
+        with torch.no_grad():
+            for layer in fused.layers:
+                layer.net[-1].weight.mul_(0.05)
+    plain = small_model(prior, coupling, fused=False, dim=784, dtype=torch.float32, device=device, seed=1)
     plain.load_state_dict(fused.state_dict())
     x = torch.rand(33, fused.data_dim, device=device)
     for model in (fused, plain):
@@ -113,8 +117,12 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
     lp_plain.sum().backward()
     for (name, a), (_, b) in zip(fused.named_parameters(), plain.named_parameters()):
         assert rel_error(a.grad, b.grad) < 1e-4, name
+    # The decoder amplifies rounding through the layers (affine ones reach |x| ~ 1e3 here), so each float32
+    # decoder is held to float64 arithmetic on the same weights: the fused one may not be the worse by much.
     z = torch.randn(5, fused.data_dim, device=device)
-    assert rel_error(fused.inverse(z), plain.inverse(z)) < 1e-5
+    exact = plain.double().inverse(z.double())
+    plain.float()
+    assert rel_error(fused.inverse(z), exact) < max(1e-5, 2 * rel_error(plain.inverse(z), exact))
 
 
 @pytest.mark.parametrize("log_scale", ["tanh", "unbounded"])
