@@ -67,6 +67,18 @@ def op_cases(op, batch, dim, dtype, device):
         ref = lambda a, b: reference.coupling_update(a, b, shift_col, gather, False)  # noqa: E731
         elements = x.numel() + shift.numel() + x.numel() + gather.numel() * batch  # read x, shift; write y, gathered
         return fused, ref, (x, shift), {"fwd": elements, "bwd": elements}
+    if op == "affine_coupling":
+        mask = odd_even_mask(dim, True)
+        shift_col, gather = (t.to(device) for t in coupling_maps(mask, ~mask))
+        updated = int((~mask).sum())
+        raw, shift = torch.randn(batch, 2 * updated, device=device, dtype=dtype, generator=g).chunk(2, dim=1)
+        fused = lambda a, r, b: ops.affine_coupling_update_indexed(a, r, b, shift_col, gather)  # noqa: E731
+        ref = lambda a, r, b: reference.affine_coupling_update(a, r, b, shift_col, gather, "tanh", False)  # noqa: E731
+        gathered = gather.numel() * batch
+        # fwd: read x, raw, shift; write y, gathered. bwd: read grad_y, grad_gathered, x, raw, shift; write
+        # grad_x, grad_raw, grad_shift (the per-row log_det and its gradient are negligible).
+        return fused, ref, (x, raw, shift), {"fwd": 2 * x.numel() + 2 * raw.numel() + gathered,
+                                             "bwd": 3 * x.numel() + 4 * raw.numel() + gathered}
     log_scale = torch.randn(dim, device=device, dtype=dtype, generator=g) * 0.1
     fused = lambda a, s: ops.scale_prior(a, s, "logistic", compute_z=False)[1]  # noqa: E731
     ref = lambda a, s: reference.scale_prior(a, s, "logistic", False)[1]  # noqa: E731
@@ -76,7 +88,7 @@ def op_cases(op, batch, dim, dtype, device):
 def bench_ops(device, quick, dtypes, min_run_time):
     rows = []
     sizes = op_sizes(quick)
-    for op in ("coupling", "scale_prior"):
+    for op in ("coupling", "affine_coupling", "scale_prior"):
         for dtype in dtypes:
             for batch, dim in sizes:
                 fused, ref, inputs, elements = op_cases(op, batch, dim, dtype, device)
@@ -137,7 +149,8 @@ def train_step_variants(device, batch, quick, min_run_time):
         if variant.startswith("seed-masked"):
             model = SeedMaskedNICE(784, 4, hidden, width).to(device)
         else:
-            model = NICE(784, 4, hidden, width, fused=not variant.startswith("reference")).to(device)
+            model = NICE(784, 4, hidden, width, coupling="affine" if "affine" in variant else "additive",
+                         fused=not variant.startswith("reference")).to(device)
         graphed = "graphed" in variant
         # Every variant steps with fused Adam, as training does, except the one that shows what torch's
         # default Adam (a loop over parameters on a CPU, foreach on a GPU) costs.
@@ -166,8 +179,9 @@ def train_step_variants(device, batch, quick, min_run_time):
 
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
     # bf16 -> one CUDA graph.
+    # The affine variants: the same model with affine couplings (paper §3.2.2), reference ops vs fused.
     variants = ["seed-masked-eager-default-adam", "seed-masked-eager", "reference-eager", "fused-eager",
-                "fused-eager-bf16"]
+                "fused-eager-bf16", "reference-eager-affine", "fused-eager-affine"]
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
                      "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16"]

@@ -24,12 +24,13 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
         assert key in written, key
     assert written["copy_gbps"] > 0 and "--quick" in written["command"]
     ops = written["ops"]
-    assert {(r["op"], r["pass"]) for r in ops} == {(op, p) for op in ("coupling", "scale_prior")
+    assert {(r["op"], r["pass"]) for r in ops} == {(op, p) for op in ("coupling", "affine_coupling", "scale_prior")
                                                    for p in ("fwd", "bwd", "fwd+bwd")}
     for row in ops:
         assert OP_KEYS <= set(row) and row["fused_ms"] > 0 and row["reference_ms"] > 0 and row["fused_gbps"] > 0
     steps = {r["variant"]: r for r in written["train_step"]}
-    assert {"seed-masked-eager", "seed-masked-eager-default-adam", "reference-eager", "fused-eager"} <= set(steps)
+    assert {"seed-masked-eager", "seed-masked-eager-default-adam", "reference-eager", "fused-eager",
+            "reference-eager-affine", "fused-eager-affine"} <= set(steps)
     for row in steps.values():
         assert STEP_KEYS <= set(row) and row["ms_per_step"] > 0
     markdown = (tmp_path / "CPU_{}_cores.md".format(os.cpu_count())).read_text()
