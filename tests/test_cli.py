@@ -626,3 +626,25 @@ def test_result_names_the_commit_the_run_started_from(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "prepare_out_dir", prepare_then_commit)
     assert train.main(["--data-dir", data_dir(), "--out-dir", str(tmp_path), "--max_iter", "2", *TINY]) == 0
     assert json.load(open(tmp_path / "result.json"))["commit"] == "started-here"
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_says_fp32_is_faster(tmp_path, capsys, monkeypatch, native):
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: native)
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", "--precision", "bf16", *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert ("this CPU has no native bf16 arithmetic" in printed) == (not native)
+
+
+def test_native_bf16_probe(monkeypatch):
+    monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
+    for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert train.cpu_has_native_bf16() == native
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert train.cpu_has_native_bf16()  # a torch that cannot tell: no note
+    monkeypatch.setattr(train.platform, "machine", lambda: "aarch64")
+    assert train.cpu_has_native_bf16()
