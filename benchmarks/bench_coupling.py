@@ -209,7 +209,7 @@ def train_step_variants(device, batch, quick, min_run_time):
 def markdown(result):
     lines = [f"# nice_ext benchmark: {result['device']}", "",
              f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}, "
-             f"{result.get('cpu_threads', 1)} CPU threads  ",
+             f"{result.get('cpu_threads', 1)} CPU threads ({result.get('cpu', 'CPU model not recorded')})  ",
              f"command: `{result['command']}`  ", f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
              "| op | pass | dtype | batch | dim | fused ms | reference ms | compiled ms | fused GB/s | % of copy "
              "| vs reference | vs compiled |", "|" + "---|" * 12]

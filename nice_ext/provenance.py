@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import platform
 import subprocess
 from typing import Dict, Optional
 
@@ -18,6 +19,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({os.cpu_count()} cores)"
+
+
+def cpu_model() -> str:
+    """The host CPU's model name and the widest vector instructions PyTorch uses on it (e.g. "AMD EPYC,
+    AVX2"): CPU timings and bf16 speed depend on both."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"{name}, {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _git(*args: str) -> str:
@@ -42,7 +55,7 @@ def source_commit() -> str:
 
 def record(device: torch.device, command: str, date: Optional[str] = None, commit: Optional[str] = None
            ) -> Dict[str, object]:
-    """device, torch, cuda, commit, date and command, as results files record them. ``commit``: the
+    """device, host cpu, torch, cuda, commit, date and command, as results files record them. ``commit``: the
     source_commit() read when the measurement began (the checkout may move on while a run goes)."""
-    return dict(device=device_name(device), torch=torch.__version__, cuda=torch.version.cuda,
+    return dict(device=device_name(device), cpu=cpu_model(), torch=torch.__version__, cuda=torch.version.cuda,
                 commit=commit or source_commit(), date=date or datetime.date.today().isoformat(), command=command)

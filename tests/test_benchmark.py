@@ -20,7 +20,7 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "CPU_{}_cores.json".format(os.cpu_count())) as f:
         written = json.load(f)
-    for key in ("device", "torch", "cuda", "commit", "date", "command", "copy_gbps", "cpu_threads"):
+    for key in ("device", "cpu", "torch", "cuda", "commit", "date", "command", "copy_gbps", "cpu_threads"):
         assert key in written, key
     assert written["copy_gbps"] > 0 and "--quick" in written["command"]
     ops = written["ops"]
