@@ -68,6 +68,24 @@ inline AffineLaw parse_affine_law(const std::string& name) {
   TORCH_CHECK(false, "nice_ext: log_scale_law must be 'tanh' or 'unbounded', got '", name, "'");
 }
 
+// Gradients for one updated feature, given G = dL/dy, the input x, the shift b, the log-scale a = law(r),
+// e = exp(a) (forward) or exp(-a) (inverse) and dL/dlog_det:
+//   forward  y = x e^a + b:       dx = G e^a,    db = G,          da = G x e^a + dL/dlog_det
+//   inverse  y = (x - b) e^-a:    dx = G e^-a,   db = -G e^-a,    da = -G y - dL/dlog_det
+// and dr = da (1 - a^2) for a = tanh(r). The CPU and CUDA kernels both call this.
+template <typename T>
+struct AffineGrads {
+  T x, log_scale_raw, shift;
+};
+
+template <typename T>
+C10_HOST_DEVICE inline AffineGrads<T> affine_coupling_grads(AffineLaw law, bool inverse, T g, T x, T b, T a, T e,
+                                                            T grad_log_det) {
+  const T gx = g * e;
+  const T ga = inverse ? -(gx * (x - b)) - grad_log_det : gx * x + grad_log_det;
+  return {gx, law == AffineLaw::Tanh ? ga * (T(1) - a * a) : ga, inverse ? -gx : g};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Argument checks. Each message names the argument and what was expected.
 // ---------------------------------------------------------------------------------------------------

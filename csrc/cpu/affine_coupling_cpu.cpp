@@ -54,10 +54,8 @@ NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const s
   return kInverse ? -log_det : log_det;
 }
 
-// One row of the backward, on grad_x already holding G = dL/dy (grad_y plus grad_gathered folded in).
-//   forward  y = x e^a + b:       dx = G e^a,    db = G,         da = G x e^a + dL/dlog_det
-//   inverse  y = (x - b) e^-a:    dx = G e^-a,   db = -G e^-a,   da = -G y - dL/dlog_det
-// and dr = da (1 - a^2) for a = tanh(r).
+// One row of the backward, on grad_x already holding G = dL/dy (grad_y plus grad_gathered folded in);
+// the formulas are affine_coupling_grads (nice_ext.h).
 template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
 NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
                                              const scalar_t* __restrict__ sr,
@@ -71,18 +69,11 @@ NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, co
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = c0 + i;
       const int32_t j = updated_features[c];
-      const opmath_t g = opmath_t(gxr[j]), x = opmath_t(xr[j]);
-      const opmath_t gx = g * e[i];
-      opmath_t ga;
-      if (kInverse) {
-        ga = -(gx * (x - opmath_t(sr[c]))) - grad_log_det;
-        gsr[c] = static_cast<scalar_t>(-gx);
-      } else {
-        ga = gx * x + grad_log_det;
-        gsr[c] = static_cast<scalar_t>(g);
-      }
-      grr[c] = static_cast<scalar_t>(law == AffineLaw::Tanh ? ga * (opmath_t(1) - a[i] * a[i]) : ga);
-      gxr[j] = static_cast<scalar_t>(gx);
+      const AffineGrads<opmath_t> grads = affine_coupling_grads(law, kInverse, opmath_t(gxr[j]), opmath_t(xr[j]),
+                                                                opmath_t(sr[c]), a[i], e[i], grad_log_det);
+      gxr[j] = static_cast<scalar_t>(grads.x);
+      grr[c] = static_cast<scalar_t>(grads.log_scale_raw);
+      gsr[c] = static_cast<scalar_t>(grads.shift);
     }
   }
 }

@@ -21,74 +21,65 @@
 namespace nice_ext {
 namespace vmath {
 
-// e^x for x <= 0. Arguments below -87 (-708 in double) give e^-87 (e^-708) instead of a smaller number:
-// the result only ever feeds log1p(e^x) next to a term of size |x| >= 87, or tanh, where the difference
-// is far below the last bit. No special case means no branch, so loops calling this vectorise.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), x <= 0
-  const float nf = static_cast<float>(n);
-  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;  // x - n ln 2 in two parts
+// e^(x - n ln 2) for the integer n nearest x / ln 2 (given as nf), so that the argument lies within
+// ln(2) / 2 of 0: x - n ln 2 is formed in two parts, then Cephes' polynomial (float) or Pade form (double).
+inline float exp_reduced(float x, float nf) {
+  const float r = (x - nf * 0.693359375f) + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const float scale = __builtin_bit_cast(float, (n + 127) << 23);  // 2^n, n >= -126
-  return p * scale;
+  return p * r * r + r + 1.0f;
 }
 
-inline double exp_nonpositive(double x) {
-  x = std::max(x, -708.0);
-  const int64_t n = static_cast<int64_t>(x * 1.4426950408889634074 - 0.5);
-  const double nf = static_cast<double>(n);
+inline double exp_reduced(double x, double nf) {
   const double r = (x - nf * 6.93145751953125e-1) - nf * 1.42860682030941723212e-6;
   const double rr = r * r;
   const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
                          9.99999999999999999910e-1);
   const double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
                      2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
-  const double e = 1.0 + 2.0 * px / (qx - px);
-  const double scale = __builtin_bit_cast(double, (n + 1023) << 52);
-  return e * scale;
+  return 1.0 + 2.0 * px / (qx - px);
+}
+
+// 2^n as a float or double, for n within the exponent range of normal numbers.
+inline float pow2(int32_t n) { return __builtin_bit_cast(float, (n + 127) << 23); }
+inline double pow2(int64_t n) { return __builtin_bit_cast(double, (n + 1023) << 52); }
+
+// e^x for x <= 0. Arguments below -87 (-708 in double) give e^-87 (e^-708) instead of a smaller number:
+// the result only ever feeds log1p(e^x) next to a term of size |x| >= 87, or tanh, where the difference
+// is far below the last bit. No special case means no branch, so loops calling this vectorise.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  const int32_t n = static_cast<int32_t>(x * 1.44269504088896341f - 0.5f);  // round(x / ln 2), x <= 0
+  return exp_reduced(x, static_cast<float>(n)) * pow2(n);                   // n >= -126
+}
+
+inline double exp_nonpositive(double x) {
+  x = std::max(x, -708.0);
+  const int64_t n = static_cast<int64_t>(x * 1.4426950408889634074 - 0.5);
+  return exp_reduced(x, static_cast<double>(n)) * pow2(n);
 }
 
 // e^x for any x: overflow gives inf, underflow gradual denormals then 0, NaN stays NaN. The same range
-// reduction as above, with 2^n applied as two factors 2^(n/2) and 2^(n - n/2) so that n can span the
-// whole range of finite results (single factors would stop at 2^127 and 2^-126).
+// reduction, with 2^n applied as two factors 2^(n/2) and 2^(n - n/2) so that n can span the whole range
+// of finite results (one factor would stop at 2^127 and 2^-126).
 inline float exp_any(float x) {
   const float xc = std::min(std::max(x, -104.0f), 89.0f);  // e^-104 is below every denormal, e^89 above FLT_MAX
   const float t = xc * 1.44269504088896341f;
   const int32_t n = static_cast<int32_t>(t + (t < 0.0f ? -0.5f : 0.5f));  // round(x / ln 2)
-  const float nf = static_cast<float>(n);
-  const float r = (xc - nf * 0.693359375f) + nf * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
   const int32_t half = n / 2;
-  return p * __builtin_bit_cast(float, (half + 127) << 23) * __builtin_bit_cast(float, (n - half + 127) << 23);
+  return exp_reduced(xc, static_cast<float>(n)) * pow2(half) * pow2(n - half);
 }
 
 inline double exp_any(double x) {
   const double xc = std::min(std::max(x, -746.0), 710.0);
   const double t = xc * 1.4426950408889634074;
   const int64_t n = static_cast<int64_t>(t + (t < 0.0 ? -0.5 : 0.5));
-  const double nf = static_cast<double>(n);
-  const double r = (xc - nf * 6.93145751953125e-1) - nf * 1.42860682030941723212e-6;
-  const double rr = r * r;
-  const double px = r * ((1.26177193074810590878e-4 * rr + 3.02994407707441961300e-2) * rr +
-                         9.99999999999999999910e-1);
-  const double qx = ((3.00198505138664455042e-6 * rr + 2.52448340349684104192e-3) * rr +
-                     2.27265548208155028766e-1) * rr + 2.00000000000000000009e0;
-  const double e = 1.0 + 2.0 * px / (qx - px);
   const int64_t half = n / 2;
-  return e * __builtin_bit_cast(double, (half + 1023) << 52) * __builtin_bit_cast(double, (n - half + 1023) << 52);
+  return exp_reduced(xc, static_cast<double>(n)) * pow2(half) * pow2(n - half);
 }
 
 // tanh(x): near 0 as sinh / cosh from their series (no cancellation), elsewhere (1 - e^-2|x|) / (1 + e^-2|x|).

@@ -61,7 +61,7 @@ __global__ void affine_coupling_update_kernel(const scalar_t* __restrict__ x, in
 
 // Per row: G = grad_y, plus grad_gathered added back at the features gather_index names (distinct, so
 // no two threads touch one element); after a barrier, each updated feature's gradients from G
-// (formulas: csrc/cpu/affine_coupling_cpu.cpp).
+// (formulas: affine_coupling_grads, nice_ext.h).
 template <typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 __global__ void affine_coupling_update_backward_kernel(
     const scalar_t* __restrict__ grad_y, int64_t gy_row_stride, const scalar_t* __restrict__ grad_gathered,
@@ -96,18 +96,11 @@ __global__ void affine_coupling_update_backward_kernel(
       CUDA_KERNEL_ASSERT(c < updated && "shift_col out of range");
       if (c < 0) continue;
       const opmath_t a = affine_log_scale(law, opmath_t(rr[c]));
-      const opmath_t g = opmath_t(gxr[j]), xv = opmath_t(xr[j]);
-      const opmath_t gx = g * exp_(inverse ? -a : a);
-      opmath_t ga;
-      if (inverse) {
-        ga = -(gx * (xv - opmath_t(sr[c]))) - gld;
-        gsr[c] = static_cast<scalar_t>(-gx);
-      } else {
-        ga = gx * xv + gld;
-        gsr[c] = static_cast<scalar_t>(g);
-      }
-      grr[c] = static_cast<scalar_t>(law == AffineLaw::Tanh ? ga * (opmath_t(1) - a * a) : ga);
-      gxr[j] = static_cast<scalar_t>(gx);
+      const AffineGrads<opmath_t> grads = affine_coupling_grads(law, inverse, opmath_t(gxr[j]), opmath_t(xr[j]),
+                                                                opmath_t(sr[c]), a, exp_(inverse ? -a : a), gld);
+      gxr[j] = static_cast<scalar_t>(grads.x);
+      grr[c] = static_cast<scalar_t>(grads.log_scale_raw);
+      gsr[c] = static_cast<scalar_t>(grads.shift);
     }
     // The next row's passes touch other rows only: no barrier needed here.
   }
