@@ -32,11 +32,20 @@ inline void log_scale_block(const scalar_t* rr, opmath_t* a, opmath_t* e, int64_
   for (int64_t i = 0; i < n; ++i) e[i] = vmath::exp_any(kInverse ? -a[i] : a[i]);
 }
 
+// The feature that shift column c updates: first + 2c for the paper's odd/even masks (kStride2; no index
+// load, so the loops over columns vectorise), else updated_features[c].
+template <bool kStride2>
+inline int64_t updated_feature(const int32_t* __restrict__ updated_features, int64_t first, int64_t c) {
+  return kStride2 ? first + 2 * c : updated_features[c];
+}
+
 // One row of the forward. Returns the row's log|det|, +sum a (forward) or -sum a (inverse).
-template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
+template <AffineLaw law, bool kInverse, bool kStride2, typename scalar_t,
+          typename opmath_t = at::opmath_type<scalar_t>>
 NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
                                         const scalar_t* __restrict__ sr, const int32_t* __restrict__ updated_features,
-                                        int64_t updated, scalar_t* __restrict__ yr, int64_t features) {
+                                        int64_t first, int64_t updated, scalar_t* __restrict__ yr,
+                                        int64_t features) {
   opmath_t a[kBlock], e[kBlock];
   opmath_t log_det = 0;
   for (int64_t j = 0; j < features; ++j) yr[j] = xr[j];  // the kept features; the updated ones follow
@@ -46,7 +55,7 @@ NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const s
 #pragma omp simd reduction(+ : log_det)
     for (int64_t i = 0; i < n; ++i) log_det += a[i];
     for (int64_t i = 0; i < n; ++i) {
-      const int32_t j = updated_features[c0 + i];
+      const int64_t j = updated_feature<kStride2>(updated_features, first, c0 + i);
       const opmath_t x = opmath_t(xr[j]), b = opmath_t(sr[c0 + i]);
       yr[j] = static_cast<scalar_t>(kInverse ? (x - b) * e[i] : x * e[i] + b);
     }
@@ -56,10 +65,11 @@ NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const s
 
 // One row of the backward, on grad_x already holding G = dL/dy (grad_y plus grad_gathered folded in);
 // the formulas are affine_coupling_grads (nice_ext.h).
-template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
+template <AffineLaw law, bool kInverse, bool kStride2, typename scalar_t, typename opmath_t>
 NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
                                              const scalar_t* __restrict__ sr,
-                                             const int32_t* __restrict__ updated_features, int64_t updated,
+                                             const int32_t* __restrict__ updated_features, int64_t first,
+                                             int64_t updated,
                                              opmath_t grad_log_det, scalar_t* __restrict__ gxr,
                                              scalar_t* __restrict__ grr, scalar_t* __restrict__ gsr) {
   opmath_t a[kBlock], e[kBlock];
@@ -68,7 +78,7 @@ NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, co
     log_scale_block<law, kInverse>(rr + c0, a, e, n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = c0 + i;
-      const int32_t j = updated_features[c];
+      const int64_t j = updated_feature<kStride2>(updated_features, first, c);
       const AffineGrads<opmath_t> grads = affine_coupling_grads(law, kInverse, opmath_t(gxr[j]), opmath_t(xr[j]),
                                                                 opmath_t(sr[c]), a[i], e[i], grad_log_det);
       gxr[j] = static_cast<scalar_t>(grads.x);
@@ -78,15 +88,31 @@ NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, co
   }
 }
 
-// Calls f with the law and the direction as compile-time constants, so that the row loops have no branches.
+// Calls f with the law, the direction and whether the updated features are a stride-2 progression as
+// compile-time constants, so that the row loops have no branches.
 template <typename F>
-void dispatch_law_direction(AffineLaw law, bool inverse, F&& f) {
+void dispatch_affine(AffineLaw law, bool inverse, bool stride2, F&& f) {
+  auto with_stride = [&](auto kLaw, auto kInverse) {
+    if (stride2) return f(kLaw, kInverse, std::true_type());
+    return f(kLaw, kInverse, std::false_type());
+  };
   auto with_law = [&](auto kInverse) {
-    if (law == AffineLaw::Tanh) return f(std::integral_constant<AffineLaw, AffineLaw::Tanh>(), kInverse);
-    return f(std::integral_constant<AffineLaw, AffineLaw::Unbounded>(), kInverse);
+    if (law == AffineLaw::Tanh) return with_stride(std::integral_constant<AffineLaw, AffineLaw::Tanh>(), kInverse);
+    return with_stride(std::integral_constant<AffineLaw, AffineLaw::Unbounded>(), kInverse);
   };
   if (inverse) return with_law(std::true_type());
   return with_law(std::false_type());
+}
+
+// gathered[g] = y[gather_index[g]] (start >= 0: y[start + 2g], stride2_first_gathered).
+template <typename scalar_t>
+void gather_row(const scalar_t* __restrict__ yr, const int32_t* __restrict__ gidx, int64_t start, int64_t gathered_n,
+                scalar_t* __restrict__ gr) {
+  if (start >= 0) {
+    for (int64_t g = 0; g < gathered_n; ++g) gr[g] = yr[start + 2 * g];
+  } else {
+    for (int64_t g = 0; g < gathered_n; ++g) gr[g] = yr[gidx[g]];
+  }
 }
 
 }  // namespace
@@ -107,14 +133,15 @@ void affine_coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& lo
     scalar_t* g_ptr = gathered.mutable_data_ptr<scalar_t>();
     opmath_t* ld_ptr = log_det.mutable_data_ptr<opmath_t>();
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    dispatch_law_direction(law, inverse, [&](auto kLaw, auto kInverse) {
+    const int64_t first = stride2_first_updated(shift_col.const_data_ptr<int32_t>(), features, updated);
+    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
+    dispatch_affine(law, inverse, first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           scalar_t* yr = y_ptr + b * features;
-          ld_ptr[b] = affine_row<kLaw, kInverse>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                                 updated_features.data(), updated, yr, features);
-          scalar_t* gr = g_ptr + b * gathered_n;
-          for (int64_t g = 0; g < gathered_n; ++g) gr[g] = yr[gidx[g]];
+          ld_ptr[b] = affine_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
+                                                           updated_features.data(), first, updated, yr, features);
+          gather_row(yr, gidx, start, gathered_n, g_ptr + b * gathered_n);
         }
       });
     });
@@ -146,21 +173,24 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
     scalar_t* gs_ptr = grad_shift.mutable_data_ptr<scalar_t>();
     const int64_t gy_rs = grad_y.stride(0), gg_rs = has_gathered ? grad_gathered.stride(0) : 0;
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    dispatch_law_direction(law, inverse, [&](auto kLaw, auto kInverse) {
+    const int64_t first = stride2_first_updated(shift_col.const_data_ptr<int32_t>(), features, updated);
+    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
+    dispatch_affine(law, inverse, first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* gyr = gy_ptr + b * gy_rs;
+          const scalar_t* ggr = gg_ptr + b * gg_rs;
           scalar_t* gxr = gx_ptr + b * features;
           for (int64_t j = 0; j < features; ++j) gxr[j] = gyr[j];
           // y[j] also went to the next layer as gathered[g]: its gradient adds up here.
           for (int64_t g = 0; g < gathered_n; ++g) {
-            const int32_t j = gidx[g];
-            gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + opmath_t(gg_ptr[b * gg_rs + g]));
+            const int64_t j = start >= 0 ? start + 2 * g : gidx[g];
+            gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + opmath_t(ggr[g]));
           }
-          affine_backward_row<kLaw, kInverse>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                              updated_features.data(), updated,
-                                              has_log_det ? gld_ptr[b] : opmath_t(0), gxr, gr_ptr + b * updated,
-                                              gs_ptr + b * updated);
+          affine_backward_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
+                                                        updated_features.data(), first, updated,
+                                                        has_log_det ? gld_ptr[b] : opmath_t(0), gxr,
+                                                        gr_ptr + b * updated, gs_ptr + b * updated);
         }
       });
     });

@@ -18,33 +18,6 @@ namespace {
 // Rows per parallel task: enough work per task to amortise scheduling (about 32k elements).
 int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(features, 1)); }
 
-// The paper's odd/even masks make both index maps stride-2 progressions: the updated features are
-// first, first + 2, ... (shift column k is feature first + 2k), and the next layer's kept features
-// start, start + 2, ... Rows then need no index loads: each pair of features (2p, 2p + 1) is one step
-// of a loop that the compiler vectorises with shuffles (benchmarks/NOTES.md). Returns `first` (0 or 1),
-// or -1 for any other mask.
-int64_t stride2_first_updated(const int32_t* col, int64_t features, int64_t updated) {
-  for (int64_t first = 0; first <= 1; ++first) {
-    if ((features - first + 1) / 2 != updated) continue;
-    bool match = true;
-    for (int64_t j = 0; j < features && match; ++j)
-      match = col[j] == ((j - first) % 2 == 0 ? static_cast<int32_t>((j - first) / 2) : -1);
-    if (match) return first;
-  }
-  return -1;
-}
-
-// gather_index = start, start + 2, ... over every feature of that parity: returns start (0 or 1, or 0
-// when nothing is gathered), else -1.
-int64_t stride2_first_gathered(const int32_t* gidx, int64_t gathered_n, int64_t features) {
-  if (gathered_n == 0) return 0;
-  const int64_t start = gidx[0];
-  if ((start != 0 && start != 1) || gathered_n != (features - start + 1) / 2) return -1;
-  for (int64_t g = 0; g < gathered_n; ++g)
-    if (gidx[g] != start + 2 * g) return -1;
-  return start;
-}
-
 // The stride-2 case of a call, as compile-time flags, so that the row loops below have no branches.
 struct OddEven {
   int64_t first;  // the first updated feature (0 or 1)
