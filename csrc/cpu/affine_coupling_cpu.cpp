@@ -115,14 +115,29 @@ void gather_row(const scalar_t* __restrict__ yr, const int32_t* __restrict__ gid
   }
 }
 
+// The index maps as one call's rows walk them: checked, the updated feature of each shift column, and the
+// odd/even stride-2 cases (first >= 0: updated features; start >= 0: gathered ones).
+struct RowMaps {
+  std::vector<int32_t> updated_features;
+  int64_t first, start;
+};
+
+RowMaps row_maps(const at::Tensor& shift_col, const at::Tensor& gather_index, int64_t features, int64_t updated,
+                 int64_t gathered_n) {
+  std::vector<int32_t> updated_features = check_shift_col_cpu(shift_col, updated);
+  check_gather_index_cpu(gather_index, features);
+  const int64_t first = stride2_first_updated(shift_col.const_data_ptr<int32_t>(), features, updated);
+  const int64_t start = stride2_first_gathered(gather_index.const_data_ptr<int32_t>(), gathered_n, features);
+  return {std::move(updated_features), first, start};
+}
+
 }  // namespace
 
 void affine_coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& log_scale_raw, const at::Tensor& shift,
                                        const at::Tensor& shift_col, const at::Tensor& gather_index, AffineLaw law,
                                        bool inverse, at::Tensor& y, at::Tensor& gathered, at::Tensor& log_det) {
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
-  const std::vector<int32_t> updated_features = check_shift_col_cpu(shift_col, updated);
-  check_gather_index_cpu(gather_index, features);
+  const RowMaps maps = row_maps(shift_col, gather_index, features, updated, gathered_n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_coupling_update_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;  // log_det's dtype too (float32 for half inputs)
     const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
@@ -133,15 +148,14 @@ void affine_coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& lo
     scalar_t* g_ptr = gathered.mutable_data_ptr<scalar_t>();
     opmath_t* ld_ptr = log_det.mutable_data_ptr<opmath_t>();
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    const int64_t first = stride2_first_updated(shift_col.const_data_ptr<int32_t>(), features, updated);
-    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
-    dispatch_affine(law, inverse, first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
+    dispatch_affine(law, inverse, maps.first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           scalar_t* yr = y_ptr + b * features;
           ld_ptr[b] = affine_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                                           updated_features.data(), first, updated, yr, features);
-          gather_row(yr, gidx, start, gathered_n, g_ptr + b * gathered_n);
+                                                           maps.updated_features.data(), maps.first, updated, yr,
+                                                           features);
+          gather_row(yr, gidx, maps.start, gathered_n, g_ptr + b * gathered_n);
         }
       });
     });
@@ -157,8 +171,7 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
   const bool has_gathered = grad_gathered.defined(), has_log_det = grad_log_det.defined();
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1);
   const int64_t gathered_n = has_gathered ? gather_index.size(0) : 0;
-  const std::vector<int32_t> updated_features = check_shift_col_cpu(shift_col, updated);
-  check_gather_index_cpu(gather_index, features);
+  const RowMaps maps = row_maps(shift_col, gather_index, features, updated, gathered_n);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "affine_coupling_update_backward_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const scalar_t* gy_ptr = grad_y.const_data_ptr<scalar_t>();
@@ -173,9 +186,7 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
     scalar_t* gs_ptr = grad_shift.mutable_data_ptr<scalar_t>();
     const int64_t gy_rs = grad_y.stride(0), gg_rs = has_gathered ? grad_gathered.stride(0) : 0;
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    const int64_t first = stride2_first_updated(shift_col.const_data_ptr<int32_t>(), features, updated);
-    const int64_t start = stride2_first_gathered(gidx, gathered_n, features);
-    dispatch_affine(law, inverse, first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
+    dispatch_affine(law, inverse, maps.first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* gyr = gy_ptr + b * gy_rs;
@@ -184,11 +195,11 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
           for (int64_t j = 0; j < features; ++j) gxr[j] = gyr[j];
           // y[j] also went to the next layer as gathered[g]: its gradient adds up here.
           for (int64_t g = 0; g < gathered_n; ++g) {
-            const int64_t j = start >= 0 ? start + 2 * g : gidx[g];
+            const int64_t j = maps.start >= 0 ? maps.start + 2 * g : gidx[g];
             gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + opmath_t(ggr[g]));
           }
           affine_backward_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                                        updated_features.data(), first, updated,
+                                                        maps.updated_features.data(), maps.first, updated,
                                                         has_log_det ? gld_ptr[b] : opmath_t(0), gxr,
                                                         gr_ptr + b * updated, gs_ptr + b * updated);
         }
