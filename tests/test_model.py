@@ -265,3 +265,30 @@ def test_init_uniform_is_the_released_configs_initialisation():
     for bad in (-1.0, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="weight_range must be a finite number >= 0"):
             model.init_uniform_(bad)
+
+
+class _Calls(torch.nn.Module):
+    """One of the model's methods as a module's forward, the form torch.export takes."""
+
+    def __init__(self, model, method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, v):
+        return getattr(self.model, self.method)(v)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_torch_export_with_a_dynamic_batch_keeps_the_fused_ops(tmp_path, device, coupling):
+    model = small_model(coupling=coupling, dim=10, dtype=torch.float32, device=device).eval()
+    batch = torch.export.Dim("batch")
+    for method in ("log_prob", "inverse"):
+        exported = torch.export.export(_Calls(model, method), (torch.rand(8, 10, device=device),),
+                                       dynamic_shapes={"v": {0: batch}})
+        ops = {str(node.target) for node in exported.graph.nodes if node.op == "call_function"}
+        assert any(op.startswith("nice_ext.") for op in ops), ops  # the kernels, not a traced-through reference
+        torch.export.save(exported, tmp_path / f"{method}.pt2")
+        loaded = torch.export.load(tmp_path / f"{method}.pt2").module()
+        v = torch.rand(5, 10, device=device)  # another batch size than the traced one
+        assert torch.equal(loaded(v), getattr(model, method)(v))
