@@ -14,7 +14,38 @@ import torch
 
 from . import data as data_lib
 from .cli_common import UsageError, load_for_inference, pick_device, run_tool, seed_value
-from .train import average_log_likelihood
+from .model import NICE
+
+# Draw k of a test score takes its dequantization noise from seed DRAW_SEED + k, in training's final score
+# as here, so `evaluate --draws K` on a run's best.pt repeats the figure the run printed (same device).
+DRAW_SEED = 777
+
+
+@torch.no_grad()
+def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, batch_size: int,
+                           generator: Optional[torch.Generator] = None) -> float:
+    """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw."""
+    total, count = 0.0, 0
+    for batch in data_lib.batches(pixels, batch_size):
+        log_px = model.log_prob(preprocess(batch, generator)) + preprocess.log_det
+        total += float(log_px.double().sum())
+        count += batch.shape[0]
+    return total / max(count, 1)
+
+
+def log_likelihood_draws(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, draws: int,
+                         batch_size: int = 1000, seed: int = DRAW_SEED) -> List[float]:
+    """average_log_likelihood for ``draws`` dequantization draws, draw k from seed ``seed + k``."""
+    return [average_log_likelihood(model, preprocess, pixels, batch_size,
+                                   torch.Generator(device=pixels.device).manual_seed(seed + k))
+            for k in range(draws)]
+
+
+def summary(draws: List[float], dim: int, data_range: float) -> str:
+    """"N nats, N bits/dim (mean of K dequantization draws, spread S nats)": what train and evaluate print."""
+    ll = float(np.mean(draws))
+    return (f"{ll:.2f} nats, {data_lib.bits_per_dim(ll, dim, data_range):.4f} bits/dim (mean of {len(draws)} "
+            f"dequantization draws, spread {float(np.std(draws)):.3f} nats)")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -26,7 +57,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--draws", type=int, default=5, help="dequantization draws to average")
     p.add_argument("--batch-size", type=int, default=1000)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=seed_value, default=0)
+    p.add_argument("--seed", type=seed_value, default=DRAW_SEED,
+                   help="draw k uses seed SEED + k (default: the seeds of the score a training run prints)")
     p.add_argument("--no-download", action="store_true")
     args = p.parse_args(argv)
     if args.draws < 1:
@@ -37,13 +69,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, preprocess, payload = load_for_inference(args.checkpoint, device)
     splits = data_lib.load_splits(payload["dataset"], args.data_dir, download=not args.no_download)
     pixels = getattr(splits, args.split).to(device)
-    draws = [average_log_likelihood(model, preprocess, pixels, args.batch_size,
-                                    torch.Generator(device=device).manual_seed(args.seed + k))
-             for k in range(args.draws)]
-    ll, spread = float(np.mean(draws)), float(np.std(draws))
-    bpd = data_lib.bits_per_dim(ll, model.data_dim, model.data_range)
-    print(f"{payload['dataset']} {args.split} ({pixels.shape[0]} images): {ll:.2f} nats, {bpd:.4f} bits/dim "
-          f"(mean of {args.draws} dequantization draws, std {spread:.3f} nats)")
+    draws = log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
+    print(f"{payload['dataset']} {args.split} ({pixels.shape[0]} images): "
+          f"{summary(draws, model.data_dim, model.data_range)}")
     return 0
 
 

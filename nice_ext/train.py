@@ -41,6 +41,7 @@ from . import provenance
 from .checkpoint import CheckpointError, load_checkpoint, make_checkpoint, model_from_checkpoint, save_atomic
 from .cli_common import UsageError, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
+from .evaluate import average_log_likelihood, log_likelihood_draws, summary
 from .files import atomic_file, stale_temporaries
 from .model import NICE
 from .optim import RMSPropMomentum
@@ -469,18 +470,6 @@ def set_rng_state(state: Dict[str, object], generator: torch.Generator) -> bool:
     return True
 
 
-@torch.no_grad()
-def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, batch_size: int,
-                           generator: Optional[torch.Generator] = None) -> float:
-    """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw."""
-    total, count = 0.0, 0
-    for batch in data_lib.batches(pixels, batch_size):
-        log_px = model.log_prob(preprocess(batch, generator)) + preprocess.log_det
-        total += float(log_px.double().sum())
-        count += batch.shape[0]
-    return total / max(count, 1)
-
-
 def build_model(args: argparse.Namespace, info: data_lib.DatasetInfo) -> NICE:
     model = NICE(info.dim, num_coupling_layers=args.coupling, num_hidden_layers=args.hidden, hidden_dim=args.mid_dim,
                  prior=args.latent, coupling=args.coup_type, mask=args.mask, image_shape=info.image_shape,
@@ -642,9 +631,12 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
             plots.training_curve(history, os.path.join(out_dir, "curve.png"))
         plots.scaling_spectrum(model, os.path.join(out_dir, "spectrum.png"))
 
-    def last_good() -> str:
+    def stop_on_non_finite_loss(epoch: int) -> int:
         last = os.path.join(out_dir, "last.pt")
-        return f"The last good checkpoint is {last}." if os.path.exists(last) else "No checkpoint was written yet."
+        last_good = f"The last good checkpoint is {last}." if os.path.exists(last) else "No checkpoint was written yet."
+        print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+              f"stopping. {last_good} Try a lower --lr or --clip-grad.", file=sys.stderr)
+        return 3
 
     # The NaN/Inf guard: the first step whose loss is not finite is recorded on the device and read every
     # `check_every` steps (every step on the CPU), so the GPU is not synchronised at every step.
@@ -700,9 +692,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
             batch_number += 1
             loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             if step % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
-                print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-                      f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
-                return 3
+                return stop_on_non_finite_loss(epoch)
             seen += batch.shape[0]
             if not bar.disable:  # an interactive progress bar shows the running log-likelihood
                 ll = -loss_sum.item() / seen + preprocess.log_det
@@ -719,9 +709,7 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
                 stop_reason = stop_signals.reason
                 break
         if ctx.any(first_bad_step.item() >= 0, device):
-            print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
-                  f"stopping. {last_good()} Try a lower --lr or --clip-grad.", file=sys.stderr)
-            return 3
+            return stop_on_non_finite_loss(epoch)
         total_loss = ctx.sum(loss_sum).item()  # every rank's share
         if batch_number < batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
             in_progress = dict(epoch=epoch, batches_done=batch_number, images=train_pixels.shape[0],
@@ -789,13 +777,10 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
     best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
         (checkpoint(completed_epoch), "the final model")
     best_model = model_from_checkpoint(best).to(device).eval()
-    draws = [average_log_likelihood(best_model, preprocess, test_pixels, 1000,
-                                     torch.Generator(device=device).manual_seed(777 + k))
-             for k in range(args.eval_draws)]
+    draws = log_likelihood_draws(best_model, preprocess, test_pixels, args.eval_draws)
     test_ll = float(np.mean(draws))
     bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
-    print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {test_ll:.2f} nats, {bpd:.4f} bits/dim "
-          f"(mean of {len(draws)} dequantization draws, spread {np.std(draws):.3f} nats); "
+    print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {summary(draws, info.dim, info.data_range)}; "
           f"trained {train_seconds:.1f} s")
     if stopped_early:  # a finished run, not a piece of one
         status = f"stopped early: {stop_reason}; trained {completed_epoch} of {args.epochs} epochs"
@@ -806,7 +791,8 @@ def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals)
     if in_progress and status.startswith("partial"):
         status += f" and {in_progress['batches_done']} of {batches_per_epoch} batches of epoch {in_progress['epoch']}"
     result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
-                  draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), model=best_name,
+                  draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
+                  model=best_name,
                   best_epoch=best["epoch"], epochs=completed_epoch, steps=step, resumed_after_epoch=start_epoch,
                   wall_seconds=round(train_seconds, 1), precision=args.precision, processes=ctx.world_size,
                   **provenance.record(device, args.command, commit=commit))
