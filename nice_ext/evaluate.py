@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,8 +41,8 @@ def log_likelihood_draws(model: NICE, preprocess: data_lib.Preprocess, pixels: t
             for k in range(draws)]
 
 
-def summary(draws: List[float], dim: int, data_range: float) -> str:
-    """"N nats, N bits/dim (mean of K dequantization draws, spread S nats)": what train and evaluate print."""
+def summary(draws: List[float], dim: int, data_range: Tuple[float, float]) -> str:
+    """What train and evaluate print: 'N nats, N bits/dim (mean of K dequantization draws, spread S nats)'."""
     ll = float(np.mean(draws))
     return (f"{ll:.2f} nats, {data_lib.bits_per_dim(ll, dim, data_range):.4f} bits/dim (mean of {len(draws)} "
             f"dequantization draws, spread {float(np.std(draws)):.3f} nats)")
