@@ -523,282 +523,367 @@ def run(args: argparse.Namespace) -> int:
         ctx.close()
 
 
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite in this epoch: training stops with exit status 3."""
+
+    def __init__(self, epoch: int) -> None:
+        super().__init__(f"non-finite loss in epoch {epoch}")
+        self.epoch = epoch
+
+
 def train(args: argparse.Namespace, ctx, tqdm, plots, stop_signals: StopSignals) -> int:
-    # The code that runs is the checkout as it is now; a commit made while the run goes must not be named.
-    commit = provenance.source_commit() if ctx.is_main else None
-    resume = load_checkpoint(args.resume) if args.resume else None
-    if resume is not None:
-        changed = inherit_settings(args, resume, args.resume)
-        if ctx.is_main:
-            print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
-                  + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
-    check_optimizer_settings(args)
-    replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
-    device = ctx.device if ctx.enabled else pick_device(args.device)
-    seed_everything(args.seed)
-    if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if args.precision == "bf16" and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
-        print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
-              "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
-              flush=True)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    """Train as ``args`` say; the exit status: 0, 3 for a non-finite loss, 128 + N for stop signal N."""
+    trainer = Trainer(args, ctx, plots, stop_signals)
+    stop_signals.install()
+    try:
+        trainer.fit(tqdm)
+    except NonFiniteLoss as error:
+        return trainer.stop_on_non_finite_loss(error.epoch)
+    stop_signals.restore()
+    return trainer.finish()
 
-    splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
-    info = splits.info
-    if args.subset is not None and args.subset > splits.train.shape[0] and ctx.is_main:
-        print(f"note: --subset {args.subset} is more than the {splits.train.shape[0]} training images of "
-              f"{args.dataset}: training on all of them", flush=True)
-    preprocess = data_lib.Preprocess(info)
-    if resume is not None:
-        preprocess.load_state_dict(resume["preprocess_state"])
-    else:
-        preprocess.fit(splits.train, torch.Generator().manual_seed(args.seed))
-    preprocess.to(device)
-    train_pixels = splits.train.to(device)  # uint8: MNIST is 39 MB, it lives on the device
-    valid_pixels, test_pixels = splits.valid.to(device), splits.test.to(device)
 
-    model = model_from_checkpoint(resume, args.resume) if resume is not None else build_model(args, info)
-    if model.data_dim != info.dim:
-        raise CheckpointError(f"{args.resume}: model has {model.data_dim} features, {args.dataset} has {info.dim}")
-    model.to(device)
-    if args.cuda_graph and (device.type != "cuda" or ctx.enabled):
-        raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")
-    log_prob_module = ctx.wrap(model)  # DistributedDataParallel under torchrun
-    optimizer = make_optimizer(model.parameters(), args)
-    start_epoch, step, best_valid, history = 0, 0, -math.inf, []
-    if resume is not None:
-        resume_optimizer(optimizer, resume["optimizer_state"], args)
-        start_epoch, step = resume["epoch"], resume["step"]
-        best_valid, history = resume["best_valid"], resume["history"]
-        if not set_rng_state(resume["rng_state"], generator):
-            generator.manual_seed(args.seed + step)
-            print(f"note: {args.resume} was written on another device type, whose data order and noise cannot "
-                  f"go on here: they continue from seed {args.seed} + step {step}")
-    # The epoch of the best validation score so far (improvements are strict, so the first maximum).
-    best_epoch = max(history, key=lambda row: row["valid_ll_nats"])["epoch"] if history else start_epoch
-    # --lr-plateau's state: how many times the rate was divided, and the epoch of the last division.
-    plateau_drops, last_drop_epoch = lr_plateau_state(resume, args.resume) if resume is not None else (0, 0)
+class Trainer:
+    """One training run. Set-up (``__init__``) reads the command line and the checkpoint it resumes, and
+    builds the data, the model, its optimizer and the step; ``fit`` trains epoch by epoch (``train_epoch``,
+    then ``end_epoch``: validation, best.pt, the rate's plateaus, patience, periodic outputs); ``finish``
+    writes the outputs and scores the best model on the test set (result.json). Its attributes are the
+    state a checkpoint keeps: the step, the best validation score and its epoch, the history, the rate's
+    plateau divisions, and the place inside an epoch where a run stopped."""
 
-    # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
-                              cache_enabled=not args.cuda_graph)
+    def __init__(self, args: argparse.Namespace, ctx, plots, stop_signals: StopSignals) -> None:
+        self.args, self.ctx, self.plots, self.stop_signals = args, ctx, plots, stop_signals
+        # The code that runs is the checkout as it is now; a commit made while the run goes must not be named.
+        self.commit = provenance.source_commit() if ctx.is_main else None
+        self.resume = resume = load_checkpoint(args.resume) if args.resume else None
+        if resume is not None:
+            changed = inherit_settings(args, resume, args.resume)
+            if ctx.is_main:
+                print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
+                      + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
+        check_optimizer_settings(args)
+        replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
+        self.device = device = ctx.device if ctx.enabled else pick_device(args.device)
+        seed_everything(args.seed)
+        if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if args.precision == "bf16" and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
+            print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
+                  "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
+                  flush=True)
+        self.generator = torch.Generator(device=device).manual_seed(args.seed)
+        self.load_data()
+        self.build_model_and_optimizer()
+        self.restore_training_state()
+        self.train_step = self.make_train_step()
+        self.out_dir = args.out_dir
+        if ctx.is_main:  # everything is ready to train: only now may the run it replaces go
+            clear_out_dir(self.out_dir, replaced)
 
-    def loss_fn(x: torch.Tensor) -> torch.Tensor:
-        """This rank's share of the global batch's mean negative log-likelihood: DDP averages the
-        gradients over ranks, so each rank divides its sum by (global batch / world size)."""
-        with autocast:
-            log_px = log_prob_module(ctx.local_slice(x))
-        return -log_px.float().sum() * (ctx.world_size / x.shape[0])
+        # The NaN/Inf guard: the first step whose loss is not finite is recorded on the device and read every
+        # `check_every` steps (every step on the CPU), so the GPU is not synchronised at every step.
+        self.check_every = 1 if device.type == "cpu" else 50
+        self.first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.started = time.time()
+        # A resumed run whose patience ran out already does not train (a larger --patience goes on).
+        self.stop_reason = self.patience_spent(self.start_epoch) if resume is not None else None
+        self.stopped_early = self.stop_reason is not None
+        self.completed_epoch, self.start_step = self.start_epoch, self.step
+        self.batches_per_epoch = math.ceil(self.train_pixels.shape[0] / args.batch_size)
+        # Where the resumed run stopped inside an epoch (see epoch_place), or None.
+        self.place = epoch_place(resume, self.train_pixels.shape[0], args.batch_size, args.resume, self.generator) \
+            if resume is not None else None
 
-    compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
-    loss_step = torch.compile(loss_fn, mode=compile_mode) if (args.compile or args.compile_mode) else loss_fn
+    def load_data(self) -> None:
+        """The splits, on the device (uint8: MNIST is 39 MB), and the dequantization (and whitening) map,
+        fitted on the training images or taken from the checkpoint."""
+        args, device = self.args, self.device
+        splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
+        self.info = splits.info
+        if args.subset is not None and args.subset > splits.train.shape[0] and self.ctx.is_main:
+            print(f"note: --subset {args.subset} is more than the {splits.train.shape[0]} training images of "
+                  f"{args.dataset}: training on all of them", flush=True)
+        self.preprocess = data_lib.Preprocess(self.info)
+        if self.resume is not None:
+            self.preprocess.load_state_dict(self.resume["preprocess_state"])
+        else:
+            self.preprocess.fit(splits.train, torch.Generator().manual_seed(args.seed))
+        self.preprocess.to(device)
+        self.train_pixels = splits.train.to(device)
+        self.valid_pixels, self.test_pixels = splits.valid.to(device), splits.test.to(device)
 
-    parameters = list(model.parameters())
-    if args.cuda_graph:
-        train_step = GraphedTrainStep(loss_fn, optimizer, parameters, args.clip_grad)
-    else:
-        train_step = functools.partial(optimizer_step, loss_step, optimizer, parameters, args.clip_grad)
-    out_dir = args.out_dir
-    if ctx.is_main:  # everything is ready to train: only now may the run it replaces go
-        clear_out_dir(out_dir, replaced)
-    metrics_path = os.path.join(out_dir, "metrics.csv")
+    def build_model_and_optimizer(self) -> None:
+        args, resume = self.args, self.resume
+        self.model = model_from_checkpoint(resume, args.resume) if resume is not None else build_model(args, self.info)
+        if self.model.data_dim != self.info.dim:
+            raise CheckpointError(f"{args.resume}: model has {self.model.data_dim} features, {args.dataset} has "
+                                  f"{self.info.dim}")
+        self.model.to(self.device)
+        if args.cuda_graph and (self.device.type != "cuda" or self.ctx.enabled):
+            raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")
+        self.log_prob_module = self.ctx.wrap(self.model)  # DistributedDataParallel under torchrun
+        self.optimizer = make_optimizer(self.model.parameters(), args)
 
-    # Where a run stopped inside an epoch (see epoch_place). A resumed run that trains nothing keeps the
-    # checkpoint's place, so that a later --resume can still go on from it.
-    in_progress = resume.get("epoch_in_progress") if resume is not None else None
+    def restore_training_state(self) -> None:
+        """Where the run stands: from the checkpoint it resumes, or at its start."""
+        args, resume = self.args, self.resume
+        self.start_epoch, self.step, self.best_valid, self.history = 0, 0, -math.inf, []
+        if resume is not None:
+            resume_optimizer(self.optimizer, resume["optimizer_state"], args)
+            self.start_epoch, self.step = resume["epoch"], resume["step"]
+            self.best_valid, self.history = resume["best_valid"], resume["history"]
+            if not set_rng_state(resume["rng_state"], self.generator):
+                self.generator.manual_seed(args.seed + self.step)
+                print(f"note: {args.resume} was written on another device type, whose data order and noise cannot "
+                      f"go on here: they continue from seed {args.seed} + step {self.step}")
+        # The epoch of the best validation score so far (improvements are strict, so the first maximum).
+        self.best_epoch = max(self.history, key=lambda row: row["valid_ll_nats"])["epoch"] if self.history \
+            else self.start_epoch
+        # --lr-plateau's state: how many times the rate was divided, and the epoch of the last division.
+        self.plateau_drops, self.last_drop_epoch = lr_plateau_state(resume, args.resume) if resume is not None \
+            else (0, 0)
+        # Where a run stopped inside an epoch (see epoch_place). A resumed run that trains nothing keeps the
+        # checkpoint's place, so that a later --resume can still go on from it.
+        self.in_progress = resume.get("epoch_in_progress") if resume is not None else None
 
-    def checkpoint(epoch: int) -> Dict[str, object]:
-        return make_checkpoint(model, args.dataset, preprocess.state_dict(), optimizer_state=optimizer.state_dict(),
-                               epoch=epoch, step=step, best_valid=best_valid, history=history,
-                               rng_state=rng_state(generator), args=vars(args), epoch_in_progress=in_progress,
-                               lr_plateau=dict(drops=plateau_drops, last_drop_epoch=last_drop_epoch))
+    def make_train_step(self):
+        """The step: x (a global batch) -> its detached loss, after the optimizer's update."""
+        args, ctx = self.args, self.ctx
+        # A captured graph must not use autocast's cache of cast weights (it would hold stale copies).
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16",
+                                  cache_enabled=not args.cuda_graph)
 
-    def write_outputs(epoch: int) -> None:
-        save_atomic(checkpoint(epoch), os.path.join(out_dir, "last.pt"))
+        def loss_fn(x: torch.Tensor) -> torch.Tensor:
+            """This rank's share of the global batch's mean negative log-likelihood: DDP averages the
+            gradients over ranks, so each rank divides its sum by (global batch / world size)."""
+            with autocast:
+                log_px = self.log_prob_module(ctx.local_slice(x))
+            return -log_px.float().sum() * (ctx.world_size / x.shape[0])
+
+        parameters = list(self.model.parameters())
+        if args.cuda_graph:
+            return GraphedTrainStep(loss_fn, self.optimizer, parameters, args.clip_grad)
+        compile_mode = None if args.compile_mode in (None, "default") else args.compile_mode
+        loss_step = torch.compile(loss_fn, mode=compile_mode) if (args.compile or args.compile_mode) else loss_fn
+        return functools.partial(optimizer_step, loss_step, self.optimizer, parameters, args.clip_grad)
+
+    def checkpoint(self, epoch: int) -> Dict[str, object]:
+        return make_checkpoint(self.model, self.args.dataset, self.preprocess.state_dict(),
+                               optimizer_state=self.optimizer.state_dict(), epoch=epoch, step=self.step,
+                               best_valid=self.best_valid, history=self.history, rng_state=rng_state(self.generator),
+                               args=vars(self.args), epoch_in_progress=self.in_progress,
+                               lr_plateau=dict(drops=self.plateau_drops, last_drop_epoch=self.last_drop_epoch))
+
+    def write_outputs(self, epoch: int) -> None:
+        out_dir, history = self.out_dir, self.history
+        save_atomic(self.checkpoint(epoch), os.path.join(out_dir, "last.pt"))
         table = io.StringIO()
         # every column any row has (rows from before the lr column was added leave it empty)
         columns = list(dict.fromkeys(key for row in history for key in row)) or ["epoch"]
         writer = csv.DictWriter(table, fieldnames=columns)
         writer.writeheader()
         writer.writerows(history)
-        with atomic_file(metrics_path) as f:
+        with atomic_file(os.path.join(out_dir, "metrics.csv")) as f:
             f.write(table.getvalue().encode())
-        if args.sample_size > 0:
-            plots.sample_grid(model, args.sample_size, os.path.join(out_dir, "samples.png"), preprocess)
+        if self.args.sample_size > 0:
+            self.plots.sample_grid(self.model, self.args.sample_size, os.path.join(out_dir, "samples.png"),
+                                   self.preprocess)
         if history:
-            plots.training_curve(history, os.path.join(out_dir, "curve.png"))
-        plots.scaling_spectrum(model, os.path.join(out_dir, "spectrum.png"))
+            self.plots.training_curve(history, os.path.join(out_dir, "curve.png"))
+        self.plots.scaling_spectrum(self.model, os.path.join(out_dir, "spectrum.png"))
 
-    def stop_on_non_finite_loss(epoch: int) -> int:
-        last = os.path.join(out_dir, "last.pt")
+    def stop_on_non_finite_loss(self, epoch: int) -> int:
+        last = os.path.join(self.out_dir, "last.pt")
         last_good = f"The last good checkpoint is {last}." if os.path.exists(last) else "No checkpoint was written yet."
-        print(f"error: the loss became NaN or infinite at epoch {epoch}, step {first_bad_step.item()}; "
+        print(f"error: the loss became NaN or infinite at epoch {epoch}, step {self.first_bad_step.item()}; "
               f"stopping. {last_good} Try a lower --lr or --clip-grad.", file=sys.stderr)
         return 3
 
-    # The NaN/Inf guard: the first step whose loss is not finite is recorded on the device and read every
-    # `check_every` steps (every step on the CPU), so the GPU is not synchronised at every step.
-    check_every = 1 if device.type == "cpu" else 50
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
-    started = time.time()
-
-    def patience_spent(epoch: int) -> Optional[str]:
+    def patience_spent(self, epoch: int) -> Optional[str]:
         """Why --patience stops the run after ``epoch``, or None while the run goes on."""
-        if args.patience is None or epoch - best_epoch < args.patience:
+        if self.args.patience is None or epoch - self.best_epoch < self.args.patience:
             return None
-        return f"--patience {args.patience}: no validation gain since epoch {best_epoch}"
+        return f"--patience {self.args.patience}: no validation gain since epoch {self.best_epoch}"
 
-    # A resumed run whose patience ran out already does not train (a larger --patience goes on).
-    stop_reason = patience_spent(start_epoch) if resume is not None else None
-    stopped_early = stop_reason is not None
-    completed_epoch, start_step = start_epoch, step
-    batches_per_epoch = math.ceil(train_pixels.shape[0] / args.batch_size)
-    place = epoch_place(resume, train_pixels.shape[0], args.batch_size, args.resume, generator) \
-        if resume is not None else None
-    last_epoch = start_epoch if stopped_early else args.epochs
-    stop_signals.install()
-    for epoch in range(start_epoch + 1, last_epoch + 1):
-        epoch_start, in_progress = time.time(), None
-        model.train()
+    def fit(self, tqdm) -> None:
+        """Train until --epochs, a stop (--patience, --max_iter, --time-limit, a signal) or a non-finite loss
+        (NonFiniteLoss)."""
+        last_epoch = self.start_epoch if self.stopped_early else self.args.epochs
+        for epoch in range(self.start_epoch + 1, last_epoch + 1):
+            epoch_clock = self.train_epoch(epoch, tqdm)
+            if epoch_clock is None:  # stopped inside the epoch: self.in_progress keeps its place
+                break
+            self.end_epoch(epoch, *epoch_clock)
+            if self.stop_reason:
+                break
+
+    def train_epoch(self, epoch: int, tqdm) -> Optional[Tuple[float, float]]:
+        """One epoch's steps. Returns (training log-likelihood, when the epoch's clock started) once the
+        epoch is complete, or None when a stop came inside it."""
+        args, ctx, device, generator = self.args, self.ctx, self.device, self.generator
+        preprocess, info = self.preprocess, self.info
+        epoch_start, self.in_progress = time.time(), None
+        self.model.train()
         if args.optimizer == "rmsprop":
-            set_hyperparameter(optimizer, "momentum", epoch_momentum(args, epoch))
+            set_hyperparameter(self.optimizer, "momentum", epoch_momentum(args, epoch))
         # The epoch's shuffle comes from the data generator's state at its start. A run stopped inside an
         # epoch saved that state and how far it got (`place`): resuming draws the same order, skips the
         # batches already taken and carries on with the sums, as an uninterrupted run would.
+        place = self.place
         order_rng = generator.get_state() if place is None else place["order_rng"]
         stopped_at = generator.get_state()
         generator.set_state(order_rng)
-        order = torch.randperm(train_pixels.shape[0], device=device, generator=generator)
+        order = torch.randperm(self.train_pixels.shape[0], device=device, generator=generator)
         first_batch, seen, seconds_before, loss_so_far = 0, 0, 0.0, 0.0
         if place is not None:
             generator.set_state(stopped_at)  # the dequantization noise goes on from where the run stopped
             first_batch, seen, seconds_before = place["batches_done"], place["seen"], place["seconds"]
             loss_so_far = place["loss_sum"] if ctx.is_main else 0.0  # all ranks' sum, counted once
-            place = None
+            self.place = None
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=device)  # read once per epoch, not per step
         batch_number = first_batch
-        bar = tqdm(data_lib.batches(train_pixels, args.batch_size, order, first_batch),
-                   total=batches_per_epoch - first_batch, desc=f"epoch {epoch}/{args.epochs}",
+        bar = tqdm(data_lib.batches(self.train_pixels, args.batch_size, order, first_batch),
+                   total=self.batches_per_epoch - first_batch, desc=f"epoch {epoch}/{args.epochs}",
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
         for batch in bar:
             x = preprocess(batch, generator)  # the global batch: the same on every rank
             if has_lr_schedule(args):
-                set_hyperparameter(optimizer, "lr", scheduled_lr(args, step, plateau_drops))
-            loss = train_step(x)
-            first_bad_step = torch.where(torch.isfinite(loss) | (first_bad_step >= 0), first_bad_step, step + 1)
-            step += 1
+                set_hyperparameter(self.optimizer, "lr", scheduled_lr(args, self.step, self.plateau_drops))
+            loss = self.train_step(x)
+            bad = self.first_bad_step
+            self.first_bad_step = torch.where(torch.isfinite(loss) | (bad >= 0), bad, self.step + 1)
+            self.step += 1
             batch_number += 1
             loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
-            if step % check_every == 0 and ctx.any(first_bad_step.item() >= 0, device):
-                return stop_on_non_finite_loss(epoch)
+            if self.step % self.check_every == 0 and ctx.any(self.first_bad_step.item() >= 0, device):
+                raise NonFiniteLoss(epoch)
             seen += batch.shape[0]
             if not bar.disable:  # an interactive progress bar shows the running log-likelihood
                 ll = -loss_sum.item() / seen + preprocess.log_det
                 bar.set_postfix(ll=f"{ll:.1f}", bpd=f"{data_lib.bits_per_dim(ll, info.dim, info.data_range):.3f}")
-            if args.max_iter is not None and step >= args.max_iter:
-                stop_reason = f"--max_iter {args.max_iter} reached"
+            reason = self.stop_inside_epoch()
+            if reason:
+                self.stop_reason = reason
                 break
-            if (args.time_limit is not None and step % check_every == 0
-                    and ctx.any(time.time() - started > args.time_limit, device)):
-                stop_reason = f"--time-limit {args.time_limit:g} s reached"
-                break
-            # a Python flag: read at every step by a lone process, with the other checks under torchrun
-            if (step % check_every == 0 or not ctx.enabled) and ctx.any(stop_signals.received is not None, device):
-                stop_reason = stop_signals.reason
-                break
-        if ctx.any(first_bad_step.item() >= 0, device):
-            return stop_on_non_finite_loss(epoch)
+        if ctx.any(self.first_bad_step.item() >= 0, device):
+            raise NonFiniteLoss(epoch)
         total_loss = ctx.sum(loss_sum).item()  # every rank's share
-        if batch_number < batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
-            in_progress = dict(epoch=epoch, batches_done=batch_number, images=train_pixels.shape[0],
-                               batch_size=args.batch_size, order_rng=order_rng, loss_sum=total_loss, seen=seen,
-                               seconds=seconds_before + time.time() - epoch_start)
-            break
+        if batch_number < self.batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
+            self.in_progress = dict(epoch=epoch, batches_done=batch_number, images=self.train_pixels.shape[0],
+                                    batch_size=args.batch_size, order_rng=order_rng, loss_sum=total_loss, seen=seen,
+                                    seconds=seconds_before + time.time() - epoch_start)
+            return None
+        self.completed_epoch = epoch
         train_ll = -total_loss / seen + preprocess.log_det if seen else float("nan")
-        completed_epoch = epoch
-        if ctx.is_main:  # rank 0 validates, logs and writes; the others go on to the next epoch
-            model.eval()
-            valid_ll = average_log_likelihood(model, preprocess, valid_pixels, 1000,
+        return train_ll, epoch_start - seconds_before
+
+    def stop_inside_epoch(self) -> Optional[str]:
+        """Why training stops after this step (--max_iter, --time-limit, a signal), or None."""
+        args, ctx, device = self.args, self.ctx, self.device
+        if args.max_iter is not None and self.step >= args.max_iter:
+            return f"--max_iter {args.max_iter} reached"
+        checked = self.step % self.check_every == 0
+        if args.time_limit is not None and checked and ctx.any(time.time() - self.started > args.time_limit, device):
+            return f"--time-limit {args.time_limit:g} s reached"
+        # a Python flag: read at every step by a lone process, with the other checks under torchrun
+        if (checked or not ctx.enabled) and ctx.any(self.stop_signals.received is not None, device):
+            return self.stop_signals.reason
+        return None
+
+    def end_epoch(self, epoch: int, train_ll: float, epoch_clock: float) -> None:
+        """After a complete epoch: rank 0 validates, logs and keeps the best model; every rank applies the
+        rate's plateau divisions and the stops that rank 0 decides; the outputs are written every
+        --save-every epochs."""
+        args, ctx, device = self.args, self.ctx, self.device
+        if ctx.is_main:  # the others go on to the next epoch
+            info = self.info
+            self.model.eval()
+            valid_ll = average_log_likelihood(self.model, self.preprocess, self.valid_pixels, 1000,
                                               torch.Generator(device=device).manual_seed(12345))
             bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
-            row = dict(epoch=epoch, step=step, train_ll_nats=round(train_ll, 4), train_bits_per_dim=bpd(train_ll),
-                       valid_ll_nats=round(valid_ll, 4), valid_bits_per_dim=bpd(valid_ll),
-                       seconds=round(seconds_before + time.time() - epoch_start, 3),
-                       lr=float(f"{scheduled_lr(args, step - 1, plateau_drops):.6g}"))  # the epoch's last step's
-            history.append(row)
+            row = dict(epoch=epoch, step=self.step, train_ll_nats=round(train_ll, 4),
+                       train_bits_per_dim=bpd(train_ll), valid_ll_nats=round(valid_ll, 4),
+                       valid_bits_per_dim=bpd(valid_ll), seconds=round(time.time() - epoch_clock, 3),
+                       lr=float(f"{scheduled_lr(args, self.step - 1, self.plateau_drops):.6g}"))  # its last step's
+            self.history.append(row)
             print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
                   f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
-            if valid_ll > best_valid:
-                best_valid, best_epoch = valid_ll, epoch
-                save_atomic(checkpoint(epoch), os.path.join(out_dir, "best.pt"))
+            if valid_ll > self.best_valid:
+                self.best_valid, self.best_epoch = valid_ll, epoch
+                save_atomic(self.checkpoint(epoch), os.path.join(self.out_dir, "best.pt"))
         # --lr-plateau, decided by rank 0 (which alone validates) and applied by every rank.
         if args.lr_plateau is not None:
-            waited = epoch - max(best_epoch, last_drop_epoch)  # epochs without a gain since the last division
-            lower = scheduled_lr(args, step, plateau_drops + 1)
-            if ctx.any(ctx.is_main and waited >= args.lr_plateau and lower < scheduled_lr(args, step, plateau_drops),
-                       device):
-                plateau_drops, last_drop_epoch = plateau_drops + 1, epoch
+            waited = epoch - max(self.best_epoch, self.last_drop_epoch)  # epochs without a gain since the last
+            lower = scheduled_lr(args, self.step, self.plateau_drops + 1)
+            if ctx.any(ctx.is_main and waited >= args.lr_plateau
+                       and lower < scheduled_lr(args, self.step, self.plateau_drops), device):
+                self.plateau_drops, self.last_drop_epoch = self.plateau_drops + 1, epoch
                 if ctx.is_main:
                     print(f"epoch {epoch}: {waited} epochs without a validation gain; the learning rate is now "
                           f"{lower:.3g}", flush=True)
         # Only rank 0 knows the validation score: its verdict is shared so that all ranks stop together.
-        if args.patience is not None and ctx.any(ctx.is_main and patience_spent(epoch) is not None, device):
-            stop_reason, stopped_early = stop_reason or patience_spent(epoch), True
-        if not stop_reason and ctx.any(stop_signals.received is not None, device):  # one that came in validation
-            stop_reason = stop_signals.reason
-        if ctx.is_main and epoch % args.save_every < 1 and epoch != args.epochs and not stop_reason:
-            write_outputs(epoch)  # the final outputs are written once, after the loop
-        if stop_reason:
-            break
-    stop_signals.restore()
-    train_seconds = time.time() - started
-    signalled = stop_signals.received is not None and stop_reason == stop_signals.reason
-    if not ctx.is_main:
-        return 128 + stop_signals.received if signalled else 0
-    if step == start_step and stopped_early:
-        print(f"nothing to train: {stop_reason} (a larger --patience goes on)")
-    elif step == start_step:
-        print(f"nothing to train: --epochs {args.epochs}" +
-              (f" is not above the checkpoint's epoch {start_epoch} (a larger --epochs goes on)"
-               if resume is not None else ""))
-    write_outputs(completed_epoch)
-    if stop_reason and step != start_step:
-        where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of {batches_per_epoch} " \
-                f"batches (--resume {os.path.join(out_dir, 'last.pt')} goes on from there)" if in_progress else ""
-        print(f"stopped: {stop_reason}{where}", flush=True)
-    if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
-        if not in_progress:  # (a stop inside an epoch said where already)
-            print(f"last.pt holds epoch {completed_epoch}; --resume {os.path.join(out_dir, 'last.pt')} goes on",
-                  flush=True)
-        return 128 + stop_signals.received
-    best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
-    best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
-        (checkpoint(completed_epoch), "the final model")
-    best_model = model_from_checkpoint(best).to(device).eval()
-    draws = log_likelihood_draws(best_model, preprocess, test_pixels, args.eval_draws)
-    test_ll = float(np.mean(draws))
-    bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
-    print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): {summary(draws, info.dim, info.data_range)}; "
-          f"trained {train_seconds:.1f} s")
-    if stopped_early:  # a finished run, not a piece of one
-        status = f"stopped early: {stop_reason}; trained {completed_epoch} of {args.epochs} epochs"
-    elif completed_epoch >= args.epochs:
-        status = "complete"
-    else:
-        status = f"partial: {stop_reason or 'stopped'} after {completed_epoch} of {args.epochs} epochs"
-    if in_progress and status.startswith("partial"):
-        status += f" and {in_progress['batches_done']} of {batches_per_epoch} batches of epoch {in_progress['epoch']}"
-    result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
-                  draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
-                  model=best_name,
-                  best_epoch=best["epoch"], epochs=completed_epoch, steps=step, resumed_after_epoch=start_epoch,
-                  wall_seconds=round(train_seconds, 1), precision=args.precision, processes=ctx.world_size,
-                  **provenance.record(device, args.command, commit=commit))
-    with atomic_file(os.path.join(out_dir, "result.json")) as f:
-        f.write((json.dumps(result, indent=1) + "\n").encode())
-    return 0
+        if args.patience is not None and ctx.any(ctx.is_main and self.patience_spent(epoch) is not None, device):
+            self.stop_reason, self.stopped_early = self.stop_reason or self.patience_spent(epoch), True
+        if not self.stop_reason and ctx.any(self.stop_signals.received is not None, device):  # came in validation
+            self.stop_reason = self.stop_signals.reason
+        if ctx.is_main and epoch % args.save_every < 1 and epoch != args.epochs and not self.stop_reason:
+            self.write_outputs(epoch)  # the final outputs are written once, in finish()
+
+    def finish(self) -> int:
+        """Write the final outputs, say why training stopped, and (unless a signal stopped it) score the best
+        model on the test set into result.json. Returns the exit status."""
+        args, ctx, stop_reason, in_progress = self.args, self.ctx, self.stop_reason, self.in_progress
+        train_seconds = time.time() - self.started
+        received = self.stop_signals.received
+        signalled = received is not None and stop_reason == self.stop_signals.reason
+        if not ctx.is_main:
+            return 128 + received if signalled else 0
+        out_dir, completed_epoch, step = self.out_dir, self.completed_epoch, self.step
+        if step == self.start_step and self.stopped_early:
+            print(f"nothing to train: {stop_reason} (a larger --patience goes on)")
+        elif step == self.start_step:
+            print(f"nothing to train: --epochs {args.epochs}" +
+                  (f" is not above the checkpoint's epoch {self.start_epoch} (a larger --epochs goes on)"
+                   if self.resume is not None else ""))
+        self.write_outputs(completed_epoch)
+        last = os.path.join(out_dir, "last.pt")
+        if stop_reason and step != self.start_step:
+            where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of " \
+                    f"{self.batches_per_epoch} batches (--resume {last} goes on from there)" if in_progress else ""
+            print(f"stopped: {stop_reason}{where}", flush=True)
+        if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
+            if not in_progress:  # (a stop inside an epoch said where already)
+                print(f"last.pt holds epoch {completed_epoch}; --resume {last} goes on", flush=True)
+            return 128 + received
+        best_path = os.path.join(out_dir, "best.pt")  # absent when no epoch was validated in this folder
+        best, best_name = (load_checkpoint(best_path), "best.pt") if os.path.exists(best_path) else \
+            (self.checkpoint(completed_epoch), "the final model")
+        best_model = model_from_checkpoint(best).to(self.device).eval()
+        info = self.info
+        draws = log_likelihood_draws(best_model, self.preprocess, self.test_pixels, args.eval_draws)
+        test_ll = float(np.mean(draws))
+        bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
+        print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): "
+              f"{summary(draws, info.dim, info.data_range)}; trained {train_seconds:.1f} s")
+        if self.stopped_early:  # a finished run, not a piece of one
+            status = f"stopped early: {stop_reason}; trained {completed_epoch} of {args.epochs} epochs"
+        elif completed_epoch >= args.epochs:
+            status = "complete"
+        else:
+            status = f"partial: {stop_reason or 'stopped'} after {completed_epoch} of {args.epochs} epochs"
+        if in_progress and status.startswith("partial"):
+            status += f" and {in_progress['batches_done']} of {self.batches_per_epoch} batches of epoch " \
+                      f"{in_progress['epoch']}"
+        result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
+                      draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
+                      model=best_name, best_epoch=best["epoch"], epochs=completed_epoch, steps=step,
+                      resumed_after_epoch=self.start_epoch, wall_seconds=round(train_seconds, 1),
+                      precision=args.precision, processes=ctx.world_size,
+                      **provenance.record(self.device, args.command, commit=self.commit))
+        with atomic_file(os.path.join(out_dir, "result.json")) as f:
+            f.write((json.dumps(result, indent=1) + "\n").encode())
+        return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
