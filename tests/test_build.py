@@ -1,6 +1,10 @@
-"""The build must never silently fall back to CPU-only where the CUDA kernels can be compiled."""
+"""The build must never silently fall back to CPU-only where the CUDA kernels can be compiled, and a
+source distribution must hold everything the build reads."""
 import os
 import shutil
+import subprocess
+import sys
+import tarfile
 
 import pytest
 import torch
@@ -34,3 +38,23 @@ def test_every_forward_op_has_a_public_wrapper():
     for op in NICE_EXT_OPS:
         if not op.endswith("_backward"):
             assert op in nice_ext.__all__ and callable(getattr(nice_ext, op)), f"nice_ext.{op} is not exported"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_source_distribution_holds_every_kernel_source_and_header(tmp_path):
+    """`pip install nice_ext-0.1.0.tar.gz` compiles from the sdist alone. Made on a CPU-only build, which
+    configures no .cu sources, it must still carry them, and every header the kernels include."""
+    env = dict(os.environ, NICE_EXT_CPU_ONLY="1")
+    made = subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d",
+                           str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    (archive,) = tmp_path.glob("nice_ext-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        packed = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    kernel_files = {os.path.relpath(os.path.join(folder, name), ROOT)
+                    for folder, _, names in os.walk(os.path.join(ROOT, "csrc")) for name in names}
+    assert any(name.endswith(".cu") for name in kernel_files) and any(name.endswith(".h") for name in kernel_files)
+    needed = kernel_files | {"setup.py", "requirements.txt", "README.md"}
+    assert not needed - packed, f"missing from the sdist: {sorted(needed - packed)}"
