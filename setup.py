@@ -81,7 +81,19 @@ def cuda_library_include_dirs(cuda_home):
     return found
 
 
+def require_torch():
+    """The kernels are compiled against the torch they will run with, so it must be installed first; pip's
+    default isolated build environment has none (hence --no-build-isolation)."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        raise SystemExit("nice_ext: building needs torch installed first (pip install -r requirements.txt), and "
+                         "pip's --no-build-isolation so that the build sees it: "
+                         "pip install --no-build-isolation -e .") from None
+
+
 def extensions():
+    require_torch()
     with_cuda = cuda_build_wanted()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 

@@ -58,3 +58,15 @@ def test_source_distribution_holds_every_kernel_source_and_header(tmp_path):
     assert any(name.endswith(".cu") for name in kernel_files) and any(name.endswith(".h") for name in kernel_files)
     needed = kernel_files | {"setup.py", "requirements.txt", "README.md"}
     assert not needed - packed, f"missing from the sdist: {sorted(needed - packed)}"
+
+
+def test_a_build_without_torch_says_what_to_do(tmp_path):
+    """pip's default isolated build environment has no torch: the build says how to install, no traceback."""
+    hidden = tmp_path / "torch"
+    hidden.mkdir()
+    (hidden / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), NICE_EXT_CPU_ONLY="1")
+    done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    assert "pip install --no-build-isolation -e ." in done.stderr and "Traceback" not in done.stderr, done.stderr
