@@ -711,16 +711,16 @@ class Trainer:
         (NonFiniteLoss)."""
         last_epoch = self.start_epoch if self.stopped_early else self.args.epochs
         for epoch in range(self.start_epoch + 1, last_epoch + 1):
-            epoch_clock = self.train_epoch(epoch, tqdm)
-            if epoch_clock is None:  # stopped inside the epoch: self.in_progress keeps its place
+            trained = self.train_epoch(epoch, tqdm)  # (training log-likelihood, the epoch's start time)
+            if trained is None:  # stopped inside the epoch: self.in_progress keeps its place
                 break
-            self.end_epoch(epoch, *epoch_clock)
+            self.end_epoch(epoch, *trained)
             if self.stop_reason:
                 break
 
     def train_epoch(self, epoch: int, tqdm) -> Optional[Tuple[float, float]]:
-        """One epoch's steps. Returns (training log-likelihood, when the epoch's clock started) once the
-        epoch is complete, or None when a stop came inside it."""
+        """One epoch's steps. Returns (training log-likelihood, the epoch's start time, earlier by the seconds
+        a resumed piece already spent) once the epoch is complete, or None when a stop came inside it."""
         args, ctx, device, generator = self.args, self.ctx, self.device, self.generator
         preprocess, info = self.preprocess, self.info
         epoch_start, self.in_progress = time.time(), None
@@ -791,7 +791,7 @@ class Trainer:
             return self.stop_signals.reason
         return None
 
-    def end_epoch(self, epoch: int, train_ll: float, epoch_clock: float) -> None:
+    def end_epoch(self, epoch: int, train_ll: float, epoch_started: float) -> None:
         """After a complete epoch: rank 0 validates, logs and keeps the best model; every rank applies the
         rate's plateau divisions and the stops that rank 0 decides; the outputs are written every
         --save-every epochs."""
@@ -804,7 +804,7 @@ class Trainer:
             bpd = lambda ll: round(data_lib.bits_per_dim(ll, info.dim, info.data_range), 5)  # noqa: E731
             row = dict(epoch=epoch, step=self.step, train_ll_nats=round(train_ll, 4),
                        train_bits_per_dim=bpd(train_ll), valid_ll_nats=round(valid_ll, 4),
-                       valid_bits_per_dim=bpd(valid_ll), seconds=round(time.time() - epoch_clock, 3),
+                       valid_bits_per_dim=bpd(valid_ll), seconds=round(time.time() - epoch_started, 3),
                        lr=float(f"{scheduled_lr(args, self.step - 1, self.plateau_drops):.6g}"))  # its last step's
             self.history.append(row)
             print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
