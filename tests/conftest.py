@@ -30,10 +30,10 @@ def sliced(t: torch.Tensor, pad_rows: int = 2, pad_cols: int = 3) -> torch.Tenso
     return view
 
 
-# Mask pairs (a layer's mask, the next layer's) for the coupling ops' tests. The CPU additive kernel takes
-# its stride-2 path for odd/even masks whose next layer keeps the other parity (odd-even, even-odd), the
-# same parity (odd-even-same-next) or is absent (odd-even-last); a next mask that keeps only a prefix of
-# one parity, a random next mask or a random mask take the general one.
+# Mask pairs (a layer's mask, the next layer's) for the coupling ops' tests. The CPU kernels (additive and
+# affine) take their stride-2 path for odd/even masks whose next layer keeps the other parity (odd-even,
+# even-odd), the same parity (odd-even-same-next) or is absent (odd-even-last); a next mask that keeps only
+# a prefix of one parity, a random next mask or a random mask take the general one.
 MASK_KINDS = ["odd-even", "even-odd", "odd-even-same-next", "odd-even-last", "odd-even-prefix-next",
               "odd-even-random-next", "random"]
 

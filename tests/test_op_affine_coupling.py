@@ -4,14 +4,13 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, coupling_masks, rel_error, sliced
+from conftest import DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
 from nice_ext import ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
 # dtype -> worst relative error allowed against a float64 result
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 LAWS = ["tanh", "unbounded"]
-MASK_KINDS = ["odd-even", "odd-even-last", "odd-even-random-next", "random"]
 
 
 def make_case(batch, features, mask_kind, device, dtype, seed=0):

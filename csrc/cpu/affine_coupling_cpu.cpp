@@ -32,20 +32,18 @@ inline void log_scale_block(const scalar_t* rr, opmath_t* a, opmath_t* e, int64_
   for (int64_t i = 0; i < n; ++i) e[i] = vmath::exp_any(kInverse ? -a[i] : a[i]);
 }
 
-// The feature that shift column c updates: first + 2c for the paper's odd/even masks (kStride2; no index
-// load, so the loops over columns vectorise), else updated_features[c].
-template <bool kStride2>
-inline int64_t updated_feature(const int32_t* __restrict__ updated_features, int64_t first, int64_t c) {
-  return kStride2 ? first + 2 * c : updated_features[c];
+// The updated feature's new value: x e^a + b (forward) or (x - b) e^-a (inverse), e being e^(+/-a).
+template <bool kInverse, typename scalar_t, typename opmath_t>
+inline scalar_t affine_value(scalar_t x, scalar_t b, opmath_t e) {
+  return static_cast<scalar_t>(kInverse ? (opmath_t(x) - opmath_t(b)) * e : opmath_t(x) * e + opmath_t(b));
 }
 
-// One row of the forward. Returns the row's log|det|, +sum a (forward) or -sum a (inverse).
-template <AffineLaw law, bool kInverse, bool kStride2, typename scalar_t,
-          typename opmath_t = at::opmath_type<scalar_t>>
+// One row of the forward, any masks: updated_features[c] is the feature shift column c updates. Returns
+// the row's log|det|, +sum a (forward) or -sum a (inverse).
+template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t = at::opmath_type<scalar_t>>
 NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
                                         const scalar_t* __restrict__ sr, const int32_t* __restrict__ updated_features,
-                                        int64_t first, int64_t updated, scalar_t* __restrict__ yr,
-                                        int64_t features) {
+                                        int64_t updated, scalar_t* __restrict__ yr, int64_t features) {
   opmath_t a[kBlock], e[kBlock];
   opmath_t log_det = 0;
   for (int64_t j = 0; j < features; ++j) yr[j] = xr[j];  // the kept features; the updated ones follow
@@ -55,21 +53,74 @@ NICE_EXT_CPU_CLONES opmath_t affine_row(const scalar_t* __restrict__ xr, const s
 #pragma omp simd reduction(+ : log_det)
     for (int64_t i = 0; i < n; ++i) log_det += a[i];
     for (int64_t i = 0; i < n; ++i) {
-      const int64_t j = updated_feature<kStride2>(updated_features, first, c0 + i);
-      const opmath_t x = opmath_t(xr[j]), b = opmath_t(sr[c0 + i]);
-      yr[j] = static_cast<scalar_t>(kInverse ? (x - b) * e[i] : x * e[i] + b);
+      const int64_t j = updated_features[c0 + i];
+      yr[j] = affine_value<kInverse>(xr[j], sr[c0 + i], e[i]);
     }
   }
   return kInverse ? -log_det : log_det;
 }
 
-// One row of the backward, on grad_x already holding G = dL/dy (grad_y plus grad_gathered folded in);
-// the formulas are affine_coupling_grads (nice_ext.h).
-template <AffineLaw law, bool kInverse, bool kStride2, typename scalar_t, typename opmath_t>
+// One row of the forward for odd/even masks, in one pass like the additive kernel's pair loop
+// (coupling_cpu.cpp): in the pair (2p, 2p + 1) the feature of parity kFirst is updated by shift column p,
+// and the one of parity kStart goes to gathered[p]. With an odd D, feature D - 1 (even) has no partner
+// and is done after the loop.
+template <AffineLaw law, bool kInverse, int kFirst, int kStart, bool kGather, typename scalar_t,
+          typename opmath_t = at::opmath_type<scalar_t>>
+NICE_EXT_CPU_CLONES opmath_t affine_row_odd_even(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
+                                                 const scalar_t* __restrict__ sr, scalar_t* __restrict__ yr,
+                                                 scalar_t* __restrict__ gr, int64_t features) {
+  opmath_t a[kBlock], e[kBlock];
+  opmath_t log_det = 0;
+  const int64_t pairs = features / 2;
+  for (int64_t p0 = 0; p0 < pairs; p0 += kBlock) {
+    const int64_t n = std::min(kBlock, pairs - p0);
+    log_scale_block<law, kInverse>(rr + p0, a, e, n);
+#pragma omp simd reduction(+ : log_det)
+    for (int64_t i = 0; i < n; ++i) log_det += a[i];
+    const scalar_t* xp = xr + 2 * p0;
+    const scalar_t* sp = sr + p0;
+    scalar_t* yp = yr + 2 * p0;
+    scalar_t* gp = gr + p0;
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t even = xp[2 * i], odd = xp[2 * i + 1];
+      if (kFirst == 0) even = affine_value<kInverse>(even, sp[i], e[i]);
+      else odd = affine_value<kInverse>(odd, sp[i], e[i]);
+      yp[2 * i] = even;
+      yp[2 * i + 1] = odd;
+      if (kGather) gp[i] = kStart == 0 ? even : odd;
+    }
+  }
+  if (features % 2 == 1) {
+    scalar_t last = xr[features - 1];
+    if (kFirst == 0) {  // updated, by shift column `pairs`
+      log_scale_block<law, kInverse>(rr + pairs, a, e, 1);
+      log_det += a[0];
+      last = affine_value<kInverse>(last, sr[pairs], e[0]);
+    }
+    yr[features - 1] = last;
+    if (kGather && kStart == 0) gr[pairs] = last;
+  }
+  return kInverse ? -log_det : log_det;
+}
+
+// The gradients of one updated feature (affine_coupling_grads, nice_ext.h) stored as the kernels' dtype:
+// returns dL/dx and writes dL/dr and dL/db.
+template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
+inline scalar_t affine_grads_at(scalar_t g, scalar_t x, scalar_t b, opmath_t a, opmath_t e, opmath_t grad_log_det,
+                                scalar_t& grad_log_scale_raw, scalar_t& grad_shift) {
+  const AffineGrads<opmath_t> grads =
+      affine_coupling_grads(law, kInverse, opmath_t(g), opmath_t(x), opmath_t(b), a, e, grad_log_det);
+  grad_log_scale_raw = static_cast<scalar_t>(grads.log_scale_raw);
+  grad_shift = static_cast<scalar_t>(grads.shift);
+  return static_cast<scalar_t>(grads.x);
+}
+
+// One row of the backward, any masks, on grad_x already holding G = dL/dy (grad_y plus grad_gathered
+// folded in).
+template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
 NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
                                              const scalar_t* __restrict__ sr,
-                                             const int32_t* __restrict__ updated_features, int64_t first,
-                                             int64_t updated,
+                                             const int32_t* __restrict__ updated_features, int64_t updated,
                                              opmath_t grad_log_det, scalar_t* __restrict__ gxr,
                                              scalar_t* __restrict__ grr, scalar_t* __restrict__ gsr) {
   opmath_t a[kBlock], e[kBlock];
@@ -78,27 +129,61 @@ NICE_EXT_CPU_CLONES void affine_backward_row(const scalar_t* __restrict__ xr, co
     log_scale_block<law, kInverse>(rr + c0, a, e, n);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = c0 + i;
-      const int64_t j = updated_feature<kStride2>(updated_features, first, c);
-      const AffineGrads<opmath_t> grads = affine_coupling_grads(law, kInverse, opmath_t(gxr[j]), opmath_t(xr[j]),
-                                                                opmath_t(sr[c]), a[i], e[i], grad_log_det);
-      gxr[j] = static_cast<scalar_t>(grads.x);
-      grr[c] = static_cast<scalar_t>(grads.log_scale_raw);
-      gsr[c] = static_cast<scalar_t>(grads.shift);
+      const int64_t j = updated_features[c];
+      gxr[j] = affine_grads_at<law, kInverse>(gxr[j], xr[j], sr[c], a[i], e[i], grad_log_det, grr[c], gsr[c]);
     }
   }
 }
 
-// Calls f with the law, the direction and whether the updated features are a stride-2 progression as
-// compile-time constants, so that the row loops have no branches.
+// One row of the backward for odd/even masks, in one pass: per pair, G = grad_y plus grad_gathered on the
+// feature of parity kStart; the feature of parity kFirst takes the affine gradients with shift column p.
+template <AffineLaw law, bool kInverse, int kFirst, int kStart, bool kGather, typename scalar_t, typename opmath_t>
+NICE_EXT_CPU_CLONES void affine_backward_row_odd_even(const scalar_t* __restrict__ gyr,
+                                                      const scalar_t* __restrict__ ggr,
+                                                      const scalar_t* __restrict__ xr, const scalar_t* __restrict__ rr,
+                                                      const scalar_t* __restrict__ sr, opmath_t grad_log_det,
+                                                      scalar_t* __restrict__ gxr, scalar_t* __restrict__ grr,
+                                                      scalar_t* __restrict__ gsr, int64_t features) {
+  opmath_t a[kBlock], e[kBlock];
+  const int64_t pairs = features / 2;
+  for (int64_t p0 = 0; p0 < pairs; p0 += kBlock) {
+    const int64_t n = std::min(kBlock, pairs - p0);
+    log_scale_block<law, kInverse>(rr + p0, a, e, n);
+    const scalar_t* gyp = gyr + 2 * p0;
+    const scalar_t* ggp = ggr + p0;
+    const scalar_t* xp = xr + 2 * p0 + kFirst;
+    const scalar_t* sp = sr + p0;
+    scalar_t* gxp = gxr + 2 * p0;
+    scalar_t* grp = grr + p0;
+    scalar_t* gsp = gsr + p0;
+    for (int64_t i = 0; i < n; ++i) {
+      scalar_t even = gyp[2 * i], odd = gyp[2 * i + 1];
+      if (kGather && kStart == 0) even = static_cast<scalar_t>(opmath_t(even) + opmath_t(ggp[i]));
+      if (kGather && kStart == 1) odd = static_cast<scalar_t>(opmath_t(odd) + opmath_t(ggp[i]));
+      if (kFirst == 0) even = affine_grads_at<law, kInverse>(even, xp[2 * i], sp[i], a[i], e[i], grad_log_det, grp[i], gsp[i]);
+      else odd = affine_grads_at<law, kInverse>(odd, xp[2 * i], sp[i], a[i], e[i], grad_log_det, grp[i], gsp[i]);
+      gxp[2 * i] = even;
+      gxp[2 * i + 1] = odd;
+    }
+  }
+  if (features % 2 == 1) {
+    scalar_t last = gyr[features - 1];
+    if (kGather && kStart == 0) last = static_cast<scalar_t>(opmath_t(last) + opmath_t(ggr[pairs]));
+    if (kFirst == 0) {  // updated, by shift column `pairs`
+      log_scale_block<law, kInverse>(rr + pairs, a, e, 1);
+      last = affine_grads_at<law, kInverse>(last, xr[features - 1], sr[pairs], a[0], e[0], grad_log_det, grr[pairs],
+                                            gsr[pairs]);
+    }
+    gxr[features - 1] = last;
+  }
+}
+
+// Calls f with the law and the direction as compile-time constants, so that the row loops have no branches.
 template <typename F>
-void dispatch_affine(AffineLaw law, bool inverse, bool stride2, F&& f) {
-  auto with_stride = [&](auto kLaw, auto kInverse) {
-    if (stride2) return f(kLaw, kInverse, std::true_type());
-    return f(kLaw, kInverse, std::false_type());
-  };
+void dispatch_affine(AffineLaw law, bool inverse, F&& f) {
   auto with_law = [&](auto kInverse) {
-    if (law == AffineLaw::Tanh) return with_stride(std::integral_constant<AffineLaw, AffineLaw::Tanh>(), kInverse);
-    return with_stride(std::integral_constant<AffineLaw, AffineLaw::Unbounded>(), kInverse);
+    if (law == AffineLaw::Tanh) return f(std::integral_constant<AffineLaw, AffineLaw::Tanh>(), kInverse);
+    return f(std::integral_constant<AffineLaw, AffineLaw::Unbounded>(), kInverse);
   };
   if (inverse) return with_law(std::true_type());
   return with_law(std::false_type());
@@ -120,6 +205,7 @@ void gather_row(const scalar_t* __restrict__ yr, const int32_t* __restrict__ gid
 struct RowMaps {
   std::vector<int32_t> updated_features;
   int64_t first, start;
+  bool odd_even() const { return first >= 0 && start >= 0; }
 };
 
 RowMaps row_maps(const at::Tensor& shift_col, const at::Tensor& gather_index, int64_t features, int64_t updated,
@@ -148,13 +234,23 @@ void affine_coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& lo
     scalar_t* g_ptr = gathered.mutable_data_ptr<scalar_t>();
     opmath_t* ld_ptr = log_det.mutable_data_ptr<opmath_t>();
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    dispatch_affine(law, inverse, maps.first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
+    dispatch_affine(law, inverse, [&](auto kLaw, auto kInverse) {
+      if (maps.odd_even()) {
+        dispatch_odd_even({maps.first, maps.start, gathered_n > 0}, [&](auto kFirst, auto kStart, auto kGather) {
+          at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+            for (int64_t b = begin; b < end; ++b)
+              ld_ptr[b] = affine_row_odd_even<kLaw, kInverse, kFirst, kStart, kGather>(
+                  x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs, y_ptr + b * features,
+                  g_ptr + b * gathered_n, features);
+          });
+        });
+        return;
+      }
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           scalar_t* yr = y_ptr + b * features;
-          ld_ptr[b] = affine_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                                           maps.updated_features.data(), maps.first, updated, yr,
-                                                           features);
+          ld_ptr[b] = affine_row<kLaw, kInverse>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
+                                                 maps.updated_features.data(), updated, yr, features);
           gather_row(yr, gidx, maps.start, gathered_n, g_ptr + b * gathered_n);
         }
       });
@@ -186,7 +282,19 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
     scalar_t* gs_ptr = grad_shift.mutable_data_ptr<scalar_t>();
     const int64_t gy_rs = grad_y.stride(0), gg_rs = has_gathered ? grad_gathered.stride(0) : 0;
     const int64_t x_rs = x.stride(0), r_rs = log_scale_raw.stride(0), s_rs = shift.stride(0);
-    dispatch_affine(law, inverse, maps.first >= 0, [&](auto kLaw, auto kInverse, auto kStride2) {
+    dispatch_affine(law, inverse, [&](auto kLaw, auto kInverse) {
+      if (maps.odd_even()) {
+        dispatch_odd_even({maps.first, maps.start, gathered_n > 0}, [&](auto kFirst, auto kStart, auto kGather) {
+          at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
+            for (int64_t b = begin; b < end; ++b)
+              affine_backward_row_odd_even<kLaw, kInverse, kFirst, kStart, kGather>(
+                  gy_ptr + b * gy_rs, kGather ? gg_ptr + b * gg_rs : nullptr, x_ptr + b * x_rs, r_ptr + b * r_rs,
+                  s_ptr + b * s_rs, has_log_det ? gld_ptr[b] : opmath_t(0), gx_ptr + b * features,
+                  gr_ptr + b * updated, gs_ptr + b * updated, features);
+          });
+        });
+        return;
+      }
       at::parallel_for(0, batch, row_grain(features), [&](int64_t begin, int64_t end) {
         for (int64_t b = begin; b < end; ++b) {
           const scalar_t* gyr = gy_ptr + b * gy_rs;
@@ -198,10 +306,10 @@ void affine_coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const 
             const int64_t j = maps.start >= 0 ? maps.start + 2 * g : gidx[g];
             gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + opmath_t(ggr[g]));
           }
-          affine_backward_row<kLaw, kInverse, kStride2>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
-                                                        maps.updated_features.data(), maps.first, updated,
-                                                        has_log_det ? gld_ptr[b] : opmath_t(0), gxr,
-                                                        gr_ptr + b * updated, gs_ptr + b * updated);
+          affine_backward_row<kLaw, kInverse>(x_ptr + b * x_rs, r_ptr + b * r_rs, s_ptr + b * s_rs,
+                                              maps.updated_features.data(), updated,
+                                              has_log_det ? gld_ptr[b] : opmath_t(0), gxr, gr_ptr + b * updated,
+                                              gs_ptr + b * updated);
         }
       });
     });

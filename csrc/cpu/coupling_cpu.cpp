@@ -18,24 +18,6 @@ namespace {
 // Rows per parallel task: enough work per task to amortise scheduling (about 32k elements).
 int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(features, 1)); }
 
-// The stride-2 case of a call, as compile-time flags, so that the row loops below have no branches.
-struct OddEven {
-  int64_t first;  // the first updated feature (0 or 1)
-  int64_t start;  // the first gathered feature (0 or 1)
-  bool gather;    // whether the next layer's input is written
-};
-
-template <typename F>
-void dispatch_odd_even(const OddEven& m, F&& f) {
-  auto with_start = [&](auto first) {
-    if (!m.gather) return f(first, std::integral_constant<int, 0>(), std::false_type());
-    if (m.start == 0) return f(first, std::integral_constant<int, 0>(), std::true_type());
-    return f(first, std::integral_constant<int, 1>(), std::true_type());
-  };
-  if (m.first == 0) return with_start(std::integral_constant<int, 0>());
-  return with_start(std::integral_constant<int, 1>());
-}
-
 // Forward of one row for odd/even masks: in the pair (2p, 2p + 1) the feature of parity kFirst gets
 // shift[p], and the one of parity kStart goes to gathered[p]. With an odd D, feature D - 1 (even) has no
 // partner and is done after the loop.

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
 #include <vector>
 
 namespace nice_ext {
@@ -65,6 +66,25 @@ inline int64_t stride2_first_gathered(const int32_t* gidx, int64_t gathered_n, i
   for (int64_t g = 0; g < gathered_n; ++g)
     if (gidx[g] != start + 2 * g) return -1;
   return start;
+}
+
+// The odd/even case of a call (stride2_first_updated and stride2_first_gathered both matched), as
+// compile-time constants for the row loops, so that they have no branches: f(kFirst, kStart, kGather).
+struct OddEven {
+  int64_t first;  // the first updated feature (0 or 1)
+  int64_t start;  // the first gathered feature (0 or 1)
+  bool gather;    // whether the next layer's input is written
+};
+
+template <typename F>
+void dispatch_odd_even(const OddEven& m, F&& f) {
+  auto with_start = [&](auto first) {
+    if (!m.gather) return f(first, std::integral_constant<int, 0>(), std::false_type());
+    if (m.start == 0) return f(first, std::integral_constant<int, 0>(), std::true_type());
+    return f(first, std::integral_constant<int, 1>(), std::true_type());
+  };
+  if (m.first == 0) return with_start(std::integral_constant<int, 0>());
+  return with_start(std::integral_constant<int, 1>());
 }
 
 }  // namespace nice_ext

@@ -83,9 +83,10 @@ inline double exp_any(double x) {
 }
 
 // tanh(x): near 0 as sinh / cosh from their series (no cancellation), elsewhere (1 - e^-2|x|) / (1 + e^-2|x|).
-// Both are computed and blended with a 0/1 weight: a plain select let GCC move each side into a branch
-// of its own, and a loop with branches stays scalar. The series is evaluated at min(|x|, 0.625), so that
-// it stays finite (0 * series = 0) when the other side is taken; a NaN stays NaN on both.
+// Both numerators and both denominators are computed and blended with a 0/1 weight, then divided once: a
+// plain select let GCC move each side into a branch of its own, and a loop with branches stays scalar.
+// The series is evaluated at min(|x|, 0.625), so that it stays finite (0 * series = 0) when the other
+// side is taken; a NaN stays NaN on both.
 template <typename T>
 inline T tanh(T x) {
   const T a = std::fabs(x);
@@ -99,11 +100,11 @@ inline T tanh(T x) {
     sinh_over_s = T(1) + s2 * sinh_over_s * (T(1) / T((2 * k) * (2 * k + 1)));
     cosh = T(1) + s2 * cosh * (T(1) / T((2 * k - 1) * (2 * k)));
   }
-  const T series = small * sinh_over_s / cosh;
   const T e = exp_nonpositive(T(-2) * a);
-  const T tail = (T(1) - e) / (T(1) + e);
   const T use_series = a < T(0.625) ? T(1) : T(0);
-  return std::copysign(use_series * series + (T(1) - use_series) * tail, x);
+  const T numerator = use_series * (small * sinh_over_s) + (T(1) - use_series) * (T(1) - e);
+  const T denominator = use_series * cosh + (T(1) - use_series) * (T(1) + e);
+  return std::copysign(numerator / denominator, x);
 }
 
 // log(1 + t) for t in [0, 1]: 2 atanh(w) with w = t / (2 + t) in [0, 1/3], as an odd series in w.
