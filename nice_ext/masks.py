@@ -38,15 +38,20 @@ def checkerboard_mask(image_shape: Sequence[int], keep_black: bool = True) -> Te
     return board.expand(channels, height, width).reshape(-1).clone()
 
 
-def check_mask(mask, num_features: int, name: str = "mask") -> Tensor:
-    """Validate a user's mask and return it as a CPU bool tensor of length ``num_features``."""
+def check_mask_layout(mask, num_features: int, name: str = "mask") -> Tensor:
+    """The type, dtype and shape checks of ``check_mask`` (not its contents): the mask as a CPU bool tensor."""
     if not isinstance(mask, Tensor):
         raise TypeError(f"{name} must be a bool tensor of length {num_features}, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must be a bool tensor (True = kept features), got dtype {mask.dtype}")
     if mask.dim() != 1 or mask.numel() != num_features:
         raise ValueError(f"{name} must have shape ({num_features},), got {tuple(mask.shape)}")
-    mask = mask.detach().cpu()
+    return mask.detach().cpu()
+
+
+def check_mask(mask, num_features: int, name: str = "mask") -> Tensor:
+    """Validate a user's mask and return it as a CPU bool tensor of length ``num_features``."""
+    mask = check_mask_layout(mask, num_features, name)
     kept = int(mask.sum())
     if kept == 0 or kept == num_features:
         raise ValueError(f"{name} must keep some features and update others; it keeps {kept} of {num_features}")

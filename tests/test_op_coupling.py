@@ -117,6 +117,25 @@ def test_mask_wrapper_and_checkerboard():
     assert torch.allclose(ops.coupling_update(y, shift, mask, inverse=True), x, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_wrapper_builds_index_maps_once_per_mask_and_follows_edits(device):
+    """The mask-level API caches the index maps by the mask's contents and device: equal masks share them,
+    a mask edited in place takes effect at once, and a bad mask raises on every call."""
+    x, shift = torch.randn(3, 10, device=device), torch.randn(3, 5, device=device)
+    mask = odd_even_mask(10)
+    ops._device_index_maps.cache_clear()
+    y = ops.coupling_update(x, shift, mask)
+    assert torch.equal(ops.coupling_update(x, shift, mask.clone()), y)
+    assert ops._device_index_maps.cache_info().misses == 1 and ops._device_index_maps.cache_info().hits == 1
+    mask[:2] = torch.tensor([False, True])  # swap the roles of features 0 and 1
+    y_edited = ops.coupling_update(x, shift, mask)
+    assert torch.equal(y_edited[:, 1], x[:, 1]) and torch.allclose(y_edited[:, 0], x[:, 0] + shift[:, 0])
+    assert ops._device_index_maps.cache_info().misses == 2
+    for _ in range(2):
+        with pytest.raises(ValueError, match="keep some features and update others"):
+            ops.coupling_update(x, torch.randn(3, 0, device=device), torch.ones(10, dtype=torch.bool))
+
+
 def test_empty_batch():
     x, shift, shift_col, gather_index, _, _ = make_case(0, 6, "odd-even", "cpu", torch.float32)
     y, gathered = ops.coupling_update_indexed(x, shift, shift_col, gather_index)
