@@ -93,7 +93,7 @@ def _device_index_maps(mask_bytes: bytes, next_bytes: Optional[bytes], device: t
 
 
 def _mask_from_bytes(mask_bytes: bytes) -> Tensor:
-    return torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool)
+    return torch.tensor(list(mask_bytes), dtype=torch.bool)  # (torch.frombuffer refuses an empty mask)
 
 
 def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = False,

@@ -134,6 +134,8 @@ def test_mask_wrapper_builds_index_maps_once_per_mask_and_follows_edits(device):
     for _ in range(2):
         with pytest.raises(ValueError, match="keep some features and update others"):
             ops.coupling_update(x, torch.randn(3, 0, device=device), torch.ones(10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="it keeps 0 of 0"):
+        ops.coupling_update(x[:, :0], shift[:, :0], torch.zeros(0, dtype=torch.bool))
 
 
 def test_empty_batch():
