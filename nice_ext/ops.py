@@ -93,7 +93,9 @@ def _device_index_maps(mask_bytes: bytes, next_bytes: Optional[bytes], device: t
 
 
 def _mask_from_bytes(mask_bytes: bytes) -> Tensor:
-    return torch.tensor(list(mask_bytes), dtype=torch.bool)  # (torch.frombuffer refuses an empty mask)
+    if not mask_bytes:  # torch.frombuffer refuses an empty buffer; check_mask names the problem
+        return torch.zeros(0, dtype=torch.bool)
+    return torch.frombuffer(bytearray(mask_bytes), dtype=torch.bool)
 
 
 def coupling_update(x: Tensor, shift: Tensor, mask: Tensor, *, inverse: bool = False,
