@@ -105,6 +105,34 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
 
 
+def test_model_flags_reach_the_model_resume_and_every_tool(tmp_path):
+    """--coup-type, --mask, --latent, --coupling and --clip-grad: the run trains that model, its checkpoints
+    rebuild it, a resume keeps it without being told again, and evaluate, sample and inpaint take it."""
+    out = str(tmp_path / "run")
+    flags = ["--coup-type", "affine", "--mask", "checkerboard", "--latent", "gaussian", "--coupling", "3",
+             "--clip-grad", "5"]
+    result = run_tool("train", "--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", *flags, *TINY)
+    assert result.returncode == 0, result.stderr
+    result = run_tool("train", "--resume", os.path.join(out, "last.pt"), "--epochs", "2", "--data-dir", data_dir(),
+                      "--device", "cpu", "--no-download")
+    assert result.returncode == 0, result.stderr
+    assert [int(r["epoch"]) for r in metrics(out)] == [1, 2]
+    board = nice_ext.checkerboard_mask((1, 28, 28))
+    for name in ("best.pt", "last.pt"):
+        model = nice_ext.load_model(os.path.join(out, name), device="cpu")
+        assert (model.prior, model.coupling, len(model.layers)) == ("gaussian", "affine", 3), name
+        assert torch.equal(model.layers[0].mask, board) or torch.equal(model.layers[0].mask, ~board), name
+    assert load_checkpoint(os.path.join(out, "last.pt"))["args"]["clip_grad"] == 5
+    best = os.path.join(out, "best.pt")
+    result = run_tool("evaluate", best, "--data-dir", data_dir(), "--draws", "1", "--device", "cpu", "--no-download")
+    assert result.returncode == 0 and "nats" in result.stdout, result.stderr
+    result = run_tool("sample", best, "--n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu")
+    assert result.returncode == 0 and os.path.getsize(tmp_path / "s.png") > 0, result.stderr
+    result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
+                      "--steps", "3", "--device", "cpu", "--no-download")
+    assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
+
+
 def test_load_model_gives_back_the_trained_model(trained, tmp_path):
     """nice_ext.load_model, the Python way into a run: the model it loads scores what training printed."""
     out, _ = trained
@@ -508,6 +536,10 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     (["--momentum-warmup", "5"], "--momentum-warmup applies to --optimizer rmsprop"),
     (["--init-range", "-0.1"], "--init-range must be a finite number >= 0"),
     (["--init-range", "nan"], "--init-range must be a finite number >= 0"),
+    (["--latent", "cauchy"], "--latent must be logistic or gaussian"),
+    (["--coup-type", "multiplicative"], "--coup-type must be additive or affine"),
+    (["--mask", "stripes"], "--mask must be odd-even or checkerboard"),
+    (["--clip-grad", "nan"], "--clip-grad must be positive"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nice_ext import NICE
-from nice_ext.cuda_graph import GraphedTrainStep
+from nice_ext.cuda_graph import GraphedTrainStep, optimizer_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -13,6 +13,25 @@ def make(device, capturable):
     model = NICE(12, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=16).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
     return model, optimizer
+
+
+@pytest.mark.parametrize("clip_grad", [None, 0.5])
+def test_eager_step_clips_the_gradient_norm(clip_grad):
+    """The eager step (training's step on every device without --cuda-graph): with plain SGD at lr 1 the
+    parameters move by the gradient, whose norm --clip-grad caps."""
+    model, _ = make("cpu", capturable=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    parameters = list(model.parameters())
+    before = [p.detach().clone() for p in parameters]
+    optimizer_step(lambda x: -model.log_prob(x).mean(), optimizer, parameters, clip_grad,
+                   torch.rand(8, 12, generator=torch.Generator().manual_seed(0)))
+    moved = torch.cat([(p.detach() - b).flatten() for p, b in zip(parameters, before)]).norm().item()
+    grad_norm = torch.cat([p.grad.flatten() for p in parameters]).norm().item()
+    assert moved == pytest.approx(grad_norm, rel=1e-5)
+    if clip_grad is None:
+        assert grad_norm > 1.0  # so that clipping at 0.5 is a real test
+    else:
+        assert grad_norm == pytest.approx(clip_grad, rel=1e-5)
 
 
 def test_needs_a_capturable_optimizer():
