@@ -14,7 +14,7 @@ import torch
 from conftest import ROOT, data_dir, make_first_epoch_unbeatable, signal_mid_run
 import nice_ext
 from nice_ext import data as data_lib
-from nice_ext import evaluate, sample, train
+from nice_ext import evaluate, inpaint, sample, train
 from nice_ext.checkpoint import load_checkpoint
 from nice_ext.cli_common import run_tool as run_in_process
 
@@ -636,6 +636,25 @@ def test_ctrl_c_in_any_tool_is_one_line_and_status_130(trained, tmp_path, capsys
     assert run_in_process(sample.main, [os.path.join(out, "best.pt"), "--out", str(tmp_path / "s.png"),
                                         "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "interrupted\n" and not os.path.exists(tmp_path / "s.png")
+
+
+@pytest.mark.parametrize("tool, args, message", [
+    (evaluate, ["--draws", "0"], "--draws must be >= 1"),
+    (evaluate, ["--batch-size", "0"], "--batch-size must be >= 1"),
+    (sample, ["--n", "0"], "--n must be positive"),
+    (sample, ["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (sample, ["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (inpaint, ["--n", "0"], "--n must be positive and --steps >= 0"),
+    (inpaint, ["--steps", "-1"], "--n must be positive and --steps >= 0"),
+])
+def test_bad_tool_values_are_one_line(trained, tool, args, message, tmp_path, capsys):
+    out, _ = trained
+    argv = [os.path.join(out, "best.pt"), "--device", "cpu", *args]
+    argv += ["--data-dir", data_dir(), "--no-download"] if tool is not sample else []
+    argv += ["--out", str(tmp_path / "x.png")] if tool is not evaluate else []
+    assert run_in_process(tool.main, argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_a_bug_keeps_its_traceback():
