@@ -1,6 +1,5 @@
 """Dequantization, splits, whitening and file handling."""
 import gzip
-import math
 import os
 
 import pytest
