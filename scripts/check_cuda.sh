@@ -1,31 +1,73 @@
 #!/usr/bin/env bash
-# Build nice_ext in place on a CUDA machine (no pip, no network needed), run the test suite, then the CUDA op tests under compute-sanitizer
-# (memcheck, racecheck, initcheck). Logs go to $LOG_DIR (default runs/cuda-check).
-#   usage: bash scripts/check_cuda.sh [pytest -k expression for the sanitizer runs]
+# The checks that need a CUDA GPU, in stages, so that each fits in a limited call on a lent machine:
+#
+#   usage: bash scripts/check_cuda.sh [STAGE ...]      (no stage: all of them, in this order)
+#     build       compile nice_ext in place (no pip, no network) and say what was built
+#     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
+#     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests)
+#     tests       the whole suite
+#     memcheck racecheck initcheck
+#                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
+#
+# Every stage after build needs the in-place build (run build first, in the same call or an earlier one on
+# the same machine). One log per stage goes to LOG_DIR (default: $OUT when set, else runs/cuda-check).
+# Tests that read MNIST look in $NICE_EXT_DATA_DIR, ../shared/data and data/ (copy the files into data/,
+# which git ignores, where ../shared does not exist). The status is non-zero when any stage failed.
 set -uo pipefail
-LOG_DIR=${LOG_DIR:-runs/cuda-check}
+LOG_DIR=${LOG_DIR:-${OUT:-runs/cuda-check}}
 mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
-SANITIZE_K=${1:-"cuda and not compile"}
+SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
+OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
+ALL_STAGES=(build bad-input cuda-tests tests memcheck racecheck initcheck)
 status=0
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$LOG_DIR/gpu.txt"
-echo "== build"
-TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
-  "$PYTHON" setup.py build_ext --inplace > "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; exit 1; }
-"$PYTHON" -c "import nice_ext, torch; print('cuda kernels built:', nice_ext.cuda_kernels_built(), torch.__version__)"
+# pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
+parallel=()
+"$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${PYTEST_WORKERS:-8}")
 
-echo "== tests"
-"$PYTHON" -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$LOG_DIR/pytest.log" | tail -15 || status=1
+run_stage() {
+  local stage=$1 rc=0
+  echo "== $stage"
+  case $stage in
+    build)
+      nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$LOG_DIR/build.log" 2>&1
+      TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} \
+        "$PYTHON" setup.py build_ext --inplace >> "$LOG_DIR/build.log" 2>&1 || { tail -40 "$LOG_DIR/build.log"; return 1; }
+      "$PYTHON" -c "import nice_ext, torch; print('cuda kernels built:', nice_ext.cuda_kernels_built(), torch.__version__,
+                    torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible')" \
+        2>&1 | tee -a "$LOG_DIR/build.log" | tail -1
+      ;;
+    bad-input)
+      "$PYTHON" scripts/repro_bad_input.py > "$LOG_DIR/bad_input.log" 2>&1 || rc=$?
+      cat "$LOG_DIR/bad_input.log"
+      ;;
+    cuda-tests)
+      "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda > "$LOG_DIR/pytest_cuda.log" 2>&1 || rc=$?
+      tail -15 "$LOG_DIR/pytest_cuda.log"
+      ;;
+    tests)
+      "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" > "$LOG_DIR/pytest.log" 2>&1 || rc=$?
+      tail -15 "$LOG_DIR/pytest.log"
+      ;;
+    memcheck|racecheck|initcheck)
+      compute-sanitizer --tool "$stage" --error-exitcode 99 --print-limit 20 \
+        "$PYTHON" -m pytest "${OP_TESTS[@]}" -q -x -p no:cacheprovider -k "$SANITIZE_K" \
+        > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
+      grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$stage.log" | tail -3
+      ;;
+    *)
+      echo "unknown stage '$stage'; the stages are: ${ALL_STAGES[*]}" >&2
+      return 2
+      ;;
+  esac
+  [ "$rc" -eq 0 ] || echo "$stage: exit $rc"
+  return "$rc"
+}
 
-for tool in memcheck racecheck initcheck; do
-  echo "== compute-sanitizer --tool $tool"
-  compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
-    "$PYTHON" -m pytest tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py -q -x \
-    -p no:cacheprovider \
-    -k "$SANITIZE_K" > "$LOG_DIR/sanitizer_$tool.log" 2>&1
-  rc=$?
-  grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$tool.log" | tail -3
-  [ $rc -eq 0 ] || { echo "$tool: exit $rc"; status=1; }
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=("${ALL_STAGES[@]}")
+for stage in "${stages[@]}"; do
+  run_stage "$stage" || status=1
 done
 exit $status
