@@ -10,11 +10,11 @@
 #                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
 #
 # Every stage after build needs the in-place build (run build first, in the same call or an earlier one on
-# the same machine). One log per stage goes to LOG_DIR (default: $OUT when set, else runs/cuda-check).
+# the same machine). One log per stage goes to LOG_DIR (default: runs/cuda-check).
 # Tests that read MNIST look in $NICE_EXT_DATA_DIR, ../shared/data and data/ (copy the files into data/,
 # which git ignores, where ../shared does not exist). The status is non-zero when any stage failed.
 set -uo pipefail
-LOG_DIR=${LOG_DIR:-${OUT:-runs/cuda-check}}
+LOG_DIR=${LOG_DIR:-runs/cuda-check}
 mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
