@@ -80,7 +80,7 @@ NICE_EXT_CPU_CLONES opmath_t affine_row_odd_even(const scalar_t* __restrict__ xr
     const scalar_t* xp = xr + 2 * p0;
     const scalar_t* sp = sr + p0;
     scalar_t* yp = yr + 2 * p0;
-    scalar_t* gp = gr + p0;
+    scalar_t* gp = kGather ? gr + p0 : nullptr;  // gr may be null (nothing gathered): no offset on it
     for (int64_t i = 0; i < n; ++i) {
       scalar_t even = xp[2 * i], odd = xp[2 * i + 1];
       if (kFirst == 0) even = affine_value<kInverse>(even, sp[i], e[i]);
@@ -150,7 +150,7 @@ NICE_EXT_CPU_CLONES void affine_backward_row_odd_even(const scalar_t* __restrict
     const int64_t n = std::min(kBlock, pairs - p0);
     log_scale_block<law, kInverse>(rr + p0, a, e, n);
     const scalar_t* gyp = gyr + 2 * p0;
-    const scalar_t* ggp = ggr + p0;
+    const scalar_t* ggp = kGather ? ggr + p0 : nullptr;  // ggr is null when nothing was gathered
     const scalar_t* xp = xr + 2 * p0 + kFirst;
     const scalar_t* sp = sr + p0;
     scalar_t* gxp = gxr + 2 * p0;
