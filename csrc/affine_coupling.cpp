@@ -1,8 +1,9 @@
 // Entry points of the masked affine coupling update (schema: csrc/ops.cpp) for every backend: check the
-// arguments, normalise layouts, allocate the outputs, run the backend's kernel.
+// arguments, normalise layouts, allocate the outputs, run the backend's kernel; and its autograd.
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "nice_ext.h"
 
 namespace nice_ext {
@@ -65,7 +66,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_update_backward(
   return {grad_x, grad_log_scale_raw, grad_shift};
 }
 
+// Autograd: the backward needs the op's inputs (x, the log-scales and the shift; see
+// affine_coupling_grads in nice_ext.h) and reads the gradients of all three outputs.
+class AffineCouplingUpdateFunction : public torch::autograd::Function<AffineCouplingUpdateFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& log_scale_raw, const at::Tensor& shift,
+                                                const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                c10::string_view law_name, bool inverse) {
+    ctx->save_for_backward({x, log_scale_raw, shift, shift_col, gather_index});
+    ctx->saved_data["law"] = std::string(law_name);
+    ctx->saved_data["inverse"] = inverse;
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = typed_op<decltype(affine_coupling_update<Backend::CPU>)>("affine_coupling_update");
+    auto [y, gathered, log_det] = op.call(x, log_scale_raw, shift, shift_col, gather_index, law_name, inverse);
+    return {y, gathered, log_det};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static const auto op =
+        typed_op<decltype(affine_coupling_update_backward<Backend::CPU>)>("affine_coupling_update_backward");
+    auto [grad_x, grad_log_scale_raw, grad_shift] =
+        op.call(grads[0], grads[1], grads[2], saved[0], saved[1], saved[2], saved[3], saved[4],
+                ctx->saved_data["law"].toStringRef(), ctx->saved_data["inverse"].toBool());
+    return {grad_x, grad_log_scale_raw, grad_shift, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_update_autograd(
+    const at::Tensor& x, const at::Tensor& log_scale_raw, const at::Tensor& shift, const at::Tensor& shift_col,
+    const at::Tensor& gather_index, c10::string_view law_name, bool inverse) {
+  const auto outputs =
+      AffineCouplingUpdateFunction::apply(x, log_scale_raw, shift, shift_col, gather_index, law_name, inverse);
+  return {outputs[0], outputs[1], outputs[2]};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) { m.impl("affine_coupling_update", &affine_coupling_update_autograd); }
 
 TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("affine_coupling_update", &affine_coupling_update<Backend::CPU>);

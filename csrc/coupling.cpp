@@ -1,8 +1,9 @@
 // Entry points of the masked additive coupling update (schema: csrc/ops.cpp) for every backend: check
-// the arguments, normalise layouts, allocate the outputs, run the backend's kernel.
+// the arguments, normalise layouts, allocate the outputs, run the backend's kernel; and its autograd.
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "nice_ext.h"
 
 namespace nice_ext {
@@ -46,7 +47,42 @@ std::tuple<at::Tensor, at::Tensor> coupling_update_backward(const at::Tensor& gr
   return {grad_x, grad_shift};
 }
 
+// Autograd: the Jacobian of y with respect to x is the identity, and shift enters y_I2 with the sign, so
+// the backward is the same walk over the index maps (coupling_update_backward) with the gradients.
+class CouplingUpdateFunction : public torch::autograd::Function<CouplingUpdateFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const at::Tensor& shift, const at::Tensor& shift_col,
+                                                const at::Tensor& gather_index, bool inverse) {
+    ctx->save_for_backward({shift_col, gather_index});
+    ctx->saved_data["updated"] = shift.sym_size(1);
+    ctx->saved_data["inverse"] = inverse;
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = typed_op<decltype(coupling_update<Backend::CPU>)>("coupling_update");
+    auto [y, gathered] = op.call(x, shift, shift_col, gather_index, inverse);
+    return {y, gathered};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static const auto op = typed_op<decltype(coupling_update_backward<Backend::CPU>)>("coupling_update_backward");
+    auto [grad_x, grad_shift] = op.call(grads[0], grads[1], saved[0], saved[1],
+                                        saved_int(ctx, "updated"), ctx->saved_data["inverse"].toBool());
+    return {grad_x, grad_shift, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> coupling_update_autograd(const at::Tensor& x, const at::Tensor& shift,
+                                                            const at::Tensor& shift_col, const at::Tensor& gather_index,
+                                                            bool inverse) {
+  const auto outputs = CouplingUpdateFunction::apply(x, shift, shift_col, gather_index, inverse);
+  return {outputs[0], outputs[1]};
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) { m.impl("coupling_update", &coupling_update_autograd); }
 
 TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("coupling_update", &coupling_update<Backend::CPU>);

@@ -1,6 +1,7 @@
 // The nice_ext operator library: every schema is declared here, once. The kernels are registered per
 // backend next to their code (csrc/cpu/*_cpu.cpp, csrc/cuda/*_cuda.cu) and the dispatcher picks them by
-// device. Autograd formulas and fake (meta) kernels are registered from Python (nice_ext/ops.py).
+// device. Each op's autograd is registered in C++ next to its entry points (csrc/coupling.cpp,
+// csrc/affine_coupling.cpp, csrc/scale_prior.cpp); fake (meta) kernels from Python (nice_ext/ops.py).
 #include <Python.h>
 #include <torch/library.h>
 

@@ -1,8 +1,10 @@
 // Entry points of the diagonal scaling + prior op and of the inverse scaling (schemas: csrc/ops.cpp) for
-// every backend: check the arguments, normalise layouts, allocate outputs and workspace, run the kernel.
+// every backend: check the arguments, normalise layouts, allocate outputs and workspace, run the kernel;
+// and their autograd.
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "autograd.h"
 #include "nice_ext.h"
 
 namespace nice_ext {
@@ -62,7 +64,79 @@ at::Tensor scale_inverse(const at::Tensor& z_in, const at::Tensor& log_scale_in)
   return h;
 }
 
+// Autograd of scale_prior: its backward op reads h and log_scale again (z and the prior's score are
+// recomputed rather than saved: one tensor fewer kept alive per training step).
+class ScalePriorFunction : public torch::autograd::Function<ScalePriorFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& h,
+                                                const at::Tensor& log_scale, c10::string_view prior_name,
+                                                bool compute_z) {
+    ctx->save_for_backward({h, log_scale});
+    ctx->saved_data["prior"] = std::string(prior_name);
+    ctx->saved_data["compute_z"] = compute_z;
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = typed_op<decltype(scale_prior<Backend::CPU>)>("scale_prior");
+    auto [z, log_prob] = op.call(h, log_scale, prior_name, compute_z);
+    return {z, log_prob};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    static const auto op = typed_op<decltype(scale_prior_backward<Backend::CPU>)>("scale_prior_backward");
+    // Without compute_z, z is an empty placeholder and has no gradient to pass on.
+    const c10::optional<at::Tensor> grad_z =
+        ctx->saved_data["compute_z"].toBool() ? c10::optional<at::Tensor>(grads[0]) : c10::nullopt;
+    auto [grad_h, grad_log_scale] =
+        op.call(grads[1], grad_z, saved[0], saved[1], ctx->saved_data["prior"].toStringRef());
+    return {grad_h, grad_log_scale, at::Tensor(), at::Tensor()};
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> scale_prior_autograd(const at::Tensor& h, const at::Tensor& log_scale,
+                                                        c10::string_view prior_name, bool compute_z) {
+  const auto outputs = ScalePriorFunction::apply(h, log_scale, prior_name, compute_z);
+  return {outputs[0], outputs[1]};
+}
+
+// Autograd of scale_inverse, h = exp(-s) z: dL/dz = exp(-s) dL/dh (the op itself, so that a second
+// derivative exists too) and dL/ds = -sum_b dL/dh * h.
+class ScaleInverseFunction : public torch::autograd::Function<ScaleInverseFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& z, const at::Tensor& log_scale) {
+    at::Tensor h;
+    {
+      const at::AutoDispatchBelowADInplaceOrView below_autograd;
+      h = scale_inverse_op().call(z, log_scale);
+    }
+    ctx->save_for_backward({h, log_scale});
+    return h;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& grad_h = grads[0];
+    return {scale_inverse_op().call(grad_h, saved[1]), -(grad_h * saved[0]).sum(0)};
+  }
+
+ private:
+  static const c10::TypedOperatorHandle<decltype(scale_inverse<Backend::CPU>)>& scale_inverse_op() {
+    static const auto op = typed_op<decltype(scale_inverse<Backend::CPU>)>("scale_inverse");
+    return op;
+  }
+};
+
+at::Tensor scale_inverse_autograd(const at::Tensor& z, const at::Tensor& log_scale) {
+  return ScaleInverseFunction::apply(z, log_scale);
+}
+
 }  // namespace
+
+TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) {
+  m.impl("scale_prior", &scale_prior_autograd);
+  m.impl("scale_inverse", &scale_inverse_autograd);
+}
 
 TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("scale_prior", &scale_prior<Backend::CPU>);

@@ -1,7 +1,8 @@
-"""The fused operators of nice_ext: Python entry points, autograd formulas and fake kernels.
+"""The fused operators of nice_ext: Python entry points and fake kernels.
 
-The schemas live in ``csrc/ops.cpp``; the kernels in ``csrc/cpu`` and ``csrc/cuda``; the pure-PyTorch
-reference in ``nice_ext/reference.py``. Importing this module loads the compiled library.
+The schemas live in ``csrc/ops.cpp``; the kernels in ``csrc/cpu`` and ``csrc/cuda``; each op's entry
+points and autograd in ``csrc/<op>.cpp``; the pure-PyTorch reference in ``nice_ext/reference.py``.
+Importing this module loads the compiled library.
 """
 
 from __future__ import annotations
@@ -38,24 +39,6 @@ def _coupling_update_fake(x, shift, shift_col, gather_index, inverse):
 @torch.library.register_fake("nice_ext::coupling_update_backward")
 def _coupling_update_backward_fake(grad_y, grad_gathered, shift_col, gather_index, updated, inverse):
     return grad_y.new_empty(grad_y.shape), grad_y.new_empty((grad_y.shape[0], updated))
-
-
-def _coupling_update_setup_context(ctx, inputs, output):
-    _, shift, shift_col, gather_index, inverse = inputs
-    ctx.save_for_backward(shift_col, gather_index)
-    ctx.updated = shift.shape[1]
-    ctx.inverse = inverse
-
-
-def _coupling_update_backward(ctx, grad_y, grad_gathered):
-    shift_col, gather_index = ctx.saved_tensors
-    grad_x, grad_shift = torch.ops.nice_ext.coupling_update_backward(
-        grad_y, grad_gathered, shift_col, gather_index, ctx.updated, ctx.inverse)
-    return grad_x, grad_shift, None, None, None
-
-
-torch.library.register_autograd("nice_ext::coupling_update", _coupling_update_backward,
-                                setup_context=_coupling_update_setup_context)
 
 
 def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,
@@ -132,25 +115,6 @@ def _affine_coupling_update_backward_fake(grad_y, grad_gathered, grad_log_det, x
     return x.new_empty(x.shape), shift.new_empty(shift.shape), shift.new_empty(shift.shape)
 
 
-def _affine_coupling_update_setup_context(ctx, inputs, output):
-    x, log_scale_raw, shift, shift_col, gather_index, log_scale_law, inverse = inputs
-    ctx.save_for_backward(x, log_scale_raw, shift, shift_col, gather_index)
-    ctx.log_scale_law = log_scale_law
-    ctx.inverse = inverse
-
-
-def _affine_coupling_update_backward(ctx, grad_y, grad_gathered, grad_log_det):
-    x, log_scale_raw, shift, shift_col, gather_index = ctx.saved_tensors
-    grad_x, grad_log_scale_raw, grad_shift = torch.ops.nice_ext.affine_coupling_update_backward(
-        grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift, shift_col, gather_index, ctx.log_scale_law,
-        ctx.inverse)
-    return grad_x, grad_log_scale_raw, grad_shift, None, None, None, None
-
-
-torch.library.register_autograd("nice_ext::affine_coupling_update", _affine_coupling_update_backward,
-                                setup_context=_affine_coupling_update_setup_context)
-
-
 def affine_coupling_update_indexed(x: Tensor, log_scale_raw: Tensor, shift: Tensor, shift_col: Tensor,
                                    gather_index: Tensor, log_scale_law: str = "tanh",
                                    inverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
@@ -205,41 +169,6 @@ def _scale_prior_backward_fake(grad_log_prob, grad_z, h, log_scale, prior):
 @torch.library.register_fake("nice_ext::scale_inverse")
 def _scale_inverse_fake(z, log_scale):
     return z.new_empty(z.shape)
-
-
-def _scale_prior_setup_context(ctx, inputs, output):
-    h, log_scale, prior, compute_z = inputs
-    ctx.save_for_backward(h, log_scale)
-    ctx.prior = prior
-    ctx.compute_z = compute_z
-
-
-def _scale_prior_backward(ctx, grad_z, grad_log_prob):
-    h, log_scale = ctx.saved_tensors
-    grad_h, grad_log_scale = torch.ops.nice_ext.scale_prior_backward(
-        grad_log_prob, grad_z if ctx.compute_z else None, h, log_scale, ctx.prior)
-    return grad_h, grad_log_scale, None, None
-
-
-torch.library.register_autograd("nice_ext::scale_prior", _scale_prior_backward,
-                                setup_context=_scale_prior_setup_context)
-
-
-def _scale_inverse_setup_context(ctx, inputs, output):
-    _, log_scale = inputs
-    ctx.save_for_backward(output, log_scale)
-
-
-def _scale_inverse_backward(ctx, grad_h):
-    h, log_scale = ctx.saved_tensors
-    # h = exp(-s) z:  dL/dz = exp(-s) dL/dh,  dL/ds = -sum_b dL/dh * h
-    grad_z = torch.ops.nice_ext.scale_inverse(grad_h, log_scale)
-    grad_log_scale = -(grad_h * h).sum(dim=0)
-    return grad_z, grad_log_scale
-
-
-torch.library.register_autograd("nice_ext::scale_inverse", _scale_inverse_backward,
-                                setup_context=_scale_inverse_setup_context)
 
 
 def _check_prior(prior: str) -> None:

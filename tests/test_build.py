@@ -34,6 +34,18 @@ def test_every_op_has_a_kernel_per_backend():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nice_ext::{op}", "CUDA")
 
 
+def test_every_forward_op_has_its_autograd_kernel_in_cpp():
+    """Autograd is registered in C++ next to each op's entry points (csrc/<op>.cpp), not from Python, whose
+    autograd.Function costs tens of microseconds per call that needs a gradient."""
+    for op in NICE_EXT_OPS:
+        if op.endswith("_backward"):
+            continue
+        dump = torch._C._dispatch_dump(f"nice_ext::{op}")
+        (autograd_line,) = [line for line in dump.splitlines() if line.startswith("Autograd")]
+        registered_at = autograd_line.split("registered at ", 1)[1].split(" ::")[0]
+        assert os.path.basename(os.path.dirname(registered_at)) == "csrc" and ".cpp:" in registered_at, autograd_line
+
+
 def test_every_forward_op_has_a_public_wrapper():
     for op in NICE_EXT_OPS:
         if not op.endswith("_backward"):

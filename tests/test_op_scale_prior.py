@@ -76,6 +76,13 @@ def test_gradcheck_float64(device, prior, compute_z):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_inverse_scaling_has_a_second_derivative(device):
+    # Its backward is made of differentiable ops (scale_inverse itself, a product and a sum).
+    z, log_scale = make_case(4, 6, device, torch.float64)
+    assert torch.autograd.gradgradcheck(ops.scale_inverse, (z.requires_grad_(True), log_scale.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("batch", [3, 2049])  # 2049: several reduction chunks and a ragged last one
 def test_gradients_match_reference_and_are_deterministic(device, prior, batch):
