@@ -206,6 +206,28 @@ def train_step_variants(device, batch, quick, min_run_time):
     return rows
 
 
+def bench_call_cost(device, min_run_time):
+    """Time of one call at batch 1 (784 features, float32), with inputs that need a gradient as in training:
+    the kernels' work vanishes and what is left is each op's host cost (argument checks, dispatch, autograd
+    bookkeeping), which an eager step pays per op on a GPU or with a small model."""
+    rows = []
+    for op in ("coupling", "affine_coupling", "scale_prior"):
+        fused, ref, inputs, _ = op_cases(op, 1, 784, torch.float32, device)
+        leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+        row = dict(op=op, batch=1, dim=784)
+        for impl_name, fn in (("fused", fused), ("reference", ref)):
+            def outputs():
+                out = fn(*leaves)
+                return out if isinstance(out, tuple) else (out,)
+
+            grads = [torch.ones_like(o) for o in outputs()]
+            row[f"{impl_name}_fwd_us"] = timeit(outputs, min_run_time)[0] * 1e3
+            row[f"{impl_name}_fwd_bwd_us"] = timeit(lambda: torch.autograd.grad(outputs(), leaves, grads),
+                                                    min_run_time)[0] * 1e3
+        rows.append(row)
+    return rows
+
+
 def markdown(result):
     lines = [f"# nice_ext benchmark: {result['device']}", "",
              f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}, "
@@ -225,6 +247,11 @@ def markdown(result):
         lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) "
                      f"| {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.0f} "
                      f"| {seed['ms_per_step'] / r['ms_per_step']:.2f}x |")
+    lines += ["", "| one call at batch 1 (host cost) | fused fwd us | fused fwd+bwd us | reference fwd us "
+              "| reference fwd+bwd us |", "|---|---|---|---|---|"]
+    for r in result.get("call_cost", []):
+        lines.append(f"| {r['op']} | {r['fused_fwd_us']:.1f} | {r['fused_fwd_bwd_us']:.1f} "
+                     f"| {r['reference_fwd_us']:.1f} | {r['reference_fwd_bwd_us']:.1f} |")
     summary = result["summary"]
     lines += ["", f"Median over entries: fused vs reference {summary['median_speedup_vs_reference']:.2f}x, "
               f"fused vs torch.compile {summary['median_speedup_vs_compiled']:.2f}x; largest batch: median "
@@ -279,6 +306,7 @@ def main():
     result.update(cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
+    result["call_cost"] = bench_call_cost(device, min_run_time)
     result["train_step"] = [] if args.no_train_step else [
         row for batch in ((200,) if args.quick else (200, 2048))
         for row in train_step_variants(device, batch, args.quick, min_run_time)]

@@ -28,6 +28,9 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
                                                    for p in ("fwd", "bwd", "fwd+bwd")}
     for row in ops:
         assert OP_KEYS <= set(row) and row["fused_ms"] > 0 and row["reference_ms"] > 0 and row["fused_gbps"] > 0
+    assert [r["op"] for r in written["call_cost"]] == ["coupling", "affine_coupling", "scale_prior"]
+    for row in written["call_cost"]:
+        assert all(row[f"{impl}_{what}_us"] > 0 for impl in ("fused", "reference") for what in ("fwd", "fwd_bwd"))
     steps = {r["variant"]: r for r in written["train_step"]}
     assert {"seed-masked-eager", "seed-masked-eager-default-adam", "reference-eager", "fused-eager",
             "reference-eager-affine", "fused-eager-affine"} <= set(steps)
@@ -37,6 +40,7 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
     assert "| fused-eager | 200 |" in markdown and "Median over entries" in markdown
     assert (tmp_path / "CPU_{}_cores.png".format(os.cpu_count())).read_bytes()[:4] == b"\x89PNG"
     assert "| coupling | fwd | float32 | 256 | 784 |" in result.stdout
+    assert "| one call at batch 1 (host cost) |" in markdown
 
 
 def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypatch):
