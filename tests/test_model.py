@@ -137,7 +137,8 @@ def test_torch_func_transforms_need_the_unfused_model():
         return z.sum() + log_det.sum()
 
     params = {name: p.detach() for name, p in plain.named_parameters()}
-    per_example = torch.func.vmap(torch.func.grad(lambda p, row: loss(plain, p, row[None])), in_dims=(None, 0))(params, x)
+    per_example_grad = torch.func.grad(lambda p, row: loss(plain, p, row[None]))
+    per_example = torch.func.vmap(per_example_grad, in_dims=(None, 0))(params, x)
     for i in range(3):
         plain.zero_grad()
         loss(plain, dict(plain.named_parameters()), x[i:i + 1]).backward()
