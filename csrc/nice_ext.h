@@ -247,6 +247,14 @@ inline int64_t reduction_rows_per_chunk(int64_t batch) {
 // ---------------------------------------------------------------------------------------------------
 enum class Backend { CPU, CUDA };
 
+// Which generation of the CUDA row kernels runs (csrc/cuda/*.cu): 1, the first correct kernels (a block
+// per row, one element per thread and access), or 2, the bandwidth-tuned ones of benchmarks/NOTES.md (a
+// warp per row, 16-byte accesses where the layout allows; they fall back to version 1 where they do not
+// apply). Process-wide, read at each launch; set from Python (nice_ext.ops.use_cuda_kernels) so that
+// the tests and the benchmark can run both. The CPU kernels ignore it.
+int cuda_kernel_version();
+void set_cuda_kernel_version(int version);
+
 void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
                                 const at::Tensor& gather_index, bool inverse, at::Tensor& y, at::Tensor& gathered);
 void coupling_update_backward_kernel_cpu(const at::Tensor& grad_y, const at::Tensor& grad_gathered,

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <atomic>
+
 #include "nice_ext.h"
 
 TORCH_LIBRARY(nice_ext, m) {
@@ -62,9 +64,28 @@ PyObject* py_cuda_kernels_built(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
+std::atomic<int> kernel_version{1};
+
+PyObject* py_cuda_kernel_version(PyObject*, PyObject*) { return PyLong_FromLong(nice_ext::cuda_kernel_version()); }
+
+PyObject* py_set_cuda_kernel_version(PyObject*, PyObject* arg) {
+  const long version = PyLong_AsLong(arg);
+  if (version == -1 && PyErr_Occurred()) return nullptr;
+  if (version != 1 && version != 2) {
+    PyErr_Format(PyExc_ValueError, "the CUDA kernel version must be 1 or 2, got %ld", version);
+    return nullptr;
+  }
+  nice_ext::set_cuda_kernel_version(static_cast<int>(version));
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
     {"cuda_kernels_built", py_cuda_kernels_built, METH_NOARGS,
      "True when the CUDA kernels were compiled into this build."},
+    {"cuda_kernel_version", py_cuda_kernel_version, METH_NOARGS,
+     "The generation of CUDA row kernels that runs (1 or 2)."},
+    {"set_cuda_kernel_version", py_set_cuda_kernel_version, METH_O,
+     "Selects the generation of CUDA row kernels (1 or 2) for the whole process."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
@@ -72,6 +93,11 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
                       methods};
 
 }  // namespace
+
+namespace nice_ext {
+int cuda_kernel_version() { return kernel_version.load(std::memory_order_relaxed); }
+void set_cuda_kernel_version(int version) { kernel_version.store(version, std::memory_order_relaxed); }
+}  // namespace nice_ext
 
 // A plain CPython module: importing nice_ext._C loads the library, whose static initialisers register
 // the operators with the dispatcher.

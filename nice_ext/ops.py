@@ -7,7 +7,9 @@ Importing this module loads the compiled library.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from typing import Optional, Tuple, Union
 
 import torch
@@ -22,6 +24,50 @@ PRIORS = ("logistic", "gaussian")
 def cuda_kernels_built() -> bool:
     """True when this build of nice_ext holds the CUDA kernels."""
     return bool(_C.cuda_kernels_built())
+
+
+CUDA_KERNEL_VERSIONS = (1, 2)
+
+
+def cuda_kernel_version() -> int:
+    """The generation of CUDA row kernels that runs: 1 (the default) or 2 (see ``use_cuda_kernels``)."""
+    return int(_C.cuda_kernel_version())
+
+
+@contextlib.contextmanager
+def use_cuda_kernels(version: int):
+    """Runs the fused ops with the given generation of CUDA row kernels inside the ``with`` block.
+
+    Version 1 gives a row to a block and moves one element per thread and access; version 2 (the
+    bandwidth-tuned design of ``benchmarks/NOTES.md``) gives a row to a warp and moves 16 bytes per access
+    where the layout allows it. Both compute the same values (version 2 may sum a row's log-density in
+    another order). The setting is process-wide; ``NICE_EXT_CUDA_KERNELS=2`` sets it at import. CPU
+    kernels are unaffected. Version 2 has not yet been judged on a GPU, so version 1 stays the default.
+    """
+    previous = cuda_kernel_version()
+    _set_cuda_kernel_version(version)
+    try:
+        yield
+    finally:
+        _C.set_cuda_kernel_version(previous)
+
+
+def _set_cuda_kernel_version(version) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version not in CUDA_KERNEL_VERSIONS:
+        raise ValueError(f"the CUDA kernel version must be one of {CUDA_KERNEL_VERSIONS}, got {version!r}")
+    _C.set_cuda_kernel_version(version)
+
+
+def _cuda_kernel_version_from_environment() -> None:
+    value = os.environ.get("NICE_EXT_CUDA_KERNELS")
+    if value is None or value == "":
+        return
+    if value.strip() not in ("1", "2"):
+        raise ValueError(f"NICE_EXT_CUDA_KERNELS must be 1 or 2 (the CUDA kernel version), got {value!r}")
+    _set_cuda_kernel_version(int(value))
+
+
+_cuda_kernel_version_from_environment()
 
 
 def _half(dtype: torch.dtype) -> bool:

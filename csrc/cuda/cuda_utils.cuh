@@ -3,6 +3,9 @@
 
 #include <ATen/cuda/CUDAContext.h>
 
+#include <cstdint>
+#include <type_traits>
+
 namespace nice_ext {
 
 // Enough resident blocks to fill the device (blocks_per_sm per multiprocessor), never more than needed.
@@ -15,6 +18,59 @@ inline int64_t grid_for(int64_t work_items, int blocks_per_sm) {
 inline const char* launch_error() {
   const cudaError_t error = cudaGetLastError();
   return error == cudaSuccess ? nullptr : cudaGetErrorString(error);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Version 2 row kernels (benchmarks/NOTES.md): a warp per row, kWarpsPerBlock rows per block, and each
+// lane moving Pack<T, V> (V consecutive elements, 16 bytes when V = kVectorBytes / sizeof(T)) per access.
+// ---------------------------------------------------------------------------------------------------
+constexpr int kWarpSize = 32;
+constexpr int kWarpsPerBlock = 8;
+constexpr int kRowBlockThreads = kWarpSize * kWarpsPerBlock;
+constexpr int kVectorBytes = 16;
+
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// Whether every pointer is aligned for Pack<T, V> accesses of its own element type.
+inline bool aligned_to(const void* pointer, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(pointer) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+// The widest pack (in elements of scalar_t) every row of a (batch, row_length) tensor can be read in:
+// kVectorBytes / sizeof(scalar_t) when the row length, the row stride and the data pointer all allow it,
+// else 1 (odd lengths, slices at odd offsets).
+template <typename scalar_t>
+int row_pack_width(const void* data, int64_t row_stride, int64_t row_length) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  const bool fits = row_length % wide == 0 && row_stride % wide == 0 && aligned_to(data, kVectorBytes);
+  return fits ? wide : 1;
+}
+
+// Calls launch(std::integral_constant<int, V>()) with V = width, which row_pack_width (and any other
+// alignment the kernel needs) chose: the pack width as a template argument.
+template <typename scalar_t, typename F>
+void with_pack_width(int width, F&& launch) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  if (width == wide) {
+    launch(std::integral_constant<int, wide>());
+  } else {
+    launch(std::integral_constant<int, 1>());
+  }
+}
+
+// A grid of blocks with kWarpsPerBlock rows each (grid-stride over the rows beyond it).
+inline int64_t row_blocks(int64_t batch) {
+  return grid_for((batch + kWarpsPerBlock - 1) / kWarpsPerBlock, 2048 / kRowBlockThreads);
+}
+
+// Sum over a warp: the result is valid in every lane.
+template <typename T>
+__device__ inline T warp_sum(T value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
 }
 
 // Sum over a block (blockDim.x a multiple of 32, at most 1024). The result is valid in thread 0.

@@ -85,6 +85,99 @@ __global__ void scale_inverse_kernel(const scalar_t* __restrict__ z, int64_t z_r
   }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// Version 2 (benchmarks/NOTES.md): each block first puts exp(+-log_scale) for every feature in shared
+// memory (so a row's elements cost one exp fewer each), then gives a row to each warp, whose lanes move V
+// consecutive features per access (16 bytes) and sum the row with warp shuffles: no block barrier per
+// row. Needs features * sizeof(opmath_t) bytes of shared memory (kMaxCachedScaleBytes); wider rows take
+// version 1.
+// ---------------------------------------------------------------------------------------------------
+constexpr int64_t kMaxCachedScaleBytes = 32 * 1024;
+
+template <typename scalar_t>
+bool scales_fit_in_shared_memory(int64_t features) {
+  return features * int64_t(sizeof(at::opmath_type<scalar_t>)) <= kMaxCachedScaleBytes;
+}
+
+// scale[d] = exp(sign * log_scale[d]) for every feature; returns the sum of log_scale over the features in
+// thread 0 (the scaling layer's log|det J|). Ends with a block barrier, so scale[] is ready for every thread.
+template <typename scalar_t>
+__device__ at::opmath_type<scalar_t> cache_scales(const scalar_t* __restrict__ log_scale, int64_t features,
+                                                  at::opmath_type<scalar_t> sign, at::opmath_type<scalar_t>* scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  opmath_t log_det = 0;
+  for (int64_t d = threadIdx.x; d < features; d += blockDim.x) {
+    const opmath_t s = opmath_t(log_scale[d]);
+    scale[d] = exp_(sign * s);
+    log_det += s;
+  }
+  return block_sum(log_det);  // its barriers also publish scale[]
+}
+
+template <typename scalar_t, Prior prior, int V>
+__global__ void __launch_bounds__(kRowBlockThreads)
+    scale_prior_rows_kernel(const scalar_t* __restrict__ h, int64_t h_row_stride,
+                            const scalar_t* __restrict__ log_scale, scalar_t* __restrict__ z,
+                            at::opmath_type<scalar_t>* __restrict__ log_prob, int64_t batch, int64_t features) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Values = Pack<scalar_t, V>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  opmath_t* scale = reinterpret_cast<opmath_t*>(shared_bytes);
+  __shared__ opmath_t block_log_det;
+  const opmath_t log_det = cache_scales(log_scale, features, opmath_t(1), scale);
+  if (threadIdx.x == 0) block_log_det = log_det;
+  __syncthreads();
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;  // V divides features (row_pack_width)
+  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
+       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const Values* hr = reinterpret_cast<const Values*>(h + b * h_row_stride);
+    Values* zr = z == nullptr ? nullptr : reinterpret_cast<Values*>(z + b * features);
+    opmath_t acc = 0;
+#pragma unroll 2
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values hv = hr[p];
+      Values zv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const opmath_t zd = opmath_t(hv.v[e]) * scale[p * V + e];
+        zv.v[e] = static_cast<scalar_t>(zd);
+        acc += prior_log_density(prior, zd);
+      }
+      if (zr != nullptr) zr[p] = zv;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) log_prob[b] = acc + block_log_det;
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void __launch_bounds__(kRowBlockThreads)
+    scale_inverse_rows_kernel(const scalar_t* __restrict__ z, int64_t z_row_stride,
+                              const scalar_t* __restrict__ log_scale, scalar_t* __restrict__ h, int64_t batch,
+                              int64_t features) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Values = Pack<scalar_t, V>;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  opmath_t* inverse_scale = reinterpret_cast<opmath_t*>(shared_bytes);
+  cache_scales(log_scale, features, opmath_t(-1), inverse_scale);
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;
+  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
+       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+    const Values* zr = reinterpret_cast<const Values*>(z + b * z_row_stride);
+    Values* hr = reinterpret_cast<Values*>(h + b * features);
+#pragma unroll 2
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values zv = zr[p];
+      Values hv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) hv.v[e] = static_cast<scalar_t>(opmath_t(zv.v[e]) * inverse_scale[p * V + e]);
+      hr[p] = hv;
+    }
+  }
+}
+
 }  // namespace
 
 const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_scale, Prior prior, at::Tensor& z,
@@ -93,6 +186,24 @@ const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_s
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
+    if (cuda_kernel_version() == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
+      const size_t shared = features * sizeof(opmath_t);
+      with_pack_width<scalar_t>(row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features), [&](auto pack) {
+        auto launch = [&](auto kernel) {
+          kernel<<<row_blocks(batch), kRowBlockThreads, shared, stream>>>(
+              h.const_data_ptr<scalar_t>(), h.stride(0), log_scale.const_data_ptr<scalar_t>(),
+              z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr, log_prob.mutable_data_ptr<opmath_t>(), batch,
+              features);
+        };
+        constexpr int V = decltype(pack)::value;
+        if (prior == Prior::Logistic) {
+          launch(scale_prior_rows_kernel<scalar_t, Prior::Logistic, V>);
+        } else {
+          launch(scale_prior_rows_kernel<scalar_t, Prior::Gaussian, V>);
+        }
+      });
+      return;
+    }
     auto launch = [&](auto kernel) {
       kernel<<<grid_for(batch, 2048 / kRowThreads), kRowThreads, 0, stream>>>(
           h.const_data_ptr<scalar_t>(), h.stride(0), log_scale.const_data_ptr<scalar_t>(),
@@ -139,6 +250,15 @@ const char* scale_inverse_kernel_cuda(const at::Tensor& z, const at::Tensor& log
   const int64_t batch = z.size(0), features = z.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cuda", [&] {
+    if (cuda_kernel_version() == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
+      const size_t shared = features * sizeof(at::opmath_type<scalar_t>);
+      with_pack_width<scalar_t>(row_pack_width<scalar_t>(z.const_data_ptr(), z.stride(0), features), [&](auto pack) {
+        scale_inverse_rows_kernel<scalar_t, decltype(pack)::value><<<row_blocks(batch), kRowBlockThreads, shared, stream>>>(
+            z.const_data_ptr<scalar_t>(), z.stride(0), log_scale.const_data_ptr<scalar_t>(),
+            h.mutable_data_ptr<scalar_t>(), batch, features);
+      });
+      return;
+    }
     scale_inverse_kernel<scalar_t><<<grid_for(batch, 2048 / kRowThreads), kRowThreads, 0, stream>>>(
         z.const_data_ptr<scalar_t>(), z.stride(0), log_scale.const_data_ptr<scalar_t>(),
         h.mutable_data_ptr<scalar_t>(), batch, features);

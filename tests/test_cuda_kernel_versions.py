@@ -1,0 +1,164 @@
+"""The two generations of CUDA row kernels (``nice_ext.ops.use_cuda_kernels``): the switch itself, and
+version 2 against version 1 on every layout that picks a different path in version 2 (16-byte packs on
+contiguous rows and on strided rows that stay aligned, one element per access otherwise, version 1 for
+rows too wide for the shared-memory scales). The other CUDA tests run under version 2 with
+``NICE_EXT_CUDA_KERNELS=2`` (scripts/check_cuda.sh)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, coupling_masks, rel_error, sliced
+from nice_ext import ops, reference
+from nice_ext.masks import coupling_maps
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# How each test lays its (batch, features) inputs out, and the path version 2 takes for it:
+#   contiguous      16-byte packs when 16 bytes of elements divide the features
+#   aligned-slice   rows strided by features + 16, starting 8 elements in: packs on strided rows
+#   odd-slice       the tests' usual slice (offset and stride by 3): one element per access
+LAYOUTS = ["contiguous", "aligned-slice", "odd-slice"]
+FEATURES = [2, 3, 784, 3072, 9000]  # 9000: float32 scales over 32 KiB, so scaling + prior keep version 1
+# 20000 rows: more than the grid holds (132 multiprocessors x 8 blocks x 8 rows on an H100), so the
+# grid-stride loop over rows runs too.
+SIZES = [(batch, features) for batch in (1, 257) for features in FEATURES] + [(20000, 3), (20000, 784)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+def laid_out(t, layout):
+    if layout == "contiguous":
+        return t.contiguous()
+    if layout == "aligned-slice":
+        return sliced(t, pad_rows=1, pad_cols=8)
+    return sliced(t)
+
+
+def with_version(version, fn, *args):
+    with ops.use_cuda_kernels(version):
+        out = fn(*args)
+        torch.cuda.synchronize()
+    return out
+
+
+def test_default_version_and_switch():
+    expected_default = int(os.environ.get("NICE_EXT_CUDA_KERNELS") or 1)
+    assert ops.cuda_kernel_version() == expected_default
+    with ops.use_cuda_kernels(2):
+        assert ops.cuda_kernel_version() == 2
+        with ops.use_cuda_kernels(1):
+            assert ops.cuda_kernel_version() == 1
+        assert ops.cuda_kernel_version() == 2
+    assert ops.cuda_kernel_version() == expected_default
+    with pytest.raises(RuntimeError, match="inside"):
+        with ops.use_cuda_kernels(2):
+            raise RuntimeError("inside")
+    assert ops.cuda_kernel_version() == expected_default  # restored after an exception too
+
+
+@pytest.mark.parametrize("bad", [0, 3, -1, "2", 2.0, True, None])
+def test_bad_version_raises(bad):
+    before = ops.cuda_kernel_version()
+    with pytest.raises(ValueError, match="CUDA kernel version must be one of"):
+        with ops.use_cuda_kernels(bad):
+            pass
+    assert ops.cuda_kernel_version() == before
+
+
+@pytest.mark.parametrize("value, expected", [("2", "2"), ("1", "1"), ("", str(1))])
+def test_environment_variable_sets_the_version_at_import(value, expected):
+    env = dict(os.environ, NICE_EXT_CUDA_KERNELS=value)
+    out = subprocess.run([sys.executable, "-c", "from nice_ext import ops; print(ops.cuda_kernel_version())"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected
+
+
+def test_bad_environment_variable_is_a_clear_error():
+    env = dict(os.environ, NICE_EXT_CUDA_KERNELS="v2")
+    out = subprocess.run([sys.executable, "-c", "import nice_ext"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode != 0
+    assert "NICE_EXT_CUDA_KERNELS must be 1 or 2" in out.stderr
+
+
+@needs_gpu
+def test_version_2_launches_its_own_kernels():
+    x = torch.randn(64, 784, device="cuda")
+    log_scale = torch.randn(784, device="cuda")
+    names = {}
+    for version in (1, 2):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            with_version(version, ops.scale_prior, x, log_scale)
+        names[version] = " ".join(e.name for e in prof.events())
+    assert "scale_prior_rows_kernel" in names[2] and "scale_prior_rows_kernel" not in names[1]
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch, features", SIZES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mask_kind", ["odd-even", "odd-even-last", "random"])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_coupling_versions_agree_bit_for_bit(batch, features, layout, dtype, mask_kind, inverse):
+    g = torch.Generator().manual_seed(features * 7 + batch)
+    mask, next_mask = coupling_masks(features, mask_kind, g)
+    shift_col, gather_index = (m.cuda() for m in coupling_maps(mask, next_mask))
+    x = laid_out(torch.randn(batch, features, generator=g).to("cuda", dtype), layout)
+    shift = laid_out(torch.randn(batch, int((~mask).sum()), generator=g).to("cuda", dtype), layout)
+    grad_y = laid_out(torch.randn(batch, features, generator=g).to("cuda", dtype), layout)
+    grad_gathered = laid_out(torch.randn(batch, gather_index.numel(), generator=g).to("cuda", dtype), layout)
+    forward = torch.ops.nice_ext.coupling_update
+    backward = torch.ops.nice_ext.coupling_update_backward
+    updated = shift.shape[1]
+    for fn, args in ((forward, (x, shift, shift_col, gather_index, inverse)),
+                     (backward, (grad_y, grad_gathered, shift_col, gather_index, updated, inverse))):
+        for v1, v2 in zip(with_version(1, fn, *args), with_version(2, fn, *args)):
+            assert torch.equal(v1, v2)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_coupling_index_maps_at_unaligned_addresses(dtype):
+    """Index maps that start 4 bytes into their buffer cannot be read in packs: version 2 must see it."""
+    g = torch.Generator().manual_seed(0)
+    mask, next_mask = coupling_masks(784, "odd-even", g)
+    maps = []
+    for m in coupling_maps(mask, next_mask):
+        buffer = torch.zeros(m.numel() + 1, dtype=torch.int32, device="cuda")
+        buffer[1:] = m.cuda()
+        maps.append(buffer[1:])
+    x = torch.randn(257, 784, generator=g).to("cuda", dtype)
+    shift = torch.randn(257, 392, generator=g).to("cuda", dtype)
+    grad_y, grad_gathered = torch.randn_like(x), torch.randn(257, 392, device="cuda", dtype=dtype)
+    expected = with_version(1, torch.ops.nice_ext.coupling_update, x, shift, *maps, False)
+    actual = with_version(2, torch.ops.nice_ext.coupling_update, x, shift, *maps, False)
+    expected += with_version(1, torch.ops.nice_ext.coupling_update_backward, grad_y, grad_gathered, *maps, 392, False)
+    actual += with_version(2, torch.ops.nice_ext.coupling_update_backward, grad_y, grad_gathered, *maps, 392, False)
+    for a, b in zip(expected, actual):
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("batch, features", SIZES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+def test_scaling_versions_agree(batch, features, layout, dtype, prior):
+    g = torch.Generator().manual_seed(features + batch)
+    h = laid_out((torch.randn(batch, features, generator=g) * 2).to("cuda", dtype), layout)
+    log_scale = (torch.randn(features, generator=g) * 0.5).to("cuda", dtype)
+    z1, lp1 = with_version(1, ops.scale_prior, h, log_scale, prior)
+    z2, lp2 = with_version(2, ops.scale_prior, h, log_scale, prior)
+    assert torch.equal(z1, z2)  # the same exp(log_scale) times the same h
+    # The row sums run in another order (and add sum(log_scale) once instead of per feature): version 2
+    # must be as close to the float64 result as version 1 is, up to rounding.
+    _, lp64 = reference.scale_prior(h.double().cpu(), log_scale.double().cpu(), prior, False)
+    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_error(lp2, lp64) <= max(2 * rel_error(lp1, lp64), floor)
+    _, lp_only = with_version(2, lambda: ops.scale_prior(h, log_scale, prior, compute_z=False))
+    assert torch.equal(lp_only, lp2)
+    assert torch.equal(with_version(1, ops.scale_inverse, z1, log_scale),
+                       with_version(2, ops.scale_inverse, laid_out(z1, layout), log_scale))
