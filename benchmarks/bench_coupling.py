@@ -1,6 +1,6 @@
 """Fused nice_ext ops vs the pure-PyTorch reference vs torch.compile of it, per op and per training step.
 
-    python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR]
+    python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR] [--cuda-kernels 1|2]
 
 Every entry is checked against the reference before it is timed. Times are medians (with p20/p80) from
 torch.utils.benchmark, which synchronises CUDA. Achieved bandwidth counts the bytes an op must read and
@@ -232,7 +232,9 @@ def markdown(result):
     lines = [f"# nice_ext benchmark: {result['device']}", "",
              f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}, "
              f"{result.get('cpu_threads', 1)} CPU threads ({result.get('cpu', 'CPU model not recorded')})  ",
-             f"command: `{result['command']}`  ", f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
+             f"command: `{result['command']}`  ",
+             *([f"CUDA row kernels: version {result['cuda_kernels']}  "] if "cuda_kernels" in result else []),
+             f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
              "| op | pass | dtype | batch | dim | fused ms | reference ms | compiled ms | fused GB/s | % of copy "
              "| vs reference | vs compiled |", "|" + "---|" * 12]
     for r in result["ops"]:
@@ -295,7 +297,17 @@ def main():
     p.add_argument("--out", default=None, help="folder for <device>.json / .md / .png")
     p.add_argument("--no-train-step", action="store_true")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per entry")
+    p.add_argument("--cuda-kernels", type=int, choices=ops.CUDA_KERNEL_VERSIONS, default=None,
+                   help="generation of CUDA row kernels to time (default: the current one, "
+                        "NICE_EXT_CUDA_KERNELS or 1); results of version 2 go to <device>_kernels_v2.*")
     args = p.parse_args()
+    if args.cuda_kernels is not None:
+        with ops.use_cuda_kernels(args.cuda_kernels):
+            return run(args)
+    return run(args)
+
+
+def run(args):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but no CUDA GPU is available")
@@ -303,6 +315,8 @@ def main():
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     started = time.time()
     result = provenance.record(device, "python benchmarks/bench_coupling.py " + shlex.join(sys.argv[1:]))
+    if device.type == "cuda":
+        result["cuda_kernels"] = ops.cuda_kernel_version()
     result.update(cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
@@ -322,6 +336,8 @@ def main():
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         stem = os.path.join(args.out, result["device"].replace(" ", "_").replace("(", "").replace(")", ""))
+        if result.get("cuda_kernels", 1) != 1:
+            stem += f"_kernels_v{result['cuda_kernels']}"
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(stem + ".md", "w") as f:

@@ -5,6 +5,8 @@
 #     build       compile nice_ext in place (no pip, no network) and say what was built
 #     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
 #     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests)
+#     cuda-tests-v2  the same under the version 2 CUDA row kernels (NICE_EXT_CUDA_KERNELS=2; with it
+#                 set, the other stages run version 2 as well: give them their own LOG_DIR)
 #     tests       the whole suite
 #     memcheck racecheck initcheck
 #                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
@@ -19,7 +21,7 @@ mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
-ALL_STAGES=(build bad-input cuda-tests tests memcheck racecheck initcheck)
+ALL_STAGES=(build bad-input cuda-tests cuda-tests-v2 tests memcheck racecheck initcheck)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -45,6 +47,11 @@ run_stage() {
     cuda-tests)
       "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda > "$LOG_DIR/pytest_cuda.log" 2>&1 || rc=$?
       tail -15 "$LOG_DIR/pytest_cuda.log"
+      ;;
+    cuda-tests-v2)
+      NICE_EXT_CUDA_KERNELS=2 "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda \
+        > "$LOG_DIR/pytest_cuda_v2.log" 2>&1 || rc=$?
+      tail -15 "$LOG_DIR/pytest_cuda_v2.log"
       ;;
     tests)
       "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" > "$LOG_DIR/pytest.log" 2>&1 || rc=$?
