@@ -7,7 +7,8 @@
 
 Coupling layers (additive and affine) and the scaling + prior run on the fused ops (``fused=True``, the
 default) or on their pure-PyTorch reference (``fused=False``): the same mathematics and parameters, for
-cross-checks and benchmarks.
+cross-checks and benchmarks. Inside torch.func transforms (``grad``, ``vmap``, ...), which cannot go
+through the fused ops, a fused model runs the reference path.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ COUPLINGS = ("additive", "affine")
 # scales compound through the layers and overflow to NaN within five steps.
 AFFINE_LOG_SCALES = ops.AFFINE_LOG_SCALE_LAWS
 PRIORS = ops.PRIORS
+
+
+def use_fused(module: nn.Module) -> bool:
+    """Whether a layer built with ``fused=True`` runs the fused ops now: everywhere but inside torch.func
+    transforms, which cannot go through them (the reference computes the same function)."""
+    return module.fused and not ops.functorch_transform_active()
 
 
 def count_argument(value, name: str) -> int:
@@ -95,13 +102,13 @@ class CouplingLayer(nn.Module):
         self.register_buffer("kept_index", kept_index(mask), persistent=False)
 
     def _additive(self, x: Tensor, shift: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor]:
-        update = ops.coupling_update_indexed if self.fused else reference.coupling_update
+        update = ops.coupling_update_indexed if use_fused(self) else reference.coupling_update
         return update(x, shift.to(x.dtype), self.shift_col, gather, inverse)
 
     def _affine(self, x: Tensor, params: Tensor, gather: Tensor, inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
         # Affine law (paper §3.2.2): y_I2 = x_I2 * exp(a) + b with a = law(r), log|det J| = sum a.
         raw, shift = params.to(x.dtype).chunk(2, dim=1)
-        update = ops.affine_coupling_update_indexed if self.fused else reference.affine_coupling_update
+        update = ops.affine_coupling_update_indexed if use_fused(self) else reference.affine_coupling_update
         return update(x, raw, shift, self.shift_col, gather, self.affine_log_scale, inverse)
 
     def forward(self, x: Tensor, net_input: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -242,7 +249,7 @@ class NICE(nn.Module):
         return x, log_det
 
     def _scale_prior(self, h: Tensor, compute_z: bool) -> Tuple[Tensor, Tensor]:
-        if self.fused:
+        if use_fused(self):
             return ops.scale_prior(h, self.log_scale, self.prior, compute_z=compute_z)
         return reference.scale_prior(h, self.log_scale, self.prior, compute_z)
 
@@ -264,7 +271,7 @@ class NICE(nn.Module):
     def inverse(self, z: Tensor) -> Tensor:
         """The decoder f^-1: exact inverse of ``forward``'s z."""
         self._check_input(z, "z")
-        h = ops.scale_inverse(z, self.log_scale) if self.fused else reference.scale_inverse(z, self.log_scale)
+        h = ops.scale_inverse(z, self.log_scale) if use_fused(self) else reference.scale_inverse(z, self.log_scale)
         net_input = h.index_select(1, self.layers[-1].kept_index)
         for layer in reversed(self.layers):
             h, net_input = layer.inverse(h, net_input)

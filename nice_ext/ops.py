@@ -70,6 +70,16 @@ def _cuda_kernel_version_from_environment() -> None:
 _cuda_kernel_version_from_environment()
 
 
+def functorch_transform_active() -> bool:
+    """True inside a torch.func transform (``grad``, ``vmap``, ``jacrev``, ...). The fused ops' autograd is a
+    C++ ``torch::autograd::Function``, which functorch refuses, so the model takes its pure-PyTorch path
+    (the same function) there. False while torch.compile traces (which would otherwise see a transform
+    and trace the reference path into every compiled model)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 

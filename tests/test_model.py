@@ -125,27 +125,70 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
     assert rel_error(fused.inverse(z), exact) < max(1e-5, 2 * rel_error(plain.inverse(z), exact))
 
 
-def test_torch_func_transforms_need_the_unfused_model():
-    # As the README says: functorch refuses the fused ops' C++ autograd; the plain model works, and its
-    # per-example gradients (vmap of grad) agree with autograd's.
-    fused = small_model("logistic", "additive", dim=6)
-    plain = small_model("logistic", "additive", fused=False, dim=6)
+class LogProb(torch.nn.Module):
+    """model.log_prob as a module's forward, for torch.func.functional_call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model.log_prob(x)
+
+
+def autograd_node_names(output):
+    names, stack, seen = set(), [output.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_torch_compile_traces_the_fused_ops_of_a_fused_model():
+    # The check that sends torch.func transforms to the reference path must not send torch.compile there.
+    model = small_model("logistic", "additive", dim=6)
+    graphs = []
+
+    def record(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.rand(4, 6, dtype=torch.float64)
+    log_prob = torch.compile(model.log_prob, backend=record, fullgraph=True)(x)
+    targets = [str(node.target) for graph in graphs for node in graph.graph.nodes]
+    assert targets.count("nice_ext.coupling_update") == 4 and "nice_ext.scale_prior" in targets
+    assert rel_error(log_prob, model.log_prob(x)) < 1e-14
+
+
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_torch_func_transforms_run_the_reference_path_of_a_fused_model(coupling):
+    # functorch refuses the fused ops' C++ autograd, so inside a transform a fused model takes its
+    # pure-PyTorch path: per-example gradients of log_prob (vmap of grad) agree with autograd's through
+    # the fused ops, row by row; outside transforms the fused ops still run.
+    model = small_model("logistic", coupling, dim=6)
     x = torch.rand(3, 6, dtype=torch.float64)
+    wrapped = LogProb(model)
+    params = {name: p.detach() for name, p in wrapped.named_parameters()}
 
-    def loss(model, params, rows):
-        z, log_det = torch.func.functional_call(model, params, (rows,))
-        return z.sum() + log_det.sum()
+    def log_prob_sum(p, rows):
+        return torch.func.functional_call(wrapped, p, (rows,)).sum()
 
-    params = {name: p.detach() for name, p in plain.named_parameters()}
-    per_example_grad = torch.func.grad(lambda p, row: loss(plain, p, row[None]))
-    per_example = torch.func.vmap(per_example_grad, in_dims=(None, 0))(params, x)
+    per_example = torch.func.vmap(torch.func.grad(lambda p, row: log_prob_sum(p, row[None])),
+                                  in_dims=(None, 0))(params, x)
     for i in range(3):
-        plain.zero_grad()
-        loss(plain, dict(plain.named_parameters()), x[i:i + 1]).backward()
-        for name, p in plain.named_parameters():
-            assert rel_error(per_example[name][i], p.grad) < 1e-5, name
-    with pytest.raises(RuntimeError, match="functorch"):
-        torch.func.grad(lambda p: loss(fused, p, x))({name: p.detach() for name, p in fused.named_parameters()})
+        wrapped.zero_grad()
+        log_prob = wrapped(x[i:i + 1])
+        assert any("nice_ext" in name for name in autograd_node_names(log_prob))  # the fused ops ran
+        log_prob.sum().backward()
+        for name, p in wrapped.named_parameters():
+            assert rel_error(per_example[name][i], p.grad) < 1e-10, name
+    jacobian = torch.func.jacrev(lambda rows: model(rows)[0])(x[:1])
+    expected = torch.autograd.functional.jacobian(lambda rows: model(rows)[0], x[:1])
+    assert rel_error(jacobian, expected) < 1e-12
 
 
 @pytest.mark.parametrize("log_scale", ["tanh", "unbounded"])
