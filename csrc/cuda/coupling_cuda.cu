@@ -99,8 +99,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;  // V divides features (row_pack_width)
-  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
-       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
     const scalar_t* xr = x + b * x_row_stride;
     const scalar_t* sr = shift + b * shift_row_stride;
     auto updated_value = [&](int32_t c, scalar_t xv) {
@@ -153,8 +152,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;
-  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
-       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
     const Values* gyr = reinterpret_cast<const Values*>(grad_y + b * gy_row_stride);
     scalar_t* gxr = grad_x + b * features;
     scalar_t* gsr = grad_shift + b * updated;

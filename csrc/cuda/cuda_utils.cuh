@@ -66,6 +66,10 @@ inline int64_t row_blocks(int64_t batch) {
   return grid_for((batch + kWarpsPerBlock - 1) / kWarpsPerBlock, 2048 / kRowBlockThreads);
 }
 
+// The rows a warp walks in a version 2 kernel: for (b = warp_first_row(); b < batch; b += warp_row_step()).
+__device__ inline int64_t warp_first_row() { return blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; }
+__device__ inline int64_t warp_row_step() { return int64_t(gridDim.x) * kWarpsPerBlock; }
+
 // Sum over a warp: the result is valid in every lane.
 template <typename T>
 __device__ inline T warp_sum(T value) {

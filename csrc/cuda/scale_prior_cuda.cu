@@ -129,8 +129,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;  // V divides features (row_pack_width)
-  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
-       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
     const Values* hr = reinterpret_cast<const Values*>(h + b * h_row_stride);
     Values* zr = z == nullptr ? nullptr : reinterpret_cast<Values*>(z + b * features);
     opmath_t acc = 0;
@@ -163,8 +162,7 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   cache_scales(log_scale, features, opmath_t(-1), inverse_scale);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;
-  for (int64_t b = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / kWarpSize; b < batch;
-       b += int64_t(gridDim.x) * kWarpsPerBlock) {
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
     const Values* zr = reinterpret_cast<const Values*>(z + b * z_row_stride);
     Values* hr = reinterpret_cast<Values*>(h + b * features);
 #pragma unroll 2
