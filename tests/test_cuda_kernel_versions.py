@@ -19,7 +19,8 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 # How each test lays its (batch, features) inputs out, and the path version 2 takes for it:
 #   contiguous      16-byte packs when 16 bytes of elements divide the features
 #   aligned-slice   rows strided by features + 16, starting 8 elements in: packs on strided rows
-#   odd-slice       the tests' usual slice (offset and stride by 3): one element per access
+#   odd-slice       the tests' usual slice (offset and stride by 3): one element per access (the scaling
+#                   + prior forward still gives each lane the packs it takes on the other layouts)
 LAYOUTS = ["contiguous", "aligned-slice", "odd-slice"]
 FEATURES = [2, 3, 784, 3072, 9000]  # 9000: float32 scales over 32 KiB, so scaling + prior keep version 1
 # 20000 rows: more than the grid holds (132 multiprocessors x 8 blocks x 8 rows on an H100), so the
@@ -160,5 +161,8 @@ def test_scaling_versions_agree(batch, features, layout, dtype, prior):
     assert rel_error(lp2, lp64) <= max(2 * rel_error(lp1, lp64), floor)
     _, lp_only = with_version(2, lambda: ops.scale_prior(h, log_scale, prior, compute_z=False))
     assert torch.equal(lp_only, lp2)
+    # Every layout of h is summed in the same order (packs read one element at a time where unaligned).
+    _, lp_contiguous = with_version(2, ops.scale_prior, h.contiguous(), log_scale, prior)
+    assert torch.equal(lp_contiguous, lp2)
     assert torch.equal(with_version(1, ops.scale_inverse, z1, log_scale),
                        with_version(2, ops.scale_inverse, laid_out(z1, layout), log_scale))

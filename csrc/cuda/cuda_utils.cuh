@@ -34,7 +34,7 @@ struct alignas(sizeof(T) * V) Pack {
   T v[V];
 };
 
-// Whether every pointer is aligned for Pack<T, V> accesses of its own element type.
+// Whether the pointer is a multiple of bytes (the size of the packs it is to be read in).
 inline bool aligned_to(const void* pointer, int64_t bytes) {
   return reinterpret_cast<uintptr_t>(pointer) % static_cast<uintptr_t>(bytes) == 0;
 }
@@ -58,6 +58,21 @@ void with_pack_width(int width, F&& launch) {
     launch(std::integral_constant<int, wide>());
   } else {
     launch(std::integral_constant<int, 1>());
+  }
+}
+
+// Pack p of a row (its elements p * V to p * V + V - 1): one access where the row is aligned for packs
+// (kAligned), else V accesses of an element. Which elements a lane takes, and so the order of any sum
+// over them, is the same either way.
+template <int V, bool kAligned, typename T>
+__device__ inline Pack<T, V> load_pack(const T* __restrict__ row, int64_t p) {
+  if constexpr (kAligned) {
+    return reinterpret_cast<const Pack<T, V>*>(row)[p];
+  } else {
+    Pack<T, V> values;
+#pragma unroll
+    for (int e = 0; e < V; ++e) values.v[e] = row[p * V + e];
+    return values;
   }
 }
 

@@ -114,7 +114,9 @@ __device__ at::opmath_type<scalar_t> cache_scales(const scalar_t* __restrict__ l
   return block_sum(log_det);  // its barriers also publish scale[]
 }
 
-template <typename scalar_t, Prior prior, int V>
+// h's rows are read in packs of V where aligned for it (kAligned), else an element at a time, but always
+// cut into the same packs of V: a row's log-density is summed in the same order whatever h's layout.
+template <typename scalar_t, Prior prior, int V, bool kAligned>
 __global__ void __launch_bounds__(kRowBlockThreads)
     scale_prior_rows_kernel(const scalar_t* __restrict__ h, int64_t h_row_stride,
                             const scalar_t* __restrict__ log_scale, scalar_t* __restrict__ z,
@@ -128,14 +130,14 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   if (threadIdx.x == 0) block_log_det = log_det;
   __syncthreads();
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t packs = features / V;  // V divides features (row_pack_width)
+  const int64_t packs = features / V;  // V divides features (the launcher's choice)
   for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
-    const Values* hr = reinterpret_cast<const Values*>(h + b * h_row_stride);
+    const scalar_t* hr = h + b * h_row_stride;
     Values* zr = z == nullptr ? nullptr : reinterpret_cast<Values*>(z + b * features);
     opmath_t acc = 0;
 #pragma unroll 2
     for (int64_t p = lane; p < packs; p += kWarpSize) {
-      const Values hv = hr[p];
+      const Values hv = load_pack<V, kAligned>(hr, p);
       Values zv;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
@@ -186,18 +188,30 @@ const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_s
     using opmath_t = at::opmath_type<scalar_t>;
     if (cuda_kernel_version() == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
       const size_t shared = features * sizeof(opmath_t);
-      with_pack_width<scalar_t>(row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features), [&](auto pack) {
+      // Packs of 16 bytes whenever they divide the row (z, allocated here, is aligned for them), read in
+      // one access where h is aligned too: log_prob is then the same for every layout of h.
+      constexpr int wide = kVectorBytes / sizeof(scalar_t);
+      const bool aligned = row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features) == wide;
+      with_pack_width<scalar_t>(features % wide == 0 ? wide : 1, [&](auto pack) {
+        constexpr int V = decltype(pack)::value;
         auto launch = [&](auto kernel) {
           kernel<<<row_blocks(batch), kRowBlockThreads, shared, stream>>>(
               h.const_data_ptr<scalar_t>(), h.stride(0), log_scale.const_data_ptr<scalar_t>(),
               z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr, log_prob.mutable_data_ptr<opmath_t>(), batch,
               features);
         };
-        constexpr int V = decltype(pack)::value;
-        if (prior == Prior::Logistic) {
-          launch(scale_prior_rows_kernel<scalar_t, Prior::Logistic, V>);
+        auto launch_for_prior = [&](auto aligned_loads) {
+          constexpr bool kAligned = decltype(aligned_loads)::value;
+          if (prior == Prior::Logistic) {
+            launch(scale_prior_rows_kernel<scalar_t, Prior::Logistic, V, kAligned>);
+          } else {
+            launch(scale_prior_rows_kernel<scalar_t, Prior::Gaussian, V, kAligned>);
+          }
+        };
+        if (aligned || V == 1) {  // one element is always aligned
+          launch_for_prior(std::true_type());
         } else {
-          launch(scale_prior_rows_kernel<scalar_t, Prior::Gaussian, V>);
+          launch_for_prior(std::false_type());
         }
       });
       return;
