@@ -112,7 +112,7 @@ TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("affine_coupling_update_backward", &affine_coupling_update_backward<Backend::CPU>);
 }
 
-#ifdef NICE_EXT_WITH_CUDA
+#ifdef NICE_EXT_CUDA_DEVICE_KERNELS
 TORCH_LIBRARY_IMPL(nice_ext, CUDA, m) {
   m.impl("affine_coupling_update", &affine_coupling_update<Backend::CUDA>);
   m.impl("affine_coupling_update_backward", &affine_coupling_update_backward<Backend::CUDA>);

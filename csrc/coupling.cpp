@@ -89,7 +89,7 @@ TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("coupling_update_backward", &coupling_update_backward<Backend::CPU>);
 }
 
-#ifdef NICE_EXT_WITH_CUDA
+#ifdef NICE_EXT_CUDA_DEVICE_KERNELS
 TORCH_LIBRARY_IMPL(nice_ext, CUDA, m) {
   m.impl("coupling_update", &coupling_update<Backend::CUDA>);
   m.impl("coupling_update_backward", &coupling_update_backward<Backend::CUDA>);

@@ -278,15 +278,24 @@ void scale_inverse_kernel_cpu(const at::Tensor& z, const at::Tensor& log_scale, 
 
 // Runs name##_kernel_cpu or name##_kernel_cuda with the same arguments; a CUDA error becomes a c10::Error
 // here, in host code compiled by the C++ compiler.
-#ifdef NICE_EXT_WITH_CUDA
-#define NICE_EXT_RUN_KERNEL(backend, name, ...)                                              \
-  do {                                                                                       \
-    if constexpr (backend == Backend::CPU) {                                                 \
-      name##_kernel_cpu(__VA_ARGS__);                                                        \
-    } else {                                                                                 \
-      const char* error = name##_kernel_cuda(__VA_ARGS__);                                   \
-      TORCH_CHECK(error == nullptr, "nice_ext: " #name " CUDA kernel failed: ", error);      \
-    }                                                                                        \
+#define NICE_EXT_RUN_CUDA_KERNEL(name, ...)                                              \
+  do {                                                                                   \
+    const char* error = name##_kernel_cuda(__VA_ARGS__);                                 \
+    TORCH_CHECK(error == nullptr, "nice_ext: " #name " CUDA kernel failed: ", error);    \
+  } while (0)
+#if defined(NICE_EXT_EMULATED_CUDA)
+// tests/cuda_emulation: the CUDA kernels, compiled for the host, run for every backend (CPU tensors).
+// They read host memory, so the CUDA dispatch key gets no kernels there (NICE_EXT_CUDA_DEVICE_KERNELS).
+#define NICE_EXT_RUN_KERNEL(backend, name, ...) NICE_EXT_RUN_CUDA_KERNEL(name, __VA_ARGS__)
+#elif defined(NICE_EXT_WITH_CUDA)
+#define NICE_EXT_CUDA_DEVICE_KERNELS 1
+#define NICE_EXT_RUN_KERNEL(backend, name, ...)                                          \
+  do {                                                                                   \
+    if constexpr (backend == Backend::CPU) {                                             \
+      name##_kernel_cpu(__VA_ARGS__);                                                    \
+    } else {                                                                             \
+      NICE_EXT_RUN_CUDA_KERNEL(name, __VA_ARGS__);                                       \
+    }                                                                                    \
   } while (0)
 #else
 #define NICE_EXT_RUN_KERNEL(backend, name, ...) name##_kernel_cpu(__VA_ARGS__)

@@ -144,7 +144,7 @@ TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {
   m.impl("scale_inverse", &scale_inverse<Backend::CPU>);
 }
 
-#ifdef NICE_EXT_WITH_CUDA
+#ifdef NICE_EXT_CUDA_DEVICE_KERNELS
 TORCH_LIBRARY_IMPL(nice_ext, CUDA, m) {
   m.impl("scale_prior", &scale_prior<Backend::CUDA>);
   m.impl("scale_prior_backward", &scale_prior_backward<Backend::CUDA>);

@@ -10,7 +10,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+# tests/test_cuda_emulation.py runs the op tests in a copy of the package whose compiled library runs the
+# CUDA kernels, compiled for the host, for CPU tensors (tests/cuda_emulation/build.py marks that copy).
+# There the CPU is the device the CUDA kernels take, and the only device the library serves.
+CUDA_KERNELS_EMULATED = os.path.exists(os.path.join(ROOT, "nice_ext", "CUDA_EMULATION"))
+CUDA_KERNEL_DEVICE = "cpu" if CUDA_KERNELS_EMULATED else "cuda"
+needs_cuda_kernels = pytest.mark.skipif(not (CUDA_KERNELS_EMULATED or torch.cuda.is_available()),
+                                        reason="needs a CUDA GPU (or the CUDA emulation)")
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_KERNELS_EMULATED or not torch.cuda.is_available(),
                                                               reason="needs a CUDA GPU"))]
 
 

@@ -10,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, coupling_masks, rel_error, sliced
+from conftest import CUDA_KERNEL_DEVICE as DEVICE
+from conftest import CUDA_KERNELS_EMULATED, ROOT, coupling_masks, needs_cuda_kernels, rel_error, sliced
 from nice_ext import ops, reference
 from nice_ext.masks import coupling_maps
 
@@ -24,8 +25,9 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 LAYOUTS = ["contiguous", "aligned-slice", "odd-slice"]
 FEATURES = [2, 3, 784, 3072, 9000]  # 9000: float32 scales over 32 KiB, so scaling + prior keep version 1
 # 20000 rows: more than the grid holds (132 multiprocessors x 8 blocks x 8 rows on an H100), so the
-# grid-stride loop over rows runs too.
-SIZES = [(batch, features) for batch in (1, 257) for features in FEATURES] + [(20000, 3), (20000, 784)]
+# grid-stride loop over rows runs too. The CUDA emulation's grid (2 multiprocessors) is full at 257.
+SIZES = [(batch, features) for batch in (1, 257) for features in FEATURES]
+SIZES += [] if CUDA_KERNELS_EMULATED else [(20000, 3), (20000, 784)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
@@ -40,7 +42,8 @@ def laid_out(t, layout):
 def with_version(version, fn, *args):
     with ops.use_cuda_kernels(version):
         out = fn(*args)
-        torch.cuda.synchronize()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
     return out
 
 
@@ -97,7 +100,7 @@ def test_version_2_launches_its_own_kernels():
     assert "scale_prior_rows_kernel" in names[2] and "scale_prior_rows_kernel" not in names[1]
 
 
-@needs_gpu
+@needs_cuda_kernels
 @pytest.mark.parametrize("batch, features", SIZES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -106,11 +109,11 @@ def test_version_2_launches_its_own_kernels():
 def test_coupling_versions_agree_bit_for_bit(batch, features, layout, dtype, mask_kind, inverse):
     g = torch.Generator().manual_seed(features * 7 + batch)
     mask, next_mask = coupling_masks(features, mask_kind, g)
-    shift_col, gather_index = (m.cuda() for m in coupling_maps(mask, next_mask))
-    x = laid_out(torch.randn(batch, features, generator=g).to("cuda", dtype), layout)
-    shift = laid_out(torch.randn(batch, int((~mask).sum()), generator=g).to("cuda", dtype), layout)
-    grad_y = laid_out(torch.randn(batch, features, generator=g).to("cuda", dtype), layout)
-    grad_gathered = laid_out(torch.randn(batch, gather_index.numel(), generator=g).to("cuda", dtype), layout)
+    shift_col, gather_index = (m.to(DEVICE) for m in coupling_maps(mask, next_mask))
+    x = laid_out(torch.randn(batch, features, generator=g).to(DEVICE, dtype), layout)
+    shift = laid_out(torch.randn(batch, int((~mask).sum()), generator=g).to(DEVICE, dtype), layout)
+    grad_y = laid_out(torch.randn(batch, features, generator=g).to(DEVICE, dtype), layout)
+    grad_gathered = laid_out(torch.randn(batch, gather_index.numel(), generator=g).to(DEVICE, dtype), layout)
     forward = torch.ops.nice_ext.coupling_update
     backward = torch.ops.nice_ext.coupling_update_backward
     updated = shift.shape[1]
@@ -120,7 +123,7 @@ def test_coupling_versions_agree_bit_for_bit(batch, features, layout, dtype, mas
             assert torch.equal(v1, v2)
 
 
-@needs_gpu
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_coupling_index_maps_at_unaligned_addresses(dtype):
     """Index maps that start 4 bytes into their buffer cannot be read in packs: version 2 must see it."""
@@ -128,12 +131,12 @@ def test_coupling_index_maps_at_unaligned_addresses(dtype):
     mask, next_mask = coupling_masks(784, "odd-even", g)
     maps = []
     for m in coupling_maps(mask, next_mask):
-        buffer = torch.zeros(m.numel() + 1, dtype=torch.int32, device="cuda")
-        buffer[1:] = m.cuda()
+        buffer = torch.zeros(m.numel() + 1, dtype=torch.int32, device=DEVICE)
+        buffer[1:] = m.to(DEVICE)
         maps.append(buffer[1:])
-    x = torch.randn(257, 784, generator=g).to("cuda", dtype)
-    shift = torch.randn(257, 392, generator=g).to("cuda", dtype)
-    grad_y, grad_gathered = torch.randn_like(x), torch.randn(257, 392, device="cuda", dtype=dtype)
+    x = torch.randn(257, 784, generator=g).to(DEVICE, dtype)
+    shift = torch.randn(257, 392, generator=g).to(DEVICE, dtype)
+    grad_y, grad_gathered = torch.randn_like(x), torch.randn(257, 392, device=DEVICE, dtype=dtype)
     expected = with_version(1, torch.ops.nice_ext.coupling_update, x, shift, *maps, False)
     actual = with_version(2, torch.ops.nice_ext.coupling_update, x, shift, *maps, False)
     expected += with_version(1, torch.ops.nice_ext.coupling_update_backward, grad_y, grad_gathered, *maps, 392, False)
@@ -142,15 +145,15 @@ def test_coupling_index_maps_at_unaligned_addresses(dtype):
         assert torch.equal(a, b)
 
 
-@needs_gpu
+@needs_cuda_kernels
 @pytest.mark.parametrize("batch, features", SIZES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
 def test_scaling_versions_agree(batch, features, layout, dtype, prior):
     g = torch.Generator().manual_seed(features + batch)
-    h = laid_out((torch.randn(batch, features, generator=g) * 2).to("cuda", dtype), layout)
-    log_scale = (torch.randn(features, generator=g) * 0.5).to("cuda", dtype)
+    h = laid_out((torch.randn(batch, features, generator=g) * 2).to(DEVICE, dtype), layout)
+    log_scale = (torch.randn(features, generator=g) * 0.5).to(DEVICE, dtype)
     z1, lp1 = with_version(1, ops.scale_prior, h, log_scale, prior)
     z2, lp2 = with_version(2, ops.scale_prior, h, log_scale, prior)
     assert torch.equal(z1, z2)  # the same exp(log_scale) times the same h
