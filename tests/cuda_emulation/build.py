@@ -35,7 +35,21 @@ def host_source(cuda_source: str, path: str) -> str:
                              text, flags=re.S)
     if "<<<" in text or ">>>" in text:
         raise ValueError(f"{path}: a kernel launch this script cannot rewrite")
+    # __shared__ T name[N];  ->  the same, then filled with 0xff bytes once per block (its first thread there)
+    text, declarations = re.subn(r"(__shared__[^;={}\n]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)",
+                                 r"\1 ::cuda_emulation::poison_static_shared(&\2, sizeof(\2));", text)
+    if text.count("__shared__") != declarations:
+        raise ValueError(f"{path}: a __shared__ declaration this script cannot rewrite")
     return f'#line 1 "{path}"\n' + text
+
+
+def write_host_headers(out_dir: str) -> None:
+    """The CUDA headers (csrc/cuda/*.cuh) rewritten like the sources, where the rewritten sources'
+    `#include "cuda/..."` finds them first (a quoted include looks in the including file's folder first)."""
+    header_dir = os.path.join(out_dir, "host_sources", "cuda")
+    os.makedirs(header_dir, exist_ok=True)
+    for header in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cuh"))):
+        write_host_source(header, os.path.join(header_dir, os.path.basename(header)))
 
 
 def write_host_source(source: str, target: str) -> str:
@@ -51,7 +65,7 @@ def write_host_source(source: str, target: str) -> str:
 def build_selftest(out_dir: str) -> str:
     """Compiles selftest.cpp (checks of the emulation itself, no torch needed); returns the program's path."""
     out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.join(out_dir, "host_sources"), exist_ok=True)
+    write_host_headers(out_dir)
     source = write_host_source(os.path.join(HERE, "selftest.cpp"),
                                os.path.join(out_dir, "host_sources", "selftest_host.cpp"))
     program = os.path.join(out_dir, "selftest")
@@ -70,6 +84,7 @@ def build(out_dir: str, verbose: bool = False) -> str:
     build_dir = os.path.join(out_dir, "build")
     os.makedirs(source_dir, exist_ok=True)
     os.makedirs(build_dir, exist_ok=True)
+    write_host_headers(out_dir)
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp"))) + [os.path.join(HERE, "cuda_emulation.cpp")]
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         sources.append(write_host_source(cu, os.path.join(source_dir, os.path.basename(cu)[:-3] + "_host.cpp")))

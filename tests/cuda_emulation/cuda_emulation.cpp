@@ -91,13 +91,14 @@ struct Launch {
   uint3 block_index{};
   unsigned char* shared = nullptr;
   size_t shared_bytes = 0;
+  std::vector<void*> poisoned_static_shared;  // the static __shared__ variables poisoned in this block
   const std::function<void()>* body = nullptr;
   std::vector<Fiber>* fibers = nullptr;
   Fiber* current = nullptr;
   Context scheduler;
 };
 
-std::mutex launch_mutex;  // one launch at a time: shared memory is function-static (cuda_emulation.h)
+std::mutex launch_mutex;  // one launch at a time: static shared memory is function-static (cuda_emulation.h)
 Launch* active = nullptr;
 thread_local cudaError_t last_error = cudaSuccess;
 
@@ -196,6 +197,7 @@ bool open_barriers(Launch& l) {
 void run_block(Launch& l) {
   std::vector<Fiber>& fibers = *l.fibers;
   if (l.shared_bytes > 0) std::memset(l.shared, 0xff, l.shared_bytes);
+  l.poisoned_static_shared.clear();
   for (unsigned t = 0; t < l.threads; ++t) {
     Fiber& f = fibers[t];
     f.index = {t % l.block.x, (t / l.block.x) % l.block.y, t / (l.block.x * l.block.y)};
@@ -232,6 +234,13 @@ const uint3& block_index() { return launch().block_index; }
 const dim3& block_dim() { return launch().block; }
 const dim3& grid_dim() { return launch().grid; }
 unsigned char* dynamic_shared_memory() { return launch().shared; }
+
+void poison_static_shared(void* variable, size_t bytes) {
+  std::vector<void*>& poisoned = launch().poisoned_static_shared;
+  if (std::find(poisoned.begin(), poisoned.end(), variable) != poisoned.end()) return;
+  poisoned.push_back(variable);
+  std::memset(variable, 0xff, bytes);
+}
 
 void block_barrier() { wait_at(State::AtBlockBarrier); }
 

@@ -1,9 +1,10 @@
 // A host emulation of the part of CUDA that the kernels in csrc/cuda use, so that those kernels can run,
 // and be tested, on a machine without a GPU (tests/test_cuda_emulation.py; build.py compiles them).
 //
-// The .cu files are compiled as C++ after two textual rewrites (build.py): `kernel<<<config>>>(args)`
-// becomes `kernel % LaunchConfig(config) % kernel_arguments(args)`, and `extern __shared__ T name[];`
-// takes the launch's dynamic shared memory. Everything else is these declarations.
+// The .cu and .cuh files are compiled as C++ after three textual rewrites (build.py):
+// `kernel<<<config>>>(args)` becomes `kernel % LaunchConfig(config) % kernel_arguments(args)`,
+// `extern __shared__ T name[];` takes the launch's dynamic shared memory, and every other `__shared__`
+// declaration is followed by a call of poison_static_shared. Everything else is these declarations.
 //
 // How a launch runs: one launch at a time, its blocks one after another (in reverse order, so that no
 // kernel can lean on block order), each block's threads as fibers on the calling thread. A fiber runs
@@ -12,8 +13,9 @@
 // where CUDA's behaviour would be undefined or the kernel would hang: threads of one warp at different
 // warp operations, a warp waiting at __syncthreads while the rest of its block waits at a warp
 // operation, a shuffle that reads a lane that has returned, a partial mask. A launch configuration CUDA
-// refuses sets the error cudaGetLastError reports, as on a GPU. Dynamic shared memory is filled with 0xff
-// bytes (NaN for floating point) before each block, so a read before any write shows.
+// refuses sets the error cudaGetLastError reports, as on a GPU. Shared memory, dynamic and static, is
+// filled with 0xff bytes (NaN for floating point) at the start of each block, so a read before any
+// write shows.
 #pragma once
 
 #include <algorithm>
@@ -31,7 +33,8 @@
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __align__(n) alignas(n)
-// One block runs at a time, so a function-local static is that block's shared memory.
+// One block runs at a time, so a function-local static is that block's shared memory
+// (cuda_emulation::poison_static_shared refills it for each block).
 #define __shared__ static
 
 struct uint3 {
@@ -61,6 +64,10 @@ const uint3& block_index();
 const dim3& block_dim();
 const dim3& grid_dim();
 unsigned char* dynamic_shared_memory();
+// Fills a static __shared__ variable with 0xff bytes the first time a thread of the running block
+// reaches its declaration (build.py puts the call right after it), as a new block's shared memory holds
+// nothing the kernel wrote.
+void poison_static_shared(void* variable, size_t bytes);
 
 // Barriers (see the header comment). A shuffle is two warp barriers: publish, then read.
 enum class WarpOp { Sync, ShufflePublish, ShuffleRead };

@@ -4,6 +4,8 @@
 //   selftest missing-barrier      a read of another thread's shared-memory write with and without a barrier
 //   selftest launch-errors        refused launch configurations set cudaGetLastError's error
 //   selftest shared-poisoned      dynamic shared memory read before any write is NaN
+//   selftest static-shared-poisoned
+//                                 static shared memory too, in every block, after a launch that wrote it
 //   selftest divergent-shuffle    lanes of one warp at different warp operations: aborts
 //   selftest shuffle-returned     a shuffle reading a lane that has returned: aborts
 #include <cmath>
@@ -47,7 +49,6 @@ int sums() {
   return wrong == 0 ? 0 : 1;
 }
 
-// (Static shared memory keeps its values from one launch to the next here, so each launch writes its own.)
 __global__ void neighbour_kernel(bool with_barrier, int launch, int* stale) {
   __shared__ int slot[256];
   slot[threadIdx.x] = launch * 1000 + int(threadIdx.x);
@@ -95,6 +96,22 @@ int shared_poisoned() {
   return std::isnan(out) ? 0 : 1;
 }
 
+__global__ void static_shared_kernel(bool write, float* out) {
+  __shared__ float values[4];
+  if (write && threadIdx.x < 4) values[threadIdx.x] = float(threadIdx.x);
+  __syncthreads();
+  if (threadIdx.x == 0) out[blockIdx.x] = values[1];
+}
+
+int static_shared_poisoned() {
+  float written[2] = {0, 0}, unwritten[2] = {0, 0};
+  static_shared_kernel<<<2, 32>>>(true, written);
+  static_shared_kernel<<<2, 32>>>(false, unwritten);  // on a GPU: whatever shared memory held
+  std::printf("static-shared-poisoned: written %g %g, then unwritten %g %g\n", written[0], written[1], unwritten[0],
+              unwritten[1]);
+  return written[0] == 1 && written[1] == 1 && std::isnan(unwritten[0]) && std::isnan(unwritten[1]) ? 0 : 1;
+}
+
 __global__ void divergent_shuffle_kernel(float* out) {
   float v = 1;
   if (threadIdx.x % kWarpSize < 16) {
@@ -119,6 +136,7 @@ int main(int argc, char** argv) {
   if (std::strcmp(name, "missing-barrier") == 0) return missing_barrier();
   if (std::strcmp(name, "launch-errors") == 0) return launch_errors();
   if (std::strcmp(name, "shared-poisoned") == 0) return shared_poisoned();
+  if (std::strcmp(name, "static-shared-poisoned") == 0) return static_shared_poisoned();
   if (std::strcmp(name, "divergent-shuffle") == 0) divergent_shuffle_kernel<<<1, 64>>>(out.data());
   else if (std::strcmp(name, "shuffle-returned") == 0) shuffle_returned_kernel<<<1, 64>>>(out.data());
   else {
