@@ -4,7 +4,8 @@ tests/cuda_emulation compiles them for the host against an emulation of the CUDA
 threads as fibers, barriers, warp shuffles, launch limits; see cuda_emulation.h), into a copy of the
 package whose CPU tensors go through them. The op tests then run against that copy with each generation
 of the kernels: the reference comparisons at awkward sizes and layouts, gradcheck, opcheck,
-torch.compile, and version 2 against version 1. What the emulation cannot show is the GPU's own
+torch.compile, and version 2 against version 1; and so do the model's tests, which put the kernels
+together as training and sampling do. What the emulation cannot show is the GPU's own
 behaviour: timing, real concurrency and memory ordering between threads, device arithmetic; those are
 for compute-sanitizer and the CUDA tests on a GPU (scripts/check_cuda.sh).
 """
@@ -24,8 +25,11 @@ cuda_emulation_build = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cuda_emulation_build)
 
 OUT_DIR = os.path.join(ROOT, "build", "cuda-emulation")  # kept between runs: ninja rebuilds what changed
-OP_TESTS = ["test_op_coupling.py", "test_op_affine_coupling.py", "test_op_scale_prior.py",
-            "test_cuda_kernel_versions.py"]
+# The op tests, and the model's (fused against pure PyTorch, inverse, inpainting, torch.compile and
+# torch.export of a fused model): about 15 seconds of the latter. The training tools' tests are left
+# out; on the emulated kernels they take over 10 minutes.
+EMULATED_TESTS = ["test_op_coupling.py", "test_op_affine_coupling.py", "test_op_scale_prior.py",
+                  "test_cuda_kernel_versions.py", "test_model.py"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +45,8 @@ def emulated_tree():
     return OUT_DIR
 
 
-@pytest.mark.parametrize("case", ["sums", "missing-barrier", "launch-errors", "shared-poisoned"])
+@pytest.mark.parametrize("case", ["sums", "missing-barrier", "launch-errors", "shared-poisoned",
+                                  "static-shared-poisoned"])
 def test_emulation_computes_as_cuda_does(selftest, case):
     result = subprocess.run([selftest, case], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -69,8 +74,8 @@ def test_emulated_tree_loads_the_emulated_library(emulated_tree):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_op_tests_pass_on_the_emulated_cuda_kernels(emulated_tree, version):
-    tests = [os.path.join(emulated_tree, "tests", name) for name in OP_TESTS]
+def test_op_and_model_tests_pass_on_the_emulated_cuda_kernels(emulated_tree, version):
+    tests = [os.path.join(emulated_tree, "tests", name) for name in EMULATED_TESTS]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests],
                             cwd=emulated_tree, capture_output=True, text=True, timeout=3600,
                             env=dict(os.environ, NICE_EXT_CUDA_KERNELS=str(version)))
