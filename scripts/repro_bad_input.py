@@ -1,8 +1,9 @@
 """Bad inputs to the ops must raise a RuntimeError with a clear message, with CUDA tensors too.
 
-One CUDA machine (H100, torch 2.11) crashed with SIGSEGV instead of raising for CUDA tensors, while the
-same checks raised for CPU tensors in the same process. Each case below runs in its own child process, so
-one run tells which kinds of error crash there:
+On one CUDA machine (H100, torch 2.11) these calls crashed with SIGSEGV instead of raising, CPU tensors
+too: its compiler linked libstdc++ statically into the extension, whose private stream code then crashed
+formatting a number into the message (setup.py now links the shared libstdc++). Each case below runs in
+its own child process, so one run tells which kinds of error crash:
 
   cpu-coupling                 our check, CPU tensors (the baseline)
   cuda-entry-cpu-tensors       our CUDA kernel's entry point, reached by redispatch with CPU tensors: its

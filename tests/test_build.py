@@ -82,3 +82,34 @@ def test_a_build_without_torch_says_what_to_do(tmp_path):
                           timeout=120)
     assert done.returncode != 0
     assert "pip install --no-build-isolation -e ." in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ELF shared objects")
+def test_the_extension_loads_the_shared_cxx_runtime():
+    """nice_ext._C must share the process's libstdc++, not carry a copy: with a copy linked in (by a compiler
+    that links libstdc++.a), every TORCH_CHECK that formats a number crashed the process instead of raising."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run([readelf, "-d", nice_ext._C.__file__], capture_output=True, text=True, timeout=60).stdout
+    assert "[libstdc++.so.6]" in dynamic, f"nice_ext._C does not load libstdc++.so.6:\n{dynamic}"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="GCC-style drivers on Linux")
+def test_a_compiler_without_a_shared_cxx_runtime_is_given_this_processs(tmp_path):
+    """A driver that finds no shared libstdc++ (it answers -print-file-name with the bare name) is told to
+    link against the libstdc++.so.6 that torch loaded; one that finds it (the compiler here) is left alone."""
+    driver = tmp_path / "static-runtime-g++"
+    driver.write_text('#!/bin/sh\nfor a in "$@"; do case $a in -print-file-name=*) echo "${a#*=}"; exit 0;; '
+                      'esac; done\nexec c++ "$@" -static-libstdc++\n')
+    driver.chmod(0o755)
+    said = {}
+    for name, cxx in (("static", str(driver)), ("here", os.environ.get("CXX", "c++"))):
+        env = dict(os.environ, CXX=cxx, NICE_EXT_CPU_ONLY="1")
+        done = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        said[name] = done.stdout
+    assert "finds no shared libstdc++; linking against /" in said["static"] and "libstdc++.so" in said["static"]
+    if shutil.which(os.environ.get("CXX", "c++").split()[0]):
+        assert "finds no shared libstdc++" not in said["here"]
