@@ -42,7 +42,8 @@ def use_cuda_kernels(version: int):
     bandwidth-tuned design of ``benchmarks/NOTES.md``) gives a row to a warp and moves 16 bytes per access
     where the layout allows it. Both compute the same values (version 2 may sum a row's log-density in
     another order). The setting is process-wide; ``NICE_EXT_CUDA_KERNELS=2`` sets it at import. CPU
-    kernels are unaffected. Version 2 has not yet been judged on a GPU, so version 1 stays the default.
+    kernels are unaffected. On an H100 version 2's scaling + prior forward is 1.6-2.2x faster, but its
+    coupling kernels are slower at 3072 features (``benchmarks/NOTES.md``), so version 1 stays the default.
     """
     previous = cuda_kernel_version()
     _set_cuda_kernel_version(version)
