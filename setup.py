@@ -11,12 +11,11 @@ torch is a CUDA build and a CUDA toolkit is found, whether or not a GPU is visib
 """
 
 import glob
+import importlib.util
 import os
 import re
-import shlex
 import shutil
 import subprocess
-import sys
 
 from setuptools import find_packages, setup
 
@@ -83,33 +82,13 @@ def cuda_library_include_dirs(cuda_home):
     return found
 
 
-def shared_cxx_runtime_link_args():
-    """Link arguments that make the extension load the C++ runtime (libstdc++) that torch already loaded.
-
-    A compiler driver with no shared libstdc++ in its own library folders (a toolchain set up to link the
-    C++ runtime statically) puts a private copy of libstdc++.a inside the extension. That copy's stream
-    code then runs on the process's locale data, and TORCH_CHECK crashed (SIGSEGV) formatting an integer
-    into its message instead of raising. Such a driver is given the libstdc++.so.6 of this process to link
-    against; a driver that finds a shared libstdc++ itself gets nothing.
-    """
-    if not sys.platform.startswith("linux"):
-        return []
-    compiler = shlex.split(os.environ.get("CXX", "c++"))
-    try:
-        found = subprocess.run(compiler + ["-print-file-name=libstdc++.so"], capture_output=True, text=True,
-                               timeout=60).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if not found or os.path.isabs(found):
-        return []  # the driver links the shared runtime (or is no GCC-style driver)
-    import torch  # noqa: F401  (loads the libstdc++ that the extension must share)
-
-    with open("/proc/self/maps") as maps:
-        loaded = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
-    if not loaded:
-        return []
-    print(f"nice_ext: {compiler[0]} finds no shared libstdc++; linking against {min(loaded)}")
-    return [min(loaded)]
+def build_support():
+    """nice_ext/build_support.py, loaded by its path: importing the package would need the extension."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nice_ext", "build_support.py")
+    spec = importlib.util.spec_from_file_location("nice_ext_build_support", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def require_torch():
@@ -135,7 +114,7 @@ def extensions():
     # -fno-trapping-math: lets the compiler vectorise the prior's branch-free exp/log1p loops; nothing here
     #   reads floating-point exception flags. The C++ standard is the one torch's BuildExtension picks.
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    link_flags = ["-fopenmp"] + shared_cxx_runtime_link_args()
+    link_flags = ["-fopenmp"] + build_support().shared_cxx_runtime_link_args()
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

@@ -22,6 +22,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(CUDA_KERNELS_EMU
                                                               reason="needs a CUDA GPU"))]
 
 
+def needed_shared_libraries(path: str):
+    """The NEEDED entries of an ELF shared object (readelf -d), or None where readelf is not installed."""
+    import shutil
+
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        return None
+    dynamic = subprocess.run([readelf, "-d", path], capture_output=True, text=True, timeout=60, check=True).stdout
+    return [line.rsplit("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere is an infinite error."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()

@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, needed_shared_libraries
 
 BUILD_SCRIPT = os.path.join(ROOT, "tests", "cuda_emulation", "build.py")
 _spec = importlib.util.spec_from_file_location("cuda_emulation_build", BUILD_SCRIPT)
@@ -71,6 +71,8 @@ def test_emulated_tree_loads_the_emulated_library(emulated_tree):
     assert os.path.dirname(library) == os.path.join(emulated_tree, "nice_ext") and built == "True"
     # Its kernels read host memory, so CUDA tensors must not reach them: no kernel for the CUDA key.
     assert cuda_key == "False"
+    needed = needed_shared_libraries(library)
+    assert needed is None or "libstdc++.so.6" in needed, f"the emulated library does not load libstdc++: {needed}"
 
 
 @pytest.mark.parametrize("version", [1, 2])
