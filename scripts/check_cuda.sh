@@ -10,6 +10,11 @@
 #     tests       the whole suite
 #     memcheck racecheck initcheck
 #                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
+#     bench bench-v2  benchmarks/bench_coupling.py with the version 1 or 2 CUDA row kernels, results (JSON,
+#                 table, plot) into LOG_DIR/bench
+#
+# Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests and cuda-tests-v2
+# about 180-195 s each (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
 #
 # Every stage after build needs the in-place build (run build first, in the same call or an earlier one on
 # the same machine). One log per stage goes to LOG_DIR (default: runs/cuda-check).
@@ -21,7 +26,7 @@ mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
-ALL_STAGES=(build bad-input cuda-tests cuda-tests-v2 tests memcheck racecheck initcheck)
+ALL_STAGES=(build bad-input cuda-tests cuda-tests-v2 tests memcheck racecheck initcheck bench bench-v2)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -62,6 +67,13 @@ run_stage() {
         "$PYTHON" -m pytest "${OP_TESTS[@]}" -q -x -p no:cacheprovider -k "$SANITIZE_K" \
         > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
       grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$stage.log" | tail -3
+      ;;
+    bench|bench-v2)
+      local version=1
+      [ "$stage" = bench-v2 ] && version=2
+      "$PYTHON" benchmarks/bench_coupling.py --device cuda --min-run-time 0.1 --cuda-kernels "$version" \
+        --out "$LOG_DIR/bench" > "$LOG_DIR/$stage.log" 2>&1 || rc=$?
+      tail -4 "$LOG_DIR/$stage.log"
       ;;
     *)
       echo "unknown stage '$stage'; the stages are: ${ALL_STAGES[*]}" >&2
