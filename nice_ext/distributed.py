@@ -9,6 +9,7 @@ CPUs; logging, checkpoints and evaluation happen on rank 0.
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Optional
 
@@ -83,4 +84,8 @@ class Context:
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
+            # Free what still holds the process group first (DistributedDataParallel's reducer can sit in a
+            # reference cycle), so that its gloo threads stop here rather than during interpreter shutdown,
+            # where a rank once aborted ("terminate called without an active exception").
+            gc.collect()
             dist.destroy_process_group()

@@ -517,7 +517,12 @@ def run(args: argparse.Namespace) -> int:
 
     ctx, stop_signals = Context(args.device), StopSignals()
     try:
-        return train(args, ctx, tqdm, plots, stop_signals)
+        status = train(args, ctx, tqdm, plots, stop_signals)
+        # The ranks leave together: the others wait here while rank 0 evaluates and writes the outputs, so
+        # no rank tears its process group down while a peer still uses its own. (Not after an exception:
+        # the other ranks may be inside a collective that would never complete.)
+        ctx.barrier()
+        return status
     finally:
         stop_signals.restore()
         ctx.close()
