@@ -1,6 +1,6 @@
 """Fused nice_ext ops vs the pure-PyTorch reference vs torch.compile of it, per op and per training step.
 
-    python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR] [--cuda-kernels 1|2]
+    python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR] [--cuda-kernels VERSIONS]
 
 Every entry is checked against the reference before it is timed. Times are medians (with p20/p80) from
 torch.utils.benchmark, which synchronises CUDA. Achieved bandwidth counts the bytes an op must read and
@@ -233,7 +233,8 @@ def markdown(result):
              f"torch {result['torch']}, CUDA {result['cuda']}, commit {result['commit']}, {result['date']}, "
              f"{result.get('cpu_threads', 1)} CPU threads ({result.get('cpu', 'CPU model not recorded')})  ",
              f"command: `{result['command']}`  ",
-             *([f"CUDA row kernels: version {result['cuda_kernels']}  "] if "cuda_kernels" in result else []),
+             *([f"CUDA row kernels: {kernel_versions_text(result['cuda_kernels'])}  "]
+               if "cuda_kernels" in result else []),
              f"copy bandwidth (read + write): {result['copy_gbps']:.1f} GB/s", "",
              "| op | pass | dtype | batch | dim | fused ms | reference ms | compiled ms | fused GB/s | % of copy "
              "| vs reference | vs compiled |", "|" + "---|" * 12]
@@ -259,6 +260,25 @@ def markdown(result):
               f"fused vs torch.compile {summary['median_speedup_vs_compiled']:.2f}x; largest batch: median "
               f"{summary['largest_batch_median_pct_of_copy']:.0f}% of copy bandwidth."]
     return "\n".join(lines) + "\n"
+
+
+def kernel_versions_text(versions):
+    """'version 1' (results before the per-op switch recorded one number), or each op's version."""
+    if isinstance(versions, int):
+        return f"version {versions}"
+    return ", ".join(f"{op} version {v}" for op, v in versions.items())
+
+
+def results_stem(out_dir, result):
+    """<device>, with _kernels_v1 / _kernels_v2 / _kernels_coupling_v2_scale_prior_v1 (say) appended when
+    the CUDA row kernels timed are not the defaults."""
+    stem = os.path.join(out_dir, result["device"].replace(" ", "_").replace("(", "").replace(")", ""))
+    versions = result.get("cuda_kernels")
+    if versions is None or versions == ops.default_cuda_kernel_versions():
+        return stem
+    if len(set(versions.values())) == 1:
+        return stem + f"_kernels_v{next(iter(versions.values()))}"
+    return stem + "_kernels_" + "_".join(f"{op}_v{v}" for op, v in versions.items())
 
 
 def plot(result, path):
@@ -290,6 +310,13 @@ def plot(result, path):
     plt.close(fig)
 
 
+def cuda_kernels_argument(text):
+    try:
+        return ops.parse_cuda_kernel_versions(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -297,12 +324,13 @@ def main():
     p.add_argument("--out", default=None, help="folder for <device>.json / .md / .png")
     p.add_argument("--no-train-step", action="store_true")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per entry")
-    p.add_argument("--cuda-kernels", type=int, choices=ops.CUDA_KERNEL_VERSIONS, default=None,
-                   help="generation of CUDA row kernels to time (default: the current one, "
-                        "NICE_EXT_CUDA_KERNELS or 1); results of version 2 go to <device>_kernels_v2.*")
+    p.add_argument("--cuda-kernels", type=cuda_kernels_argument, default=None, metavar="VERSIONS",
+                   help="generations of CUDA row kernels to time: 1 or 2 for both ops, or per op, e.g. "
+                        "coupling=2,scale_prior=1 (default: the defaults, or NICE_EXT_CUDA_KERNELS); results "
+                        "of other versions than the defaults go to <device>_kernels_v1.* and so on")
     args = p.parse_args()
     if args.cuda_kernels is not None:
-        with ops.use_cuda_kernels(args.cuda_kernels):
+        with ops.use_cuda_kernels(**args.cuda_kernels):
             return run(args)
     return run(args)
 
@@ -316,7 +344,7 @@ def run(args):
     started = time.time()
     result = provenance.record(device, "python benchmarks/bench_coupling.py " + shlex.join(sys.argv[1:]))
     if device.type == "cuda":
-        result["cuda_kernels"] = ops.cuda_kernel_version()
+        result["cuda_kernels"] = ops.cuda_kernel_versions()
     result.update(cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
@@ -335,9 +363,7 @@ def run(args):
     print(table)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, result["device"].replace(" ", "_").replace("(", "").replace(")", ""))
-        if result.get("cuda_kernels", 1) != 1:
-            stem += f"_kernels_v{result['cuda_kernels']}"
+        stem = results_stem(args.out, result)
         with open(stem + ".json", "w") as f:
             json.dump(result, f, indent=1)
         with open(stem + ".md", "w") as f:

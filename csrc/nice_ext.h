@@ -247,13 +247,21 @@ inline int64_t reduction_rows_per_chunk(int64_t batch) {
 // ---------------------------------------------------------------------------------------------------
 enum class Backend { CPU, CUDA };
 
-// Which generation of the CUDA row kernels runs (csrc/cuda/*.cu): 1, the first correct kernels (a block
-// per row, one element per thread and access), or 2, the bandwidth-tuned ones of benchmarks/NOTES.md (a
-// warp per row, 16-byte accesses where the layout allows; they fall back to version 1 where they do not
-// apply). Process-wide, read at each launch; set from Python (nice_ext.ops.use_cuda_kernels) so that
-// the tests and the benchmark can run both. The CPU kernels ignore it.
-int cuda_kernel_version();
-void set_cuda_kernel_version(int version);
+// Which generation of the CUDA row kernels runs (csrc/cuda/*.cu), per op: 1, the first correct kernels
+// (a block per row, one element per thread and access), or 2, the bandwidth-tuned ones of
+// benchmarks/NOTES.md (a warp per row, 16-byte accesses where the layout allows; they fall back to
+// version 1 where they do not apply). Each op has its own setting because neither version wins for both:
+// on an H100, version 2's scaling + prior forward is 1.6-2.2x faster, while its coupling kernels are
+// slower at 3072 features. Process-wide, read at each launch; set from Python
+// (nice_ext.ops.use_cuda_kernels) so that the tests and the benchmark can run both. The CPU kernels and
+// the affine coupling (one generation) ignore it.
+enum class RowKernelOp { Coupling = 0, ScalePrior = 1 };
+constexpr int kRowKernelOps = 2;
+// The versions a process starts with, indexed by RowKernelOp: each op's faster one as measured
+// (benchmarks/results/NVIDIA_H100_80GB_HBM3_kernels_v*.md).
+constexpr int kDefaultCudaKernelVersion[kRowKernelOps] = {1, 2};
+int cuda_kernel_version(RowKernelOp op);
+void set_cuda_kernel_version(RowKernelOp op, int version);
 
 void coupling_update_kernel_cpu(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& shift_col,
                                 const at::Tensor& gather_index, bool inverse, at::Tensor& y, at::Tensor& gathered);

@@ -64,28 +64,51 @@ PyObject* py_cuda_kernels_built(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
-std::atomic<int> kernel_version{1};
+static_assert(nice_ext::kRowKernelOps == 2, "every op's version is initialised below");
+std::atomic<int> kernel_versions[nice_ext::kRowKernelOps] = {{nice_ext::kDefaultCudaKernelVersion[0]},
+                                                               {nice_ext::kDefaultCudaKernelVersion[1]}};
 
-PyObject* py_cuda_kernel_version(PyObject*, PyObject*) { return PyLong_FromLong(nice_ext::cuda_kernel_version()); }
+// The op argument of the three functions below: a RowKernelOp's index (nice_ext.ops.CUDA_KERNEL_OPS).
+bool row_kernel_op_from(long op) {
+  if (op < 0 || op >= nice_ext::kRowKernelOps) {
+    PyErr_Format(PyExc_ValueError, "no op with two generations of CUDA row kernels has the index %ld", op);
+    return false;
+  }
+  return true;
+}
 
-PyObject* py_set_cuda_kernel_version(PyObject*, PyObject* arg) {
-  const long version = PyLong_AsLong(arg);
-  if (version == -1 && PyErr_Occurred()) return nullptr;
+PyObject* py_cuda_kernel_version(PyObject*, PyObject* arg) {
+  const long op = PyLong_AsLong(arg);
+  if ((op == -1 && PyErr_Occurred()) || !row_kernel_op_from(op)) return nullptr;
+  return PyLong_FromLong(nice_ext::cuda_kernel_version(static_cast<nice_ext::RowKernelOp>(op)));
+}
+
+PyObject* py_default_cuda_kernel_version(PyObject*, PyObject* arg) {
+  const long op = PyLong_AsLong(arg);
+  if ((op == -1 && PyErr_Occurred()) || !row_kernel_op_from(op)) return nullptr;
+  return PyLong_FromLong(nice_ext::kDefaultCudaKernelVersion[op]);
+}
+
+PyObject* py_set_cuda_kernel_version(PyObject*, PyObject* args) {
+  long op = 0, version = 0;
+  if (!PyArg_ParseTuple(args, "ll", &op, &version) || !row_kernel_op_from(op)) return nullptr;
   if (version != 1 && version != 2) {
     PyErr_Format(PyExc_ValueError, "the CUDA kernel version must be 1 or 2, got %ld", version);
     return nullptr;
   }
-  nice_ext::set_cuda_kernel_version(static_cast<int>(version));
+  nice_ext::set_cuda_kernel_version(static_cast<nice_ext::RowKernelOp>(op), static_cast<int>(version));
   Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
     {"cuda_kernels_built", py_cuda_kernels_built, METH_NOARGS,
      "True when the CUDA kernels were compiled into this build."},
-    {"cuda_kernel_version", py_cuda_kernel_version, METH_NOARGS,
-     "The generation of CUDA row kernels that runs (1 or 2)."},
-    {"set_cuda_kernel_version", py_set_cuda_kernel_version, METH_O,
-     "Selects the generation of CUDA row kernels (1 or 2) for the whole process."},
+    {"cuda_kernel_version", py_cuda_kernel_version, METH_O,
+     "cuda_kernel_version(op): the generation of CUDA row kernels (1 or 2) that op runs."},
+    {"default_cuda_kernel_version", py_default_cuda_kernel_version, METH_O,
+     "default_cuda_kernel_version(op): the generation op runs in a new process."},
+    {"set_cuda_kernel_version", py_set_cuda_kernel_version, METH_VARARGS,
+     "set_cuda_kernel_version(op, version): selects op's generation of CUDA row kernels for the whole process."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
@@ -95,8 +118,12 @@ PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C",
 }  // namespace
 
 namespace nice_ext {
-int cuda_kernel_version() { return kernel_version.load(std::memory_order_relaxed); }
-void set_cuda_kernel_version(int version) { kernel_version.store(version, std::memory_order_relaxed); }
+int cuda_kernel_version(RowKernelOp op) {
+  return kernel_versions[static_cast<int>(op)].load(std::memory_order_relaxed);
+}
+void set_cuda_kernel_version(RowKernelOp op, int version) {
+  kernel_versions[static_cast<int>(op)].store(version, std::memory_order_relaxed);
+}
 }  // namespace nice_ext
 
 // A plain CPython module: importing nice_ext._C loads the library, whose static initialisers register

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -27,48 +27,99 @@ def cuda_kernels_built() -> bool:
 
 
 CUDA_KERNEL_VERSIONS = (1, 2)
+# The ops whose CUDA row kernels come in two generations, each with its own setting (the index of each
+# name is its csrc RowKernelOp). The affine coupling has one generation.
+CUDA_KERNEL_OPS = ("coupling", "scale_prior")
 
 
-def cuda_kernel_version() -> int:
-    """The generation of CUDA row kernels that runs: 1 (the default) or 2 (see ``use_cuda_kernels``)."""
-    return int(_C.cuda_kernel_version())
+def cuda_kernel_version(op: str) -> int:
+    """The generation of CUDA row kernels (1 or 2) that ``op`` runs: 'coupling' or 'scale_prior'."""
+    return int(_C.cuda_kernel_version(_row_kernel_op_index(op)))
+
+
+def cuda_kernel_versions() -> Dict[str, int]:
+    """Each op's generation of CUDA row kernels, e.g. ``{'coupling': 1, 'scale_prior': 2}``."""
+    return {op: cuda_kernel_version(op) for op in CUDA_KERNEL_OPS}
+
+
+def default_cuda_kernel_versions() -> Dict[str, int]:
+    """The generations a new process runs (before ``NICE_EXT_CUDA_KERNELS``): each op's faster one."""
+    return {op: int(_C.default_cuda_kernel_version(i)) for i, op in enumerate(CUDA_KERNEL_OPS)}
 
 
 @contextlib.contextmanager
-def use_cuda_kernels(version: int):
-    """Runs the fused ops with the given generation of CUDA row kernels inside the ``with`` block.
+def use_cuda_kernels(version: Optional[int] = None, *, coupling: Optional[int] = None,
+                     scale_prior: Optional[int] = None):
+    """Runs the fused ops with the given generation of CUDA row kernels inside the ``with`` block:
+    ``version`` for both ops, or ``coupling=`` / ``scale_prior=`` for one (these win over ``version``).
 
     Version 1 gives a row to a block and moves one element per thread and access; version 2 (the
     bandwidth-tuned design of ``benchmarks/NOTES.md``) gives a row to a warp and moves 16 bytes per access
     where the layout allows it. Both compute the same values (version 2 may sum a row's log-density in
-    another order). The setting is process-wide; ``NICE_EXT_CUDA_KERNELS=2`` sets it at import. CPU
-    kernels are unaffected. On an H100 version 2's scaling + prior forward is 1.6-2.2x faster, but its
-    coupling kernels are slower at 3072 features (``benchmarks/NOTES.md``), so version 1 stays the default.
+    another order). The setting is process-wide and read at each launch (a CUDA graph keeps the kernels
+    it captured); ``NICE_EXT_CUDA_KERNELS`` sets it at import. CPU kernels are unaffected. By default each
+    op runs its faster version on an H100 (``benchmarks/NOTES.md``): version 2 for the scaling + prior,
+    whose forward is 1.6-2.2x faster there, and version 1 for the coupling, whose version 2 is slower at
+    3072 features.
     """
-    previous = cuda_kernel_version()
-    _set_cuda_kernel_version(version)
+    wanted = {op: version for op in CUDA_KERNEL_OPS} if version is not None else {}
+    wanted.update({op: v for op, v in (("coupling", coupling), ("scale_prior", scale_prior)) if v is not None})
+    if version is None and not wanted:
+        raise ValueError("use_cuda_kernels needs a version, or coupling= / scale_prior=")
+    for v in wanted.values():
+        _check_cuda_kernel_version(v)
+    previous = cuda_kernel_versions()
+    _set_cuda_kernel_versions(wanted)
     try:
         yield
     finally:
-        _C.set_cuda_kernel_version(previous)
+        _set_cuda_kernel_versions(previous)
 
 
-def _set_cuda_kernel_version(version) -> None:
+def _row_kernel_op_index(op: str) -> int:
+    if op not in CUDA_KERNEL_OPS:
+        raise ValueError(f"the ops with two generations of CUDA kernels are {CUDA_KERNEL_OPS}, got {op!r}")
+    return CUDA_KERNEL_OPS.index(op)
+
+
+def _check_cuda_kernel_version(version) -> None:
     if isinstance(version, bool) or not isinstance(version, int) or version not in CUDA_KERNEL_VERSIONS:
         raise ValueError(f"the CUDA kernel version must be one of {CUDA_KERNEL_VERSIONS}, got {version!r}")
-    _C.set_cuda_kernel_version(version)
 
 
-def _cuda_kernel_version_from_environment() -> None:
+def _set_cuda_kernel_versions(versions: Dict[str, int]) -> None:
+    for op, version in versions.items():
+        _C.set_cuda_kernel_version(_row_kernel_op_index(op), version)
+
+
+def parse_cuda_kernel_versions(text: str) -> Dict[str, int]:
+    """Reads the form ``NICE_EXT_CUDA_KERNELS`` and ``bench_coupling.py --cuda-kernels`` take: '1' or '2'
+    for both ops, or per op, e.g. 'coupling=2,scale_prior=1' (an op left out keeps its version)."""
+    form = "'1', '2' or per op, e.g. 'coupling=2,scale_prior=1'"
+    text = text.strip()
+    if text in ("1", "2"):
+        return {op: int(text) for op in CUDA_KERNEL_OPS}
+    versions = {}
+    for item in text.split(","):
+        op, sep, version = (part.strip() for part in item.partition("="))
+        if not sep or op not in CUDA_KERNEL_OPS or version not in ("1", "2") or op in versions:
+            raise ValueError(f"CUDA kernel versions are {form} (ops: {', '.join(CUDA_KERNEL_OPS)}), got {text!r}")
+        versions[op] = int(version)
+    return versions
+
+
+def _cuda_kernel_versions_from_environment() -> None:
     value = os.environ.get("NICE_EXT_CUDA_KERNELS")
-    if value is None or value == "":
+    if value is None or value.strip() == "":
         return
-    if value.strip() not in ("1", "2"):
-        raise ValueError(f"NICE_EXT_CUDA_KERNELS must be 1 or 2 (the CUDA kernel version), got {value!r}")
-    _set_cuda_kernel_version(int(value))
+    try:
+        versions = parse_cuda_kernel_versions(value)
+    except ValueError as e:
+        raise ValueError(f"NICE_EXT_CUDA_KERNELS: {e}") from None
+    _set_cuda_kernel_versions(versions)
 
 
-_cuda_kernel_version_from_environment()
+_cuda_kernel_versions_from_environment()
 
 
 def functorch_transform_active() -> bool:

@@ -4,17 +4,21 @@
 #   usage: bash scripts/check_cuda.sh [STAGE ...]      (no stage: all of them, in this order)
 #     build       compile nice_ext in place (no pip, no network) and say what was built
 #     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
-#     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests)
-#     cuda-tests-v2  the same under the version 2 CUDA row kernels (NICE_EXT_CUDA_KERNELS=2; with it
-#                 set, the other stages run version 2 as well: give them their own LOG_DIR)
+#     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests),
+#                 with each op's default CUDA row kernels (nice_ext.ops.default_cuda_kernel_versions)
+#     cuda-tests-v1 cuda-tests-v2
+#                 the same with version 1 or version 2 of the row kernels for both ops
+#                 (NICE_EXT_CUDA_KERNELS=1 or 2; set it for the whole script and every stage runs those
+#                 versions: give them their own LOG_DIR)
 #     tests       the whole suite
 #     memcheck racecheck initcheck
 #                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
-#     bench bench-v2  benchmarks/bench_coupling.py with the version 1 or 2 CUDA row kernels, results (JSON,
-#                 table, plot) into LOG_DIR/bench
+#     bench bench-v1 bench-v2
+#                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
+#                 ops; results (JSON, table, plot) into LOG_DIR/bench
 #
-# Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests and cuda-tests-v2
-# about 180-195 s each (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
+# Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests with either version
+# about 180-195 s (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
 #
 # Every stage after build needs the in-place build (run build first, in the same call or an earlier one on
 # the same machine). One log per stage goes to LOG_DIR (default: runs/cuda-check).
@@ -26,7 +30,8 @@ mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
-ALL_STAGES=(build bad-input cuda-tests cuda-tests-v2 tests memcheck racecheck initcheck bench bench-v2)
+ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck bench bench-v1
+            bench-v2)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -53,10 +58,11 @@ run_stage() {
       "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda > "$LOG_DIR/pytest_cuda.log" 2>&1 || rc=$?
       tail -15 "$LOG_DIR/pytest_cuda.log"
       ;;
-    cuda-tests-v2)
-      NICE_EXT_CUDA_KERNELS=2 "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda \
-        > "$LOG_DIR/pytest_cuda_v2.log" 2>&1 || rc=$?
-      tail -15 "$LOG_DIR/pytest_cuda_v2.log"
+    cuda-tests-v1|cuda-tests-v2)
+      local version=${stage#cuda-tests-v}
+      NICE_EXT_CUDA_KERNELS=$version "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda \
+        > "$LOG_DIR/pytest_cuda_v$version.log" 2>&1 || rc=$?
+      tail -15 "$LOG_DIR/pytest_cuda_v$version.log"
       ;;
     tests)
       "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" > "$LOG_DIR/pytest.log" 2>&1 || rc=$?
@@ -68,10 +74,10 @@ run_stage() {
         > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
       grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$stage.log" | tail -3
       ;;
-    bench|bench-v2)
-      local version=1
-      [ "$stage" = bench-v2 ] && version=2
-      "$PYTHON" benchmarks/bench_coupling.py --device cuda --min-run-time 0.1 --cuda-kernels "$version" \
+    bench|bench-v1|bench-v2)
+      local versions=()
+      [ "$stage" = bench ] || versions=(--cuda-kernels "${stage#bench-v}")
+      "$PYTHON" benchmarks/bench_coupling.py --device cuda --min-run-time 0.1 "${versions[@]}" \
         --out "$LOG_DIR/bench" > "$LOG_DIR/$stage.log" 2>&1 || rc=$?
       tail -4 "$LOG_DIR/$stage.log"
       ;;

@@ -61,3 +61,33 @@ def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypat
     monkeypatch.delenv("NICE_EXT_COMMIT")
     assert provenance.source_commit() == "unknown"
     assert provenance.device_name(torch.device("cpu")) == f"CPU ({os.cpu_count()} cores)"
+
+
+def load_benchmark_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_coupling", os.path.join(ROOT, "benchmarks", "bench_coupling.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_of_other_cuda_kernels_than_the_defaults_get_their_own_files():
+    bench = load_benchmark_script()
+    device = {"device": "NVIDIA H100 80GB HBM3"}
+    stem = os.path.join("out", "NVIDIA_H100_80GB_HBM3")
+    assert bench.results_stem("out", device) == stem  # a CPU run records no versions
+    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 1, "scale_prior": 2}}) == stem
+    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 1, "scale_prior": 1}}) == stem + "_kernels_v1"
+    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 2, "scale_prior": 2}}) == stem + "_kernels_v2"
+    assert (bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 2, "scale_prior": 1}})
+            == stem + "_kernels_coupling_v2_scale_prior_v1")
+    assert bench.kernel_versions_text({"coupling": 1, "scale_prior": 2}) == "coupling version 1, scale_prior version 2"
+    assert bench.kernel_versions_text(2) == "version 2"  # results written before the per-op switch
+
+
+def test_bad_cuda_kernel_versions_are_a_usage_error():
+    result = subprocess.run([sys.executable, "benchmarks/bench_coupling.py", "--cuda-kernels", "coupling=3"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "argument --cuda-kernels: CUDA kernel versions are '1', '2' or per op" in result.stderr

@@ -196,7 +196,7 @@ const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& s
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_update_cuda", [&] {
-    if (cuda_kernel_version() == 2) {
+    if (cuda_kernel_version(RowKernelOp::Coupling) == 2) {
       int width = row_pack_width<scalar_t>(x.const_data_ptr(), x.stride(0), features);
       width = index_map_pack_width(width, shift_col);
       const bool gathered_packed = gathered_n % width == 0 && index_map_pack_width(width, gather_index) == width;
@@ -224,7 +224,7 @@ const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const
   const int64_t batch = grad_y.size(0), features = grad_y.size(1), updated = grad_shift.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "coupling_update_backward_cuda", [&] {
-    if (cuda_kernel_version() == 2) {
+    if (cuda_kernel_version(RowKernelOp::Coupling) == 2) {
       const int width = index_map_pack_width(row_pack_width<scalar_t>(grad_y.const_data_ptr(), grad_y.stride(0), features),
                                              shift_col);
       with_pack_width<scalar_t>(width, [&](auto pack) {

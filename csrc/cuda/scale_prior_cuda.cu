@@ -186,7 +186,7 @@ const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_s
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    if (cuda_kernel_version() == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
+    if (cuda_kernel_version(RowKernelOp::ScalePrior) == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
       const size_t shared = features * sizeof(opmath_t);
       // Packs of 16 bytes whenever they divide the row (z, allocated here, is aligned for them), read in
       // one access where h is aligned too: log_prob is then the same for every layout of h.
@@ -262,7 +262,7 @@ const char* scale_inverse_kernel_cuda(const at::Tensor& z, const at::Tensor& log
   const int64_t batch = z.size(0), features = z.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "scale_inverse_cuda", [&] {
-    if (cuda_kernel_version() == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
+    if (cuda_kernel_version(RowKernelOp::ScalePrior) == 2 && scales_fit_in_shared_memory<scalar_t>(features)) {
       const size_t shared = features * sizeof(at::opmath_type<scalar_t>);
       with_pack_width<scalar_t>(row_pack_width<scalar_t>(z.const_data_ptr(), z.stride(0), features), [&](auto pack) {
         scale_inverse_rows_kernel<scalar_t, decltype(pack)::value><<<row_blocks(batch), kRowBlockThreads, shared, stream>>>(
