@@ -11,8 +11,11 @@
 #                 (NICE_EXT_CUDA_KERNELS=1 or 2; set it for the whole script and every stage runs those
 #                 versions: give them their own LOG_DIR)
 #     tests       the whole suite
-#     memcheck racecheck initcheck
-#                 the CUDA op tests under compute-sanitizer (SANITIZE_K: their pytest -k expression)
+#     memcheck racecheck initcheck synccheck
+#                 scripts/sanitize_kernels.py (every path of every CUDA kernel, both versions, compared with
+#                 the CPU kernels) under compute-sanitizer, without PyTorch's caching allocator so that
+#                 memcheck sees past the end of each tensor; SANITIZE_ARGS=--quick for a shorter run
+#     memcheck-tests  the CUDA op tests under memcheck (SANITIZE_K: their pytest -k expression; long)
 #     bench bench-v1 bench-v2
 #                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
 #                 ops; results (JSON, table, plot) into LOG_DIR/bench
@@ -30,8 +33,8 @@ mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
-ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck bench bench-v1
-            bench-v2)
+ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
+            memcheck-tests bench bench-v1 bench-v2)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -68,11 +71,17 @@ run_stage() {
       "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" > "$LOG_DIR/pytest.log" 2>&1 || rc=$?
       tail -15 "$LOG_DIR/pytest.log"
       ;;
-    memcheck|racecheck|initcheck)
-      compute-sanitizer --tool "$stage" --error-exitcode 99 --print-limit 20 \
+    memcheck|racecheck|initcheck|synccheck)
+      # shellcheck disable=SC2086  # SANITIZE_ARGS: words for the script
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$stage" --error-exitcode 99 --print-limit 20 \
+        "$PYTHON" scripts/sanitize_kernels.py ${SANITIZE_ARGS:-} > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
+      grep -E "ERROR SUMMARY|calls on|mismatch|error" "$LOG_DIR/sanitizer_$stage.log" | tail -4
+      ;;
+    memcheck-tests)
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
         "$PYTHON" -m pytest "${OP_TESTS[@]}" -q -x -p no:cacheprovider -k "$SANITIZE_K" \
-        > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
-      grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_$stage.log" | tail -3
+        > "$LOG_DIR/sanitizer_memcheck_tests.log" 2>&1 || rc=$?
+      grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_memcheck_tests.log" | tail -3
       ;;
     bench|bench-v1|bench-v2)
       local versions=()

@@ -200,3 +200,20 @@ def test_bad_cuda_inputs_raise():
     assert result.stdout.count("raised OK") == expected, result.stdout
 
 
+
+
+@pytest.mark.skipif(CUDA_KERNELS_EMULATED, reason="the emulated copy of the package has no scripts/")
+@pytest.mark.parametrize("device", DEVICES)
+def test_sanitizer_workload_runs_and_matches_the_cpu_kernels(device):
+    """scripts/sanitize_kernels.py, what check_cuda.sh runs under compute-sanitizer: every op and path,
+    each result compared with the CPU kernels (on a GPU, a real comparison; on the CPU, it keeps the
+    script working)."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, os.path.join(root, "scripts", "sanitize_kernels.py"), "--quick",
+                             "--device", device], cwd=root, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
+    assert "2736 calls on " + device in result.stdout and ", 0 mismatches" in result.stdout
