@@ -38,7 +38,7 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "aligned-slice", "odd-slice"]
 # (batch, features). 20000 rows are more than the grid holds on an H100 (132 multiprocessors x 8 blocks x
 # 8 rows); 9000 float32 scales are over 32 KiB, so the scaling + prior op's version 2 falls back to 1.
-SIZES = [(1, 2), (257, 3), (257, 33), (1, 784), (257, 784), (33, 3072), (5, 9000), (20000, 784)]
+SIZES = [(1, 2), (257, 3), (257, 33), (1, 784), (257, 784), (33, 3072), (5, 9000), (20000, 33)]
 QUICK_SIZES = [(1, 2), (257, 33), (33, 784), (5, 9000)]
 MASK_KINDS = ["odd-even", "odd-even-last", "random"]
 # Loose bounds on ||cuda - cpu|| / ||cpu||: the kernels sum in other orders, and half types round.
