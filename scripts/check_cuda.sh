@@ -16,6 +16,8 @@
 #                 the CPU kernels) under compute-sanitizer, without PyTorch's caching allocator so that
 #                 memcheck sees past the end of each tensor; SANITIZE_ARGS=--quick for a shorter run
 #     memcheck-tests  the CUDA op tests under memcheck (SANITIZE_K: their pytest -k expression; long)
+#     ncu         benchmarks/profile_kernels.py under Nsight Compute: time, DRAM bytes, L1/L2 hit rates and
+#                 occupancy of each CUDA kernel at 65536 rows, both versions (ncu.csv, and ncu.md summarised)
 #     bench bench-v1 bench-v2
 #                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
 #                 ops; results (JSON, table, plot) into LOG_DIR/bench
@@ -34,7 +36,7 @@ PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
 ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
-            memcheck-tests bench bench-v1 bench-v2)
+            memcheck-tests ncu bench bench-v1 bench-v2)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -82,6 +84,14 @@ run_stage() {
         "$PYTHON" -m pytest "${OP_TESTS[@]}" -q -x -p no:cacheprovider -k "$SANITIZE_K" \
         > "$LOG_DIR/sanitizer_memcheck_tests.log" 2>&1 || rc=$?
       grep -E "ERROR SUMMARY|passed|failed" "$LOG_DIR/sanitizer_memcheck_tests.log" | tail -3
+      ;;
+    ncu)
+      ncu --profile-from-start off --clock-control none --nvtx --csv --log-file "$LOG_DIR/ncu.csv" \
+        --metrics "$("$PYTHON" benchmarks/profile_kernels.py --metrics)" \
+        "$PYTHON" benchmarks/profile_kernels.py > "$LOG_DIR/ncu.log" 2>&1 || rc=$?
+      { cat "$LOG_DIR/ncu.log"; "$PYTHON" benchmarks/profile_kernels.py --summarize "$LOG_DIR/ncu.csv"; } \
+        > "$LOG_DIR/ncu.md" 2>&1 || rc=$?
+      tail -40 "$LOG_DIR/ncu.md"
       ;;
     bench|bench-v1|bench-v2)
       local versions=()

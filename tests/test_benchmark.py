@@ -63,17 +63,17 @@ def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypat
     assert provenance.device_name(torch.device("cpu")) == f"CPU ({os.cpu_count()} cores)"
 
 
-def load_benchmark_script():
+def load_script(name):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("bench_coupling", os.path.join(ROOT, "benchmarks", "bench_coupling.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "benchmarks", name + ".py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_results_of_other_cuda_kernels_than_the_defaults_get_their_own_files():
-    bench = load_benchmark_script()
+    bench = load_script("bench_coupling")
     device = {"device": "NVIDIA H100 80GB HBM3"}
     stem = os.path.join("out", "NVIDIA_H100_80GB_HBM3")
     assert bench.results_stem("out", device) == stem  # a CPU run records no versions
@@ -91,3 +91,28 @@ def test_bad_cuda_kernel_versions_are_a_usage_error():
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "argument --cuda-kernels: CUDA kernel versions are '1', '2' or per op" in result.stderr
+
+
+def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
+    """benchmarks/profile_kernels.py runs under ncu on a GPU (check_cuda.sh ncu); here its calls run on the
+    CPU kernels at a small batch, and its summary reads a log in ncu's --csv layout."""
+    profile = load_script("profile_kernels")
+    names = []
+    for name, version, fn in profile.calls(torch.float32, batch=4, device="cpu"):
+        with torch.no_grad():
+            outputs = fn()
+        assert all(torch.isfinite(t).all() for t in outputs), name
+        names.append(name)
+    assert len(names) == 24 and "v2 coupling bwd 4 x 3072 float32" in names
+    kernel = "void nice_ext::(anonymous namespace)::coupling_update_rows_kernel<c10::BFloat16, 8>(const c10::BFloat16 *, long)"
+    header = '"ID","Process ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"'
+    rows = [f'"{i}","1","{kernel}","(256, 1, 1)","(528, 1, 1)","Command line profiler metrics","{metric}","{unit}","{value}"'
+            for i, metric, unit, value in [(0, "gpu__time_duration.sum", "us", "140.10"),
+                                           (0, "l1tex__t_sector_hit_rate.pct", "%", "61.2"),
+                                           (1, "gpu__time_duration.sum", "us", "9.5")]]
+    log = tmp_path / "ncu.csv"
+    log.write_text("==PROF== Connected to process 1\n" + "\n".join([header] + rows) + "\n==PROF== Disconnected\n")
+    table = profile.summarize(str(log)).splitlines()
+    assert table[0].startswith("| ID | kernel | time |") and len(table) == 4
+    assert table[2].startswith("| 0 | coupling_update_rows_kernel<c10::BFloat16, 8> | 140.10 us |")
+    assert "61.2 %" in table[2] and table[3].startswith("| 1 |")
