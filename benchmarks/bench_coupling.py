@@ -343,8 +343,6 @@ def run(args):
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     started = time.time()
     result = provenance.record(device, "python benchmarks/bench_coupling.py " + shlex.join(sys.argv[1:]))
-    if device.type == "cuda":
-        result["cuda_kernels"] = ops.cuda_kernel_versions()
     result.update(cpu_threads=torch.get_num_threads(),
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)

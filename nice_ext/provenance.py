@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 import torch
 
+from . import ops
+
 SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -55,7 +57,12 @@ def source_commit() -> str:
 
 def record(device: torch.device, command: str, date: Optional[str] = None, commit: Optional[str] = None
            ) -> Dict[str, object]:
-    """device, host cpu, torch, cuda, commit, date and command, as results files record them. ``commit``: the
-    source_commit() read when the measurement began (the checkout may move on while a run goes)."""
-    return dict(device=device_name(device), cpu=cpu_model(), torch=torch.__version__, cuda=torch.version.cuda,
-                commit=commit or source_commit(), date=date or datetime.date.today().isoformat(), command=command)
+    """device, host cpu, torch, cuda, commit, date and command, as results files record them, and on a GPU
+    each op's generation of CUDA row kernels (``cuda_kernels``; they time differently and sum a row's
+    log-density in different orders). ``commit``: the source_commit() read when the measurement began
+    (the checkout may move on while a run goes)."""
+    fields = dict(device=device_name(device), cpu=cpu_model(), torch=torch.__version__, cuda=torch.version.cuda,
+                  commit=commit or source_commit(), date=date or datetime.date.today().isoformat(), command=command)
+    if device.type == "cuda":
+        fields["cuda_kernels"] = ops.cuda_kernel_versions()
+    return fields

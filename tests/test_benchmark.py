@@ -5,9 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
-from conftest import ROOT
+from conftest import DEVICES, ROOT
 
 OP_KEYS = {"op", "pass", "dtype", "batch", "dim", "fused_ms", "reference_ms", "compiled_ms", "fused_gbps"}
 STEP_KEYS = {"variant", "batch", "ms_per_step", "samples_per_s", "peak_mem_mb"}
@@ -116,3 +117,16 @@ def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
     assert table[0].startswith("| ID | kernel | time |") and len(table) == 4
     assert table[2].startswith("| 0 | coupling_update_rows_kernel<c10::BFloat16, 8> | 140.10 us |")
     assert "61.2 %" in table[2] and table[3].startswith("| 1 |")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_provenance_records_the_cuda_kernel_versions_on_cuda(device):
+    from nice_ext import ops, provenance
+
+    fields = provenance.record(torch.device(device), "a command")
+    if device == "cuda":
+        assert fields["cuda_kernels"] == ops.cuda_kernel_versions()
+        with ops.use_cuda_kernels(coupling=2):
+            assert provenance.record(torch.device(device), "a command")["cuda_kernels"]["coupling"] == 2
+    else:
+        assert "cuda_kernels" not in fields  # the CPU kernels have one generation
