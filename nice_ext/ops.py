@@ -64,7 +64,7 @@ def use_cuda_kernels(version: Optional[int] = None, *, coupling: Optional[int] =
     """
     wanted = {op: version for op in CUDA_KERNEL_OPS} if version is not None else {}
     wanted.update({op: v for op, v in (("coupling", coupling), ("scale_prior", scale_prior)) if v is not None})
-    if version is None and not wanted:
+    if not wanted:
         raise ValueError("use_cuda_kernels needs a version, or coupling= / scale_prior=")
     for v in wanted.values():
         _check_cuda_kernel_version(v)
