@@ -12,8 +12,8 @@ backward (with and without the optional gradients) over:
     (packs on strided rows), and rows at odd offsets and strides (one element per access);
   - widths below and above a warp and a block, and past the 32 KiB of shared-memory scales (9000);
   - one row, a few hundred, and more rows than the grid holds (the grid-stride loop);
-  - index maps of each kind (odd/even with and without a next layer, random masks), and index maps that
-    start 4 bytes into their buffer (no packs).
+  - index maps of each kind (odd/even with and without a next layer, random masks), index maps that
+    start 4 bytes into their buffer (no packs), and (on a GPU) a gather_index that repeats a feature.
 Each result is compared loosely with the op's CPU kernel, so that a launch that does nothing, or reads
 garbage, fails here too; values in detail are the tests' job. Tensors are allocated without PyTorch's
 caching allocator where the caller sets PYTORCH_NO_CUDA_MEMORY_CACHING=1 (check_cuda.sh does), so that
@@ -148,10 +148,27 @@ def scaling_and_prior(check, tag, h, layout):
     check(f"scale_inverse {tag}", torch.ops.nice_ext.scale_inverse, laid_out(h.clone(), layout), log_scale)
 
 
+def gather_with_repeats(check, device, tag):
+    """A raw forward call whose gather_index names features twice, which the CPU kernels refuse and the
+    CUDA forward computes (version 2 by a second pass): checked against y[:, gather_index] itself."""
+    if device.type != "cuda":
+        return
+    g = torch.Generator().manual_seed(5)
+    mask = odd_even_mask(784, True)
+    shift_col = coupling_maps(mask, ~mask)[0].to(device)
+    gather_index = torch.tensor([0, 5, 5, 783, 0, 2, 401], dtype=torch.int32, device=device)
+    x, shift = torch.randn(257, 784, generator=g).to(device), torch.randn(257, 392, generator=g).to(device)
+    y, gathered = torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, False)
+    check.calls += 1
+    if not torch.equal(gathered, y[:, gather_index.long()]):
+        check.mismatches.append(f"coupling_update {tag} with a repeated gather_index: gathered is not y[:, gather_index]")
+
+
 def run(device, sizes, dtypes, layouts, started):
     check = Checker(device)
     for version in ops.CUDA_KERNEL_VERSIONS:
         with ops.use_cuda_kernels(version):
+            gather_with_repeats(check, device, f"v{version}")
             for batch, features in sizes:
                 g = torch.Generator().manual_seed(batch * 31 + features)
                 # index maps for every mask kind, and one pair starting 4 bytes into its buffers

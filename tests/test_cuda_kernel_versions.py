@@ -229,3 +229,23 @@ def test_scaling_versions_agree(batch, features, layout, dtype, prior):
     assert torch.equal(lp_contiguous, lp2)
     assert torch.equal(with_version(1, ops.scale_inverse, z1, log_scale),
                        with_version(2, ops.scale_inverse, laid_out(z1, layout), log_scale))
+
+
+@needs_cuda_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "odd-slice"])
+def test_coupling_forward_with_a_feature_gathered_twice(dtype, layout):
+    """The CPU kernels refuse a gather_index that names a feature twice; the CUDA forward still computes
+    gathered = y[:, gather_index] with it, in both versions (version 2's one pass over the row then
+    recomputes the gathered copy in a second)."""
+    g = torch.Generator().manual_seed(3)
+    mask, next_mask = coupling_masks(784, "odd-even", g)
+    shift_col, _ = (m.to(DEVICE) for m in coupling_maps(mask, next_mask))
+    gather_index = torch.tensor([0, 5, 5, 783, 0, 2, 401], dtype=torch.int32, device=DEVICE)
+    x = laid_out(torch.randn(257, 784, generator=g).to(DEVICE, dtype), layout)
+    shift = laid_out(torch.randn(257, 392, generator=g).to(DEVICE, dtype), layout)
+    outputs = [with_version(version, torch.ops.nice_ext.coupling_update, x, shift, shift_col, gather_index, False)
+               for version in (1, 2)]
+    for y, gathered in outputs:
+        assert torch.equal(gathered, y[:, gather_index.long()])
+    assert all(torch.equal(a, b) for a, b in zip(*outputs))

@@ -216,4 +216,5 @@ def test_sanitizer_workload_runs_and_matches_the_cpu_kernels(device):
     result = subprocess.run([sys.executable, os.path.join(root, "scripts", "sanitize_kernels.py"), "--quick",
                              "--device", device], cwd=root, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, f"exit {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-2000:]}"
-    assert "2736 calls on " + device in result.stdout and ", 0 mismatches" in result.stdout
+    calls = 2736 + (2 if device == "cuda" else 0)  # on a GPU, a gather_index with repeats per version
+    assert f"{calls} calls on {device}" in result.stdout and ", 0 mismatches" in result.stdout

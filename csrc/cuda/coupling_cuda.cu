@@ -81,21 +81,51 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Version 2 (benchmarks/NOTES.md): a warp per row, so no block barrier, and each lane moving V
+// Version 2 (benchmarks/NOTES.md): a warp per row, so no block barrier per row, and each lane moving V
 // consecutive features per access (16 bytes of x and y, V entries of shift_col). V = 1 takes any layout.
 // The shift is read one element at a time (its columns are scattered over the row by the mask).
+// Each block first puts the inverse of gather_index in shared memory (inverse_gather_map), so that both
+// kernels make one pass over a row: a feature goes to the next layer's input (forward), or takes its
+// gradient from it (backward), as it is moved. A second pass that read the row back, as version 1 makes,
+// fell out of L1 at 3072 features with a row per warp (benchmarks/NOTES.md). The table needs features
+// int32 of shared memory (feature_table_fits); wider rows take version 1.
 // ---------------------------------------------------------------------------------------------------
+
+// slot[j] = k where gather_index[k] = j, else -1, for every feature j. Returns whether gather_index
+// names a feature twice (slot then keeps one of its k): the forward allows it, and then recomputes the
+// gathered copy in a second pass; the backward's schema forbids it. Ends with a block barrier.
+__device__ inline bool inverse_gather_map(const int32_t* __restrict__ gather_index, int64_t gathered_n,
+                                          int64_t features, int32_t* slot) {
+  __shared__ int repeats;
+  if (threadIdx.x == 0) repeats = 0;
+  for (int64_t j = threadIdx.x; j < features; j += blockDim.x) slot[j] = -1;
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {
+    const int32_t j = gather_index[k];
+    CUDA_KERNEL_ASSERT(j >= 0 && j < features && "gather_index out of range");
+    slot[j] = static_cast<int32_t>(k);
+  }
+  __syncthreads();
+  for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {
+    if (slot[gather_index[k]] != k) atomicOr(&repeats, 1);  // another k took its feature's slot
+  }
+  __syncthreads();
+  return repeats != 0;
+}
+
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kRowBlockThreads)
     coupling_update_rows_kernel(const scalar_t* __restrict__ x, int64_t x_row_stride,
                                 const scalar_t* __restrict__ shift, int64_t shift_row_stride,
                                 const int32_t* __restrict__ shift_col, const int32_t* __restrict__ gather_index,
                                 scalar_t* __restrict__ y, scalar_t* __restrict__ gathered, int64_t batch,
-                                int64_t features, int64_t updated, int64_t gathered_n, bool gathered_packed,
-                                bool inverse) {
+                                int64_t features, int64_t updated, int64_t gathered_n, bool inverse) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
+  int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
+  const bool repeats = inverse_gather_map(gather_index, gathered_n, features, slot);
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;  // V divides features (row_pack_width)
@@ -107,78 +137,69 @@ __global__ void __launch_bounds__(kRowBlockThreads)
       return c < 0 ? xv : static_cast<scalar_t>(opmath_t(xv) + sign * opmath_t(sr[c]));
     };
     Values* yr = reinterpret_cast<Values*>(y + b * features);
+    scalar_t* gr = gathered + b * gathered_n;
 #pragma unroll 2
     for (int64_t p = lane; p < packs; p += kWarpSize) {
       const Values xv = reinterpret_cast<const Values*>(xr)[p];
       const Indices cols = reinterpret_cast<const Indices*>(shift_col)[p];
+      const Indices slots = reinterpret_cast<const Indices*>(slot)[p];  // a 16-byte read: no bank conflicts
       Values yv;
 #pragma unroll
-      for (int e = 0; e < V; ++e) yv.v[e] = updated_value(cols.v[e], xv.v[e]);
+      for (int e = 0; e < V; ++e) {
+        yv.v[e] = updated_value(cols.v[e], xv.v[e]);
+        if (slots.v[e] >= 0 && !repeats) gr[slots.v[e]] = yv.v[e];
+      }
       yr[p] = yv;
     }
-    // The next layer's input, recomputed from x (still in cache) rather than read back from y.
-    scalar_t* gr = gathered + b * gathered_n;
-    auto gathered_value = [&](int32_t j) {
-      CUDA_KERNEL_ASSERT(j >= 0 && j < features && "gather_index out of range");
-      return updated_value(shift_col[j], xr[j]);
-    };
-    if (gathered_packed) {  // V divides gathered_n: whole packs of gathered
-      for (int64_t p = lane; p < gathered_n / V; p += kWarpSize) {
-        const Indices js = reinterpret_cast<const Indices*>(gather_index)[p];
-        Values gv;
-#pragma unroll
-        for (int e = 0; e < V; ++e) gv.v[e] = gathered_value(js.v[e]);
-        reinterpret_cast<Values*>(gr)[p] = gv;
+    if (repeats) {  // a feature goes to several columns of gathered: each recomputed from x
+      for (int64_t k = lane; k < gathered_n; k += kWarpSize) {
+        const int32_t j = gather_index[k];
+        gr[k] = updated_value(shift_col[j], xr[j]);
       }
-    } else {
-      for (int64_t g = lane; g < gathered_n; g += kWarpSize) gr[g] = gathered_value(gather_index[g]);
     }
   }
 }
 
-// Version 2 of the backward: the same two passes as version 1, by one warp per row, so __syncwarp()
-// (which also orders the warp's global writes) separates them instead of a block barrier.
+// The backward in one pass: a lane adds the gathered gradient to a feature as it moves it, and writes
+// grad_x and grad_shift once. The sums are version 1's, so the results are bit for bit the same.
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kRowBlockThreads)
     coupling_update_backward_rows_kernel(const scalar_t* __restrict__ grad_y, int64_t gy_row_stride,
                                          const scalar_t* __restrict__ grad_gathered, int64_t gg_row_stride,
                                          int64_t gathered_n, const int32_t* __restrict__ shift_col,
-                                         const int32_t* __restrict__ gather_index, scalar_t* grad_x,
-                                         scalar_t* grad_shift, int64_t batch, int64_t features, int64_t updated,
-                                         bool inverse) {
+                                         const int32_t* __restrict__ gather_index, scalar_t* __restrict__ grad_x,
+                                         scalar_t* __restrict__ grad_shift, int64_t batch, int64_t features,
+                                         int64_t updated, bool inverse) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  extern __shared__ __align__(32) unsigned char shared_bytes[];
+  int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
+  inverse_gather_map(gather_index, gathered_n, features, slot);  // no repeats (the schema)
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;
   for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
     const Values* gyr = reinterpret_cast<const Values*>(grad_y + b * gy_row_stride);
-    scalar_t* gxr = grad_x + b * features;
+    const scalar_t* ggr = gathered_n > 0 ? grad_gathered + b * gg_row_stride : nullptr;
+    Values* gxr = reinterpret_cast<Values*>(grad_x + b * features);
     scalar_t* gsr = grad_shift + b * updated;
 #pragma unroll 2
     for (int64_t p = lane; p < packs; p += kWarpSize) {
       const Values g = gyr[p];
       const Indices cols = reinterpret_cast<const Indices*>(shift_col)[p];
-      reinterpret_cast<Values*>(gxr)[p] = g;
+      const Indices slots = reinterpret_cast<const Indices*>(slot)[p];  // a 16-byte read: no bank conflicts
+      Values gx;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
+        const int32_t k = slots.v[e];
+        const opmath_t total = k < 0 ? opmath_t(g.v[e]) : opmath_t(g.v[e]) + opmath_t(ggr[k]);
+        gx.v[e] = static_cast<scalar_t>(total);
         const int32_t c = cols.v[e];
         CUDA_KERNEL_ASSERT(c < updated && "shift_col out of range");
-        if (c >= 0) gsr[c] = static_cast<scalar_t>(sign * opmath_t(g.v[e]));
+        if (c >= 0) gsr[c] = static_cast<scalar_t>(sign * total);
       }
-    }
-    if (gathered_n > 0) {
-      __syncwarp();
-      const scalar_t* ggr = grad_gathered + b * gg_row_stride;
-      for (int64_t k = lane; k < gathered_n; k += kWarpSize) {
-        const int32_t j = gather_index[k];
-        CUDA_KERNEL_ASSERT(j >= 0 && j < features && "gather_index out of range");
-        const opmath_t gg = opmath_t(ggr[k]);
-        gxr[j] = static_cast<scalar_t>(opmath_t(gxr[j]) + gg);
-        const int32_t c = shift_col[j];
-        if (c >= 0) gsr[c] = static_cast<scalar_t>(opmath_t(gsr[c]) + sign * gg);
-      }
+      gxr[p] = gx;
     }
   }
 }
@@ -196,16 +217,16 @@ const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& s
   const int64_t batch = x.size(0), features = x.size(1), updated = shift.size(1), gathered_n = gather_index.size(0);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "coupling_update_cuda", [&] {
-    if (cuda_kernel_version(RowKernelOp::Coupling) == 2) {
-      int width = row_pack_width<scalar_t>(x.const_data_ptr(), x.stride(0), features);
-      width = index_map_pack_width(width, shift_col);
-      const bool gathered_packed = gathered_n % width == 0 && index_map_pack_width(width, gather_index) == width;
+    if (cuda_kernel_version(RowKernelOp::Coupling) == 2 && feature_table_fits(features, sizeof(int32_t))) {
+      const int width = index_map_pack_width(row_pack_width<scalar_t>(x.const_data_ptr(), x.stride(0), features),
+                                             shift_col);
       with_pack_width<scalar_t>(width, [&](auto pack) {
-        coupling_update_rows_kernel<scalar_t, decltype(pack)::value><<<row_blocks(batch), kRowBlockThreads, 0, stream>>>(
-            x.const_data_ptr<scalar_t>(), x.stride(0), shift.const_data_ptr<scalar_t>(), shift.stride(0),
-            shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(),
-            y.mutable_data_ptr<scalar_t>(), gathered.mutable_data_ptr<scalar_t>(), batch, features, updated,
-            gathered_n, gathered_packed, inverse);
+        coupling_update_rows_kernel<scalar_t, decltype(pack)::value>
+            <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
+                x.const_data_ptr<scalar_t>(), x.stride(0), shift.const_data_ptr<scalar_t>(), shift.stride(0),
+                shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(),
+                y.mutable_data_ptr<scalar_t>(), gathered.mutable_data_ptr<scalar_t>(), batch, features, updated,
+                gathered_n, inverse);
       });
       return;
     }
@@ -224,12 +245,12 @@ const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const
   const int64_t batch = grad_y.size(0), features = grad_y.size(1), updated = grad_shift.size(1);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_y.scalar_type(), "coupling_update_backward_cuda", [&] {
-    if (cuda_kernel_version(RowKernelOp::Coupling) == 2) {
+    if (cuda_kernel_version(RowKernelOp::Coupling) == 2 && feature_table_fits(features, sizeof(int32_t))) {
       const int width = index_map_pack_width(row_pack_width<scalar_t>(grad_y.const_data_ptr(), grad_y.stride(0), features),
                                              shift_col);
       with_pack_width<scalar_t>(width, [&](auto pack) {
         coupling_update_backward_rows_kernel<scalar_t, decltype(pack)::value>
-            <<<row_blocks(batch), kRowBlockThreads, 0, stream>>>(
+            <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
                 grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0),
                 has_gathered ? grad_gathered.const_data_ptr<scalar_t>() : nullptr,
                 has_gathered ? grad_gathered.stride(0) : 0, has_gathered ? gather_index.size(0) : 0,

@@ -76,6 +76,15 @@ __device__ inline Pack<T, V> load_pack(const T* __restrict__ row, int64_t p) {
   }
 }
 
+// A table with an entry per feature that a version 2 block keeps in shared memory (the scaling's
+// exp(log_scale), the coupling backward's inverse gather map) takes at most this much; wider rows run
+// version 1. 32 KiB leaves room for 5 such blocks per multiprocessor with L1 to spare.
+constexpr int64_t kMaxFeatureTableBytes = 32 * 1024;
+
+inline bool feature_table_fits(int64_t features, size_t entry_bytes) {
+  return features * int64_t(entry_bytes) <= kMaxFeatureTableBytes;
+}
+
 // A grid of blocks with kWarpsPerBlock rows each (grid-stride over the rows beyond it).
 inline int64_t row_blocks(int64_t batch) {
   return grid_for((batch + kWarpsPerBlock - 1) / kWarpsPerBlock, 2048 / kRowBlockThreads);

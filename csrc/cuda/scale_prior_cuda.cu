@@ -89,14 +89,12 @@ __global__ void scale_inverse_kernel(const scalar_t* __restrict__ z, int64_t z_r
 // Version 2 (benchmarks/NOTES.md): each block first puts exp(+-log_scale) for every feature in shared
 // memory (so a row's elements cost one exp fewer each), then gives a row to each warp, whose lanes move V
 // consecutive features per access (16 bytes) and sum the row with warp shuffles: no block barrier per
-// row. Needs features * sizeof(opmath_t) bytes of shared memory (kMaxCachedScaleBytes); wider rows take
+// row. Needs features * sizeof(opmath_t) bytes of shared memory (feature_table_fits); wider rows take
 // version 1.
 // ---------------------------------------------------------------------------------------------------
-constexpr int64_t kMaxCachedScaleBytes = 32 * 1024;
-
 template <typename scalar_t>
 bool scales_fit_in_shared_memory(int64_t features) {
-  return features * int64_t(sizeof(at::opmath_type<scalar_t>)) <= kMaxCachedScaleBytes;
+  return feature_table_fits(features, sizeof(at::opmath_type<scalar_t>));
 }
 
 // scale[d] = exp(sign * log_scale[d]) for every feature; returns the sum of log_scale over the features in

@@ -132,6 +132,13 @@ T shuffle(unsigned mask, T value, int source_lane, bool keep_own, const char* wh
 
 inline void __syncthreads() { ::cuda_emulation::block_barrier(); }
 
+// A fiber gives way only at a barrier, so a read-modify-write here is as atomic as on a GPU.
+inline int atomicOr(int* address, int value) {
+  const int old = *address;
+  *address = old | value;
+  return old;
+}
+
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::cuda_emulation::check_full_mask(mask, "__syncwarp");
   ::cuda_emulation::warp_barrier(::cuda_emulation::WarpOp::Sync);
