@@ -93,7 +93,8 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
 
 // slot[j] = k where gather_index[k] = j, else -1, for every feature j. Returns whether gather_index
 // names a feature twice (slot then keeps one of its k): the forward allows it, and then recomputes the
-// gathered copy in a second pass; the backward's schema forbids it. Ends with a block barrier.
+// gathered copy in a second pass; the backward's schema forbids it (a device assert). Ends with a block
+// barrier.
 __device__ inline bool inverse_gather_map(const int32_t* __restrict__ gather_index, int64_t gathered_n,
                                           int64_t features, int32_t* slot) {
   __shared__ int repeats;
@@ -175,7 +176,10 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   using Indices = Pack<int32_t, V>;
   extern __shared__ __align__(32) unsigned char shared_bytes[];
   int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
-  inverse_gather_map(gather_index, gathered_n, features, slot);  // no repeats (the schema)
+  const bool repeats = inverse_gather_map(gather_index, gathered_n, features, slot);
+  // The gradients of two columns gathered from one feature would need adding up: the schema forbids it,
+  // and the CPU kernels refuse it. Stop here rather than drop one of them.
+  CUDA_KERNEL_ASSERT(!repeats && "gather_index names a feature twice");
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;
