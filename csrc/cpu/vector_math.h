@@ -1,12 +1,15 @@
-// Branch-free exp and log1p (bit casts, not memcpy, so no stack temporary blocks vectorisation; the build's
+// Branch-free exp and tanh (bit casts, not memcpy, so no stack temporary blocks vectorisation; the build's
 // -fno-trapping-math lets the compiler if-convert the clamp) for the ranges the priors need, written so that the compiler vectorises
 // the loops that call them (glibc's expf/log1pf are opaque calls that keep a loop scalar). Accuracy is
-// a few ulp: Cephes-style range reduction and polynomials.
+// a few ulp: Cephes-style range reduction and polynomials. The priors' log1p series is nice_ext.h's, shared
+// with the CUDA kernels.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#include "nice_ext.h"  // log1p_unit
 
 // The row loops that call these are compiled three times, for AVX-512, for AVX2 + FMA and for the
 // baseline x86-64, and the dynamic loader picks the best one the CPU runs (GCC's function
@@ -107,30 +110,8 @@ inline T tanh(T x) {
   return std::copysign(numerator / denominator, x);
 }
 
-// log(1 + t) for t in [0, 1]: 2 atanh(w) with w = t / (2 + t) in [0, 1/3], as an odd series in w.
-inline float log1p_unit(float t) {
-  const float w = t / (2.0f + t);
-  const float w2 = w * w;
-  float s = 1.0f / 15;
-  s = s * w2 + 1.0f / 13;
-  s = s * w2 + 1.0f / 11;
-  s = s * w2 + 1.0f / 9;
-  s = s * w2 + 1.0f / 7;
-  s = s * w2 + 1.0f / 5;
-  s = s * w2 + 1.0f / 3;
-  s = s * w2 + 1.0f;
-  return 2.0f * w * s;
-}
-
-inline double log1p_unit(double t) {
-  const double w = t / (2.0 + t);
-  const double w2 = w * w;
-  double s = 1.0 / 35;
-  for (int k = 33; k >= 1; k -= 2) s = s * w2 + 1.0 / k;
-  return 2.0 * w * s;
-}
-
-// The logistic log-density -(|z| + 2 log(1 + e^-|z|)) and its score -tanh(z / 2), sharing e^-|z|.
+// The logistic log-density -(|z| + 2 log(1 + e^-|z|)) and its score -tanh(z / 2), sharing e^-|z|: the
+// formulas of nice_ext.h's (log1p_unit is that header's), with this file's vectorisable exp.
 template <typename T>
 inline T logistic_log_density(T z) {
   const T a = std::fabs(z);
