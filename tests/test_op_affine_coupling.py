@@ -82,6 +82,7 @@ def test_log_scale_math_elementwise(device, dtype):
     top = math.log(finfo.max)  # about 88.7 (float32) or 709.8 (float64)
     bottom = math.log(finfo.smallest_normal * finfo.eps)  # the smallest denormal
     raw64 = torch.cat([torch.linspace(-1.5 * top, 1.5 * top, 20001, dtype=torch.float64),
+                       torch.linspace(-1, 1, 20001, dtype=torch.float64),  # tanh's polynomial and its edge
                        torch.logspace(-30, 0, 301, dtype=torch.float64), -torch.logspace(-30, 0, 301, dtype=torch.float64),
                        torch.tensor([0.0, 0.624, 0.625, 0.626, -0.625, 20.0, -20.0, top - 0.01, top + 0.01, bottom,
                                      bottom - 1.0], dtype=torch.float64)])

@@ -27,14 +27,14 @@ constexpr int64_t kBlock = 256;
 
 // a = law(r) and e = exp(+a) (forward) or exp(-a) (inverse) for n shift columns.
 template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
-inline void log_scale_block(const scalar_t* rr, opmath_t* a, opmath_t* e, int64_t n) {
+NICE_EXT_CPU_INLINE void log_scale_block(const scalar_t* rr, opmath_t* a, opmath_t* e, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = law == AffineLaw::Tanh ? vmath::tanh(opmath_t(rr[i])) : opmath_t(rr[i]);
   for (int64_t i = 0; i < n; ++i) e[i] = vmath::exp_any(kInverse ? -a[i] : a[i]);
 }
 
 // The updated feature's new value: x e^a + b (forward) or (x - b) e^-a (inverse), e being e^(+/-a).
 template <bool kInverse, typename scalar_t, typename opmath_t>
-inline scalar_t affine_value(scalar_t x, scalar_t b, opmath_t e) {
+NICE_EXT_CPU_INLINE scalar_t affine_value(scalar_t x, scalar_t b, opmath_t e) {
   return static_cast<scalar_t>(kInverse ? (opmath_t(x) - opmath_t(b)) * e : opmath_t(x) * e + opmath_t(b));
 }
 
@@ -106,8 +106,9 @@ NICE_EXT_CPU_CLONES opmath_t affine_row_odd_even(const scalar_t* __restrict__ xr
 // The gradients of one updated feature (affine_coupling_grads, nice_ext.h) stored as the kernels' dtype:
 // returns dL/dx and writes dL/dr and dL/db.
 template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
-inline scalar_t affine_grads_at(scalar_t g, scalar_t x, scalar_t b, opmath_t a, opmath_t e, opmath_t grad_log_det,
-                                scalar_t& grad_log_scale_raw, scalar_t& grad_shift) {
+NICE_EXT_CPU_INLINE scalar_t affine_grads_at(scalar_t g, scalar_t x, scalar_t b, opmath_t a, opmath_t e,
+                                             opmath_t grad_log_det, scalar_t& grad_log_scale_raw,
+                                             scalar_t& grad_shift) {
   const AffineGrads<opmath_t> grads =
       affine_coupling_grads(law, kInverse, opmath_t(g), opmath_t(x), opmath_t(b), a, e, grad_log_det);
   grad_log_scale_raw = static_cast<scalar_t>(grads.log_scale_raw);

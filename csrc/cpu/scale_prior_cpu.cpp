@@ -20,13 +20,13 @@ int64_t row_grain(int64_t features) { return std::max<int64_t>(1, 16384 / std::m
 constexpr int64_t kBlock = 256;
 
 template <Prior prior, typename T>
-void log_density_block(const T* z, T* out, int64_t n) {
+NICE_EXT_CPU_INLINE void log_density_block(const T* z, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i)
     out[i] = prior == Prior::Logistic ? vmath::logistic_log_density(z[i]) : gaussian_log_density(z[i]);
 }
 
 template <Prior prior, typename T>
-void score_block(const T* z, T* out, int64_t n) {
+NICE_EXT_CPU_INLINE void score_block(const T* z, T* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = prior == Prior::Logistic ? vmath::logistic_score(z[i]) : gaussian_score(z[i]);
 }
 
