@@ -1,6 +1,7 @@
 """Fused nice_ext ops vs the pure-PyTorch reference vs torch.compile of it, per op and per training step.
 
     python benchmarks/bench_coupling.py [--device cpu|cuda] [--quick] [--out DIR] [--cuda-kernels VERSIONS]
+                                        [--dtypes float32,bfloat16,...]
 
 Every entry is checked against the reference before it is timed. Times are medians (with p20/p80) from
 torch.utils.benchmark, which synchronises CUDA. Achieved bandwidth counts the bytes an op must read and
@@ -317,6 +318,20 @@ def cuda_kernels_argument(text):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+OP_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}
+
+
+def dtypes_argument(text):
+    """'float32,float64' -> [torch.float32, torch.float64]: the dtypes of the per-op entries."""
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in OP_DTYPES]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {', '.join(repr(name) for name in unknown)}: choose from {', '.join(OP_DTYPES)}")
+    return [OP_DTYPES[name] for name in dict.fromkeys(names)]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
@@ -328,6 +343,9 @@ def main():
                    help="generations of CUDA row kernels to time: 1 or 2 for both ops, or per op, e.g. "
                         "coupling=2,scale_prior=1 (default: the defaults, or NICE_EXT_CUDA_KERNELS); results "
                         "of other versions than the defaults go to <device>_kernels_v1.* and so on")
+    p.add_argument("--dtypes", type=dtypes_argument, default=None, metavar="DTYPES",
+                   help="comma-separated dtypes of the per-op entries, from " + ", ".join(OP_DTYPES) +
+                        " (default: float32, and bfloat16 on cuda)")
     args = p.parse_args()
     if args.cuda_kernels is not None:
         with ops.use_cuda_kernels(**args.cuda_kernels):
@@ -340,7 +358,7 @@ def run(args):
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda, but no CUDA GPU is available")
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.3)
-    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    dtypes = args.dtypes or [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
     started = time.time()
     result = provenance.record(device, "python benchmarks/bench_coupling.py " + shlex.join(sys.argv[1:]))
     result.update(cpu_threads=torch.get_num_threads(),

@@ -94,6 +94,15 @@ def test_bad_cuda_kernel_versions_are_a_usage_error():
     assert "argument --cuda-kernels: CUDA kernel versions are '1', '2' or per op" in result.stderr
 
 
+def test_op_dtypes_are_chosen_by_name():
+    bench = load_script("bench_coupling")
+    assert bench.dtypes_argument("float64,bfloat16,float64") == [torch.float64, torch.bfloat16]
+    result = subprocess.run([sys.executable, "benchmarks/bench_coupling.py", "--dtypes", "float32,int8"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "argument --dtypes: unknown dtype 'int8': choose from float32, float64, bfloat16, float16" in result.stderr
+
+
 def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
     """benchmarks/profile_kernels.py runs under ncu on a GPU (check_cuda.sh ncu); here its calls run on the
     CPU kernels at a small batch, and its summary reads a log in ncu's --csv layout."""
