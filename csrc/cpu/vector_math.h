@@ -55,7 +55,8 @@ NICE_EXT_CPU_INLINE double exp_reduced(double x, double nf) {
 
 // 2^n as a float or double (T), for n within the exponent range of normal numbers. The exponent is an
 // int32 for both: AVX2 has no conversion from double to int64, and a loop that needs one stays scalar
-// (double's exp was 4-5x slower than it need be on AVX2 machines); widening int32 to int64 has one.
+// (a float64 op using double's exp ran 2-3x slower than it need be on AVX2 machines); widening int32 to
+// int64 has one.
 template <typename T>
 T pow2(int32_t n);
 template <>
