@@ -231,6 +231,41 @@ def test_scaling_versions_agree(batch, features, layout, dtype, prior):
                        with_version(2, ops.scale_inverse, laid_out(z1, layout), log_scale))
 
 
+# 4099 rows: 17 per reduction chunk, so every row lane of version 2's backward (16 per chunk) has rows.
+@needs_cuda_kernels
+@pytest.mark.parametrize("batch, features", SIZES + [(4099, 3), (4099, 24)])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("prior", ["logistic", "gaussian"])
+@pytest.mark.parametrize("with_grad_z", [True, False])
+def test_scaling_backward_versions_agree(batch, features, layout, dtype, prior, with_grad_z):
+    g = torch.Generator().manual_seed(features + batch + 1)
+    h = laid_out((torch.randn(batch, features, generator=g) * 2).to(DEVICE, dtype), layout)
+    log_scale = (torch.randn(features, generator=g) * 0.5).to(DEVICE, dtype)
+    grad_log_prob = torch.randn(batch, generator=g).to(DEVICE)
+    # grad_z laid out unlike h where it can be, so that either one can keep version 2 from reading packs.
+    grad_z_layout = {"contiguous": "odd-slice", "odd-slice": "aligned-slice"}.get(layout, layout)
+    grad_z = laid_out(torch.randn(batch, features, generator=g).to(DEVICE, dtype), grad_z_layout) if with_grad_z else None
+    backward = torch.ops.nice_ext.scale_prior_backward
+    gh1, gs1 = with_version(1, backward, grad_log_prob, grad_z, h, log_scale, prior)
+    gh2, gs2 = with_version(2, backward, grad_log_prob, grad_z, h, log_scale, prior)
+    assert torch.equal(gh1, gh2)  # the same operations per element
+    # grad(log_scale) is summed over the rows in another order: version 2 must be as close to float64 as
+    # version 1 is, up to rounding, deterministic, and the same for every layout of h and grad_z.
+    h64, s64 = (t.double().cpu().requires_grad_() for t in (h, log_scale))
+    z64, lp64 = reference.scale_prior(h64, s64, prior, True)
+    outputs, grads = ((lp64,), (grad_log_prob.double().cpu(),)) if grad_z is None else \
+        ((lp64, z64), (grad_log_prob.double().cpu(), grad_z.double().cpu()))
+    gs64 = torch.autograd.grad(outputs, s64, grads)[0]
+    floor = 1e-12 if dtype == torch.float64 else 1e-6
+    assert rel_error(gs2, gs64) <= max(2 * rel_error(gs1, gs64), floor)
+    contiguous = with_version(2, backward, grad_log_prob, None if grad_z is None else grad_z.contiguous(),
+                              h.contiguous(), log_scale, prior)
+    again = with_version(2, backward, grad_log_prob, grad_z, h, log_scale, prior)
+    for a, b, c in zip((gh2, gs2), contiguous, again):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
 @needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "odd-slice"])

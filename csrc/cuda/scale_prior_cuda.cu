@@ -2,7 +2,8 @@
 // checks: csrc/scale_prior.cpp; CPU twin: csrc/cpu/scale_prior_cpu.cpp).
 //  - forward: a block per row, z and the row's log-density in one pass, reduced with warp shuffles;
 //  - backward: column tiles x fixed row chunks write per-chunk partial sums of grad(log_scale), which a
-//    second kernel adds up in chunk order: deterministic, no atomics;
+//    second kernel adds up in chunk order: deterministic, no atomics (version 2: 16-byte packs of columns,
+//    and row lanes within each chunk);
 //  - inverse: elementwise.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -150,6 +151,69 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   }
 }
 
+// Version 2 of the backward. Version 1 gives a thread one column and a chunk's rows, so a warp moves 64
+// bytes per access in bfloat16 (128 in float32) and a thread has a few of them in flight. Here a thread
+// takes a pack of V columns (16 bytes) and every kBackwardRowLanes-th row of the chunk: a block is
+// kBackwardTilePacks packs wide and kBackwardRowLanes rows deep, its half-warps each read 256 contiguous
+// bytes of a row, and the chunk's rows are walked by 16 lanes at once. The lanes' sums of grad(log_scale)
+// are added in lane order through shared memory, so the result is deterministic and the same for every
+// layout of h (unaligned rows are read an element at a time, in the same packs); it differs from version
+// 1's only by that order. grad_h is bit for bit version 1's. No table in shared memory: every width runs it.
+constexpr int kBackwardTilePacks = 16;
+constexpr int kBackwardRowLanes = kRowBlockThreads / kBackwardTilePacks;
+
+template <typename scalar_t, Prior prior, int V, bool kAligned>
+__global__ void __launch_bounds__(kRowBlockThreads)
+    scale_prior_backward_packs_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_log_prob,
+                                      const scalar_t* __restrict__ grad_z, int64_t gz_row_stride,
+                                      const scalar_t* __restrict__ h, int64_t h_row_stride,
+                                      const scalar_t* __restrict__ log_scale, scalar_t* __restrict__ grad_h,
+                                      at::opmath_type<scalar_t>* __restrict__ partial, int64_t batch,
+                                      int64_t features, int64_t rows_per_chunk) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Values = Pack<scalar_t, V>;
+  constexpr int kTileColumns = kBackwardTilePacks * V;
+  __shared__ opmath_t lane_sums[kBackwardRowLanes][kTileColumns];
+  const int pack_in_tile = threadIdx.x % kBackwardTilePacks, row_lane = threadIdx.x / kBackwardTilePacks;
+  const int64_t p = blockIdx.x * int64_t(kBackwardTilePacks) + pack_in_tile;  // V divides features
+  const int64_t chunk = blockIdx.y;
+  const int64_t row_end = min(batch, (chunk + 1) * rows_per_chunk);
+  opmath_t acc[V] = {};
+  if (p < features / V) {
+    opmath_t scale[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) scale[e] = exp_(opmath_t(log_scale[p * V + e]));
+#pragma unroll 4
+    for (int64_t b = chunk * rows_per_chunk + row_lane; b < row_end; b += kBackwardRowLanes) {
+      const opmath_t gl = grad_log_prob[b];
+      const Values hv = load_pack<V, kAligned>(h + b * h_row_stride, p);
+      Values gzv{};
+      if (grad_z != nullptr) gzv = load_pack<V, kAligned>(grad_z + b * gz_row_stride, p);
+      Values ghv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const opmath_t zd = opmath_t(hv.v[e]) * scale[e];
+        opmath_t g = gl * prior_score(prior, zd);  // as version 1, operation for operation
+        if (grad_z != nullptr) g += opmath_t(gzv.v[e]);
+        ghv.v[e] = static_cast<scalar_t>(g * scale[e]);
+        acc[e] += g * zd + gl;
+      }
+      reinterpret_cast<Values*>(grad_h + b * features)[p] = ghv;  // grad_h: allocated contiguous, V | features
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) lane_sums[row_lane][pack_in_tile * V + e] = acc[e];
+  __syncthreads();
+  for (int c = threadIdx.x; c < kTileColumns; c += blockDim.x) {
+    const int64_t d = blockIdx.x * int64_t(kTileColumns) + c;
+    if (d >= features) break;
+    opmath_t sum = 0;
+#pragma unroll
+    for (int lane = 0; lane < kBackwardRowLanes; ++lane) sum += lane_sums[lane][c];
+    partial[chunk * features + d] = sum;
+  }
+}
+
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kRowBlockThreads)
     scale_inverse_rows_kernel(const scalar_t* __restrict__ z, int64_t z_row_stride,
@@ -238,17 +302,41 @@ const char* scale_prior_backward_kernel_cuda(const at::Tensor& grad_log_prob, co
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "scale_prior_backward_cuda", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    auto launch = [&](auto kernel) {
-      kernel<<<dim3(column_blocks, chunks), kColumnThreads, 0, stream>>>(
+    auto launch = [&](auto kernel, dim3 grid, int threads) {
+      kernel<<<grid, threads, 0, stream>>>(
           grad_log_prob.const_data_ptr<opmath_t>(), grad_z.defined() ? grad_z.const_data_ptr<scalar_t>() : nullptr,
           grad_z.defined() ? grad_z.stride(0) : 0, h.const_data_ptr<scalar_t>(), h.stride(0),
           log_scale.const_data_ptr<scalar_t>(), grad_h.mutable_data_ptr<scalar_t>(),
           partial.mutable_data_ptr<opmath_t>(), batch, features, rows_per_chunk);
     };
-    if (prior == Prior::Logistic) {
-      launch(scale_prior_backward_kernel<scalar_t, Prior::Logistic>);
+    if (cuda_kernel_version(RowKernelOp::ScalePrior) == 2) {
+      // Packs of 16 bytes whenever they divide the row (grad_h, allocated by the entry point, is aligned for
+      // them), read in one access where h and grad_z are aligned too.
+      constexpr int wide = kVectorBytes / sizeof(scalar_t);
+      const bool aligned =
+          row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features) == wide &&
+          (!grad_z.defined() || row_pack_width<scalar_t>(grad_z.const_data_ptr(), grad_z.stride(0), features) == wide);
+      with_pack_width<scalar_t>(features % wide == 0 ? wide : 1, [&](auto pack) {
+        constexpr int V = decltype(pack)::value;
+        const dim3 grid((features / V + kBackwardTilePacks - 1) / kBackwardTilePacks, chunks);
+        auto launch_for_prior = [&](auto aligned_loads) {
+          constexpr bool kAligned = decltype(aligned_loads)::value;
+          if (prior == Prior::Logistic) {
+            launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Logistic, V, kAligned>, grid, kRowBlockThreads);
+          } else {
+            launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Gaussian, V, kAligned>, grid, kRowBlockThreads);
+          }
+        };
+        if (aligned || V == 1) {  // one element is always aligned
+          launch_for_prior(std::true_type());
+        } else {
+          launch_for_prior(std::false_type());
+        }
+      });
+    } else if (prior == Prior::Logistic) {
+      launch(scale_prior_backward_kernel<scalar_t, Prior::Logistic>, dim3(column_blocks, chunks), kColumnThreads);
     } else {
-      launch(scale_prior_backward_kernel<scalar_t, Prior::Gaussian>);
+      launch(scale_prior_backward_kernel<scalar_t, Prior::Gaussian>, dim3(column_blocks, chunks), kColumnThreads);
     }
     sum_chunks_kernel<scalar_t><<<column_blocks, kColumnThreads, 0, stream>>>(
         partial.const_data_ptr<opmath_t>(), grad_s.mutable_data_ptr<scalar_t>(), chunks, features);
