@@ -29,7 +29,10 @@ constexpr int64_t kBlock = 256;
 template <AffineLaw law, bool kInverse, typename scalar_t, typename opmath_t>
 NICE_EXT_CPU_INLINE void log_scale_block(const scalar_t* rr, opmath_t* a, opmath_t* e, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] = law == AffineLaw::Tanh ? vmath::tanh(opmath_t(rr[i])) : opmath_t(rr[i]);
-  for (int64_t i = 0; i < n; ++i) e[i] = vmath::exp_any(kInverse ? -a[i] : a[i]);
+  for (int64_t i = 0; i < n; ++i) {
+    const opmath_t signed_a = kInverse ? -a[i] : a[i];
+    e[i] = law == AffineLaw::Tanh ? vmath::exp_unit(signed_a) : vmath::exp_any(signed_a);  // |tanh| <= 1
+  }
 }
 
 // The updated feature's new value: x e^a + b (forward) or (x - b) e^-a (inverse), e being e^(+/-a).

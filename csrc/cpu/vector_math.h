@@ -100,6 +100,15 @@ NICE_EXT_CPU_INLINE double exp_any(double x) {
   return exp_reduced(xc, static_cast<double>(n)) * pow2<double>(half) * pow2<double>(n - half);
 }
 
+// e^x for |x| <= 1, the tanh law's log-scales: round(x / ln 2) is then -1, 0 or 1, so one factor 2^n
+// does and no clamp is needed (exp_any's clamps, signed rounding and split factor are a third of its
+// arithmetic). floor(t + 0.5) is taken as int(t + 1.5) - 1, a truncation of a positive number for t > -1.5.
+template <typename T>
+NICE_EXT_CPU_INLINE T exp_unit(T x) {
+  const int32_t n = static_cast<int32_t>(x * T(1.4426950408889634074) + T(1.5)) - 1;
+  return exp_reduced(x, static_cast<T>(n)) * pow2<T>(n);
+}
+
 // (tanh(x) - x) / x^3 as a polynomial in z = x^2, for |x| <= 0.625: near-minimax fits (Chebyshev, in 50-digit
 // arithmetic) of degree 4 in float and 10 in double, their coefficients rounded to the type. Evaluated in
 // the type, tanh(x) = x + x^3 P(x^2) is then within 0.85 ulp (float: every 7th float of (0, 0.625]) and
