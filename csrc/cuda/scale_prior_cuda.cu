@@ -37,6 +37,19 @@ __global__ void scale_prior_kernel(const scalar_t* __restrict__ h, int64_t h_row
   }
 }
 
+// One element of the backward, in both versions (so their grad_h agree bit for bit): returns grad_h =
+// g exp(s) with g = grad_lp * score(z) (+ grad_z), z = exp(s) h, and adds the element's term of
+// grad(log_scale), g z + grad_lp (the + s of log|det J| gives the grad_lp), to grad_s_sum.
+template <typename opmath_t>
+__device__ inline opmath_t backward_element(Prior prior, opmath_t grad_lp, opmath_t h, opmath_t scale, bool has_grad_z,
+                                            opmath_t grad_z, opmath_t& grad_s_sum) {
+  const opmath_t z = h * scale;
+  opmath_t g = grad_lp * prior_score(prior, z);
+  if (has_grad_z) g += grad_z;
+  grad_s_sum += g * z + grad_lp;
+  return g * scale;
+}
+
 template <typename scalar_t, Prior prior>
 __global__ void scale_prior_backward_kernel(const at::opmath_type<scalar_t>* __restrict__ grad_log_prob,
                                             const scalar_t* __restrict__ grad_z, int64_t gz_row_stride,
@@ -54,12 +67,9 @@ __global__ void scale_prior_backward_kernel(const at::opmath_type<scalar_t>* __r
   opmath_t acc = 0;
 #pragma unroll 4
   for (int64_t b = row_begin; b < row_end; ++b) {
-    const opmath_t gl = grad_log_prob[b];
-    const opmath_t zd = opmath_t(h[b * h_row_stride + d]) * scale;
-    opmath_t g = gl * prior_score(prior, zd);
-    if (grad_z != nullptr) g += opmath_t(grad_z[b * gz_row_stride + d]);
-    grad_h[b * features + d] = static_cast<scalar_t>(g * scale);
-    acc += g * zd + gl;
+    const opmath_t gz = grad_z != nullptr ? opmath_t(grad_z[b * gz_row_stride + d]) : opmath_t(0);
+    grad_h[b * features + d] = static_cast<scalar_t>(
+        backward_element(prior, grad_log_prob[b], opmath_t(h[b * h_row_stride + d]), scale, grad_z != nullptr, gz, acc));
   }
   partial[chunk * features + d] = acc;
 }
@@ -192,11 +202,8 @@ __global__ void __launch_bounds__(kRowBlockThreads)
       Values ghv;
 #pragma unroll
       for (int e = 0; e < V; ++e) {
-        const opmath_t zd = opmath_t(hv.v[e]) * scale[e];
-        opmath_t g = gl * prior_score(prior, zd);  // as version 1, operation for operation
-        if (grad_z != nullptr) g += opmath_t(gzv.v[e]);
-        ghv.v[e] = static_cast<scalar_t>(g * scale[e]);
-        acc[e] += g * zd + gl;
+        ghv.v[e] = static_cast<scalar_t>(
+            backward_element(prior, gl, opmath_t(hv.v[e]), scale[e], grad_z != nullptr, opmath_t(gzv.v[e]), acc[e]));
       }
       reinterpret_cast<Values*>(grad_h + b * features)[p] = ghv;  // grad_h: allocated contiguous, V | features
     }
