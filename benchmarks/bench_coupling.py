@@ -340,8 +340,8 @@ def main():
     p.add_argument("--no-train-step", action="store_true")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds of timing per entry")
     p.add_argument("--cuda-kernels", type=cuda_kernels_argument, default=None, metavar="VERSIONS",
-                   help="generations of CUDA row kernels to time: 1 or 2 for both ops, or per op, e.g. "
-                        "coupling=2,scale_prior=1 (default: the defaults, or NICE_EXT_CUDA_KERNELS); results "
+                   help="generations of CUDA row kernels to time: 1 or 2 for every op, or per op, e.g. "
+                        "coupling=2,scale_prior=1 (ops: " + ", ".join(ops.CUDA_KERNEL_OPS) + "; default: the defaults, or NICE_EXT_CUDA_KERNELS); results "
                         "of other versions than the defaults go to <device>_kernels_v1.* and so on")
     p.add_argument("--dtypes", type=dtypes_argument, default=None, metavar="DTYPES",
                    help="comma-separated dtypes of the per-op entries, from " + ", ".join(OP_DTYPES) +

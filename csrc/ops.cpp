@@ -64,9 +64,10 @@ PyObject* py_cuda_kernels_built(PyObject*, PyObject*) {
   Py_RETURN_FALSE;
 }
 
-static_assert(nice_ext::kRowKernelOps == 2, "every op's version is initialised below");
+static_assert(nice_ext::kRowKernelOps == 3, "every op's version is initialised below");
 std::atomic<int> kernel_versions[nice_ext::kRowKernelOps] = {{nice_ext::kDefaultCudaKernelVersion[0]},
-                                                               {nice_ext::kDefaultCudaKernelVersion[1]}};
+                                                               {nice_ext::kDefaultCudaKernelVersion[1]},
+                                                               {nice_ext::kDefaultCudaKernelVersion[2]}};
 
 // The op argument of the three functions below: a RowKernelOp's index (nice_ext.ops.CUDA_KERNEL_OPS).
 bool row_kernel_op_from(long op) {

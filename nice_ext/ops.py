@@ -28,17 +28,18 @@ def cuda_kernels_built() -> bool:
 
 CUDA_KERNEL_VERSIONS = (1, 2)
 # The ops whose CUDA row kernels come in two generations, each with its own setting (the index of each
-# name is its csrc RowKernelOp). The affine coupling has one generation.
-CUDA_KERNEL_OPS = ("coupling", "scale_prior")
+# name is its csrc RowKernelOp).
+CUDA_KERNEL_OPS = ("coupling", "scale_prior", "affine_coupling")
 
 
 def cuda_kernel_version(op: str) -> int:
-    """The generation of CUDA row kernels (1 or 2) that ``op`` runs: 'coupling' or 'scale_prior'."""
+    """The generation of CUDA row kernels (1 or 2) that ``op`` runs: 'coupling', 'scale_prior' or
+    'affine_coupling'."""
     return int(_C.cuda_kernel_version(_row_kernel_op_index(op)))
 
 
 def cuda_kernel_versions() -> Dict[str, int]:
-    """Each op's generation of CUDA row kernels, e.g. ``{'coupling': 1, 'scale_prior': 2}``."""
+    """Each op's generation of CUDA row kernels, e.g. ``{'coupling': 1, 'scale_prior': 2, 'affine_coupling': 1}``."""
     return {op: cuda_kernel_version(op) for op in CUDA_KERNEL_OPS}
 
 
@@ -49,23 +50,25 @@ def default_cuda_kernel_versions() -> Dict[str, int]:
 
 @contextlib.contextmanager
 def use_cuda_kernels(version: Optional[int] = None, *, coupling: Optional[int] = None,
-                     scale_prior: Optional[int] = None):
+                     scale_prior: Optional[int] = None, affine_coupling: Optional[int] = None):
     """Runs the fused ops with the given generation of CUDA row kernels inside the ``with`` block:
-    ``version`` for both ops, or ``coupling=`` / ``scale_prior=`` for one (these win over ``version``).
+    ``version`` for every op, or ``coupling=`` / ``scale_prior=`` / ``affine_coupling=`` for one (these win
+    over ``version``).
 
     Version 1 gives a row to a block and moves one element per thread and access; version 2 (the
     bandwidth-tuned design of ``benchmarks/NOTES.md``) gives a row to a warp and moves 16 bytes per access
-    where the layout allows it. Both compute the same values (version 2 may sum a row's log-density in
-    another order). The setting is process-wide and read at each launch (a CUDA graph keeps the kernels
+    where the layout allows it. Both compute the same values (version 2 may sum a row's log-density, or
+    an affine layer's log|det|, in another order). The setting is process-wide and read at each launch (a CUDA graph keeps the kernels
     it captured); ``NICE_EXT_CUDA_KERNELS`` sets it at import. CPU kernels are unaffected. By default each
     op runs its faster version on an H100 (``benchmarks/NOTES.md``): version 2 for the scaling + prior,
     whose forward is 1.6-2.2x faster there, and version 1 for the coupling, whose version 2 is slower at
-    3072 features.
+    3072 features. The affine coupling runs version 1 until its version 2 has been timed on a GPU.
     """
     wanted = {op: version for op in CUDA_KERNEL_OPS} if version is not None else {}
-    wanted.update({op: v for op, v in (("coupling", coupling), ("scale_prior", scale_prior)) if v is not None})
+    per_op = (("coupling", coupling), ("scale_prior", scale_prior), ("affine_coupling", affine_coupling))
+    wanted.update({op: v for op, v in per_op if v is not None})
     if not wanted:
-        raise ValueError("use_cuda_kernels needs a version, or coupling= / scale_prior=")
+        raise ValueError("use_cuda_kernels needs a version, or coupling= / scale_prior= / affine_coupling=")
     for v in wanted.values():
         _check_cuda_kernel_version(v)
     previous = cuda_kernel_versions()
@@ -94,7 +97,7 @@ def _set_cuda_kernel_versions(versions: Dict[str, int]) -> None:
 
 def parse_cuda_kernel_versions(text: str) -> Dict[str, int]:
     """Reads the form ``NICE_EXT_CUDA_KERNELS`` and ``bench_coupling.py --cuda-kernels`` take: '1' or '2'
-    for both ops, or per op, e.g. 'coupling=2,scale_prior=1' (an op left out keeps its version)."""
+    for every op, or per op, e.g. 'coupling=2,scale_prior=1' (an op left out keeps its version)."""
     form = "'1', '2' or per op, e.g. 'coupling=2,scale_prior=1'"
     text = text.strip()
     if text in ("1", "2"):

@@ -158,10 +158,13 @@ def gather_with_repeats(check, device, tag):
     shift_col = coupling_maps(mask, ~mask)[0].to(device)
     gather_index = torch.tensor([0, 5, 5, 783, 0, 2, 401], dtype=torch.int32, device=device)
     x, shift = torch.randn(257, 784, generator=g).to(device), torch.randn(257, 392, generator=g).to(device)
-    y, gathered = torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, False)
-    check.calls += 1
-    if not torch.equal(gathered, y[:, gather_index.long()]):
-        check.mismatches.append(f"coupling_update {tag} with a repeated gather_index: gathered is not y[:, gather_index]")
+    outputs = {"coupling_update": torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, False),
+               "affine_coupling_update": torch.ops.nice_ext.affine_coupling_update(x, shift, shift, shift_col,
+                                                                                   gather_index, "tanh", False)}
+    for name, (y, gathered, *_) in outputs.items():
+        check.calls += 1
+        if not torch.equal(gathered, y[:, gather_index.long()]):
+            check.mismatches.append(f"{name} {tag} with a repeated gather_index: gathered is not y[:, gather_index]")
 
 
 def run(device, sizes, dtypes, layouts, started):
@@ -184,9 +187,8 @@ def run(device, sizes, dtypes, layouts, started):
                             for inverse in (False, True):
                                 additive_coupling(check, f"{tag} {kind} inverse={inverse}", x, kind_maps, layout,
                                                   inverse)
-                                if version == 1:  # one generation of the affine kernels
-                                    affine_coupling(check, f"{tag} {kind} inverse={inverse}", x, kind_maps,
-                                                    layout, inverse)
+                                affine_coupling(check, f"{tag} {kind} inverse={inverse}", x, kind_maps, layout,
+                                                inverse)
                 # progress, for a run that a time limit stops
                 print(f"version {version}, {batch} x {features}: done at {time.time() - started:.0f} s, "
                       f"{check.calls} calls", flush=True)

@@ -78,11 +78,14 @@ def test_results_of_other_cuda_kernels_than_the_defaults_get_their_own_files():
     device = {"device": "NVIDIA H100 80GB HBM3"}
     stem = os.path.join("out", "NVIDIA_H100_80GB_HBM3")
     assert bench.results_stem("out", device) == stem  # a CPU run records no versions
-    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 1, "scale_prior": 2}}) == stem
-    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 1, "scale_prior": 1}}) == stem + "_kernels_v1"
-    assert bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 2, "scale_prior": 2}}) == stem + "_kernels_v2"
-    assert (bench.results_stem("out", {**device, "cuda_kernels": {"coupling": 2, "scale_prior": 1}})
-            == stem + "_kernels_coupling_v2_scale_prior_v1")
+    def versions(coupling, scale_prior, affine_coupling):
+        return {**device, "cuda_kernels": dict(coupling=coupling, scale_prior=scale_prior,
+                                               affine_coupling=affine_coupling)}
+
+    assert bench.results_stem("out", versions(1, 2, 1)) == stem
+    assert bench.results_stem("out", versions(1, 1, 1)) == stem + "_kernels_v1"
+    assert bench.results_stem("out", versions(2, 2, 2)) == stem + "_kernels_v2"
+    assert bench.results_stem("out", versions(2, 1, 1)) == stem + "_kernels_coupling_v2_scale_prior_v1_affine_coupling_v1"
     assert bench.kernel_versions_text({"coupling": 1, "scale_prior": 2}) == "coupling version 1, scale_prior version 2"
     assert bench.kernel_versions_text(2) == "version 2"  # results written before the per-op switch
 
@@ -113,7 +116,7 @@ def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
             outputs = fn()
         assert all(torch.isfinite(t).all() for t in outputs), name
         names.append(name)
-    assert len(names) == 24 and "v2 coupling bwd 4 x 3072 float32" in names
+    assert len(names) == 28 and "v2 coupling bwd 4 x 3072 float32" in names and "v2 affine_coupling fwd 4 x 784 float32" in names
     kernel = "void nice_ext::(anonymous namespace)::coupling_update_rows_kernel<c10::BFloat16, 8>(const c10::BFloat16 *, long)"
     header = '"ID","Process ID","Kernel Name","Block Size","Grid Size","Section Name","Metric Name","Metric Unit","Metric Value"'
     rows = [f'"{i}","1","{kernel}","(256, 1, 1)","(528, 1, 1)","Command line profiler metrics","{metric}","{unit}","{value}"'

@@ -6,6 +6,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/macros/Macros.h>
 
+#include "cuda/coupling_rows.cuh"
 #include "cuda/cuda_utils.cuh"
 #include "nice_ext.h"
 
@@ -91,29 +92,6 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
 // int32 of shared memory (feature_table_fits); wider rows take version 1.
 // ---------------------------------------------------------------------------------------------------
 
-// slot[j] = k where gather_index[k] = j, else -1, for every feature j. Returns whether gather_index
-// names a feature twice (slot then keeps one of its k): the forward allows it, and then recomputes the
-// gathered copy in a second pass; the backward's schema forbids it (a device assert). Ends with a block
-// barrier.
-__device__ inline bool inverse_gather_map(const int32_t* __restrict__ gather_index, int64_t gathered_n,
-                                          int64_t features, int32_t* slot) {
-  __shared__ int repeats;
-  if (threadIdx.x == 0) repeats = 0;
-  for (int64_t j = threadIdx.x; j < features; j += blockDim.x) slot[j] = -1;
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {
-    const int32_t j = gather_index[k];
-    CUDA_KERNEL_ASSERT(j >= 0 && j < features && "gather_index out of range");
-    slot[j] = static_cast<int32_t>(k);
-  }
-  __syncthreads();
-  for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {
-    if (slot[gather_index[k]] != k) atomicOr(&repeats, 1);  // another k took its feature's slot
-  }
-  __syncthreads();
-  return repeats != 0;
-}
-
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kRowBlockThreads)
     coupling_update_rows_kernel(const scalar_t* __restrict__ x, int64_t x_row_stride,
@@ -174,12 +152,8 @@ __global__ void __launch_bounds__(kRowBlockThreads)
   using opmath_t = at::opmath_type<scalar_t>;
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
-  extern __shared__ __align__(32) unsigned char shared_bytes[];
-  int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
-  const bool repeats = inverse_gather_map(gather_index, gathered_n, features, slot);
-  // The gradients of two columns gathered from one feature would need adding up: the schema forbids it,
-  // and the CPU kernels refuse it. Stop here rather than drop one of them.
-  CUDA_KERNEL_ASSERT(!repeats && "gather_index names a feature twice");
+  extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
+  const int32_t* slot = backward_gather_slots(gather_index, gathered_n, features, shared_bytes);
   const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;

@@ -49,6 +49,15 @@ int row_pack_width(const void* data, int64_t row_stride, int64_t row_length) {
   return fits ? wide : 1;
 }
 
+// Whether every row of a (batch, row_length) tensor can be read in packs of 16 bytes. (TensorLike is
+// at::Tensor; a template parameter keeps this header free of ATen's tensor headers, for the emulation's
+// selftest.)
+template <typename scalar_t, typename TensorLike>
+bool rows_aligned_for_packs(const TensorLike& t) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  return row_pack_width<scalar_t>(t.const_data_ptr(), t.stride(0), t.size(1)) == wide;
+}
+
 // Calls launch(std::integral_constant<int, V>()) with V = width, which row_pack_width (and any other
 // alignment the kernel needs) chose: the pack width as a template argument.
 template <typename scalar_t, typename F>
@@ -58,6 +67,23 @@ void with_pack_width(int width, F&& launch) {
     launch(std::integral_constant<int, wide>());
   } else {
     launch(std::integral_constant<int, 1>());
+  }
+}
+
+// For kernels that sum over a row, whose order must not depend on the layout: calls
+// launch(std::integral_constant<int, V>(), std::bool_constant<kAligned>()) with rows cut into packs of
+// V = kVectorBytes / sizeof(scalar_t) elements whenever V divides row_length (else 1), each read in one
+// access where the caller found its inputs aligned for it (kAligned), else an element at a time
+// (load_pack). The packs a lane takes are the same either way.
+template <typename scalar_t, typename F>
+void with_row_packs(int64_t row_length, bool aligned, F&& launch) {
+  constexpr int wide = kVectorBytes / sizeof(scalar_t);
+  if (row_length % wide != 0) {
+    launch(std::integral_constant<int, 1>(), std::true_type());  // one element is always aligned
+  } else if (aligned) {
+    launch(std::integral_constant<int, wide>(), std::true_type());
+  } else {
+    launch(std::integral_constant<int, wide>(), std::false_type());
   }
 }
 

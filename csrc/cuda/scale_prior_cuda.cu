@@ -259,28 +259,19 @@ const char* scale_prior_kernel_cuda(const at::Tensor& h, const at::Tensor& log_s
       const size_t shared = features * sizeof(opmath_t);
       // Packs of 16 bytes whenever they divide the row (z, allocated here, is aligned for them), read in
       // one access where h is aligned too: log_prob is then the same for every layout of h.
-      constexpr int wide = kVectorBytes / sizeof(scalar_t);
-      const bool aligned = row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features) == wide;
-      with_pack_width<scalar_t>(features % wide == 0 ? wide : 1, [&](auto pack) {
+      with_row_packs<scalar_t>(features, rows_aligned_for_packs<scalar_t>(h), [&](auto pack, auto aligned_loads) {
         constexpr int V = decltype(pack)::value;
+        constexpr bool kAligned = decltype(aligned_loads)::value;
         auto launch = [&](auto kernel) {
           kernel<<<row_blocks(batch), kRowBlockThreads, shared, stream>>>(
               h.const_data_ptr<scalar_t>(), h.stride(0), log_scale.const_data_ptr<scalar_t>(),
               z.defined() ? z.mutable_data_ptr<scalar_t>() : nullptr, log_prob.mutable_data_ptr<opmath_t>(), batch,
               features);
         };
-        auto launch_for_prior = [&](auto aligned_loads) {
-          constexpr bool kAligned = decltype(aligned_loads)::value;
-          if (prior == Prior::Logistic) {
-            launch(scale_prior_rows_kernel<scalar_t, Prior::Logistic, V, kAligned>);
-          } else {
-            launch(scale_prior_rows_kernel<scalar_t, Prior::Gaussian, V, kAligned>);
-          }
-        };
-        if (aligned || V == 1) {  // one element is always aligned
-          launch_for_prior(std::true_type());
+        if (prior == Prior::Logistic) {
+          launch(scale_prior_rows_kernel<scalar_t, Prior::Logistic, V, kAligned>);
         } else {
-          launch_for_prior(std::false_type());
+          launch(scale_prior_rows_kernel<scalar_t, Prior::Gaussian, V, kAligned>);
         }
       });
       return;
@@ -319,25 +310,16 @@ const char* scale_prior_backward_kernel_cuda(const at::Tensor& grad_log_prob, co
     if (cuda_kernel_version(RowKernelOp::ScalePrior) == 2) {
       // Packs of 16 bytes whenever they divide the row (grad_h, allocated by the entry point, is aligned for
       // them), read in one access where h and grad_z are aligned too.
-      constexpr int wide = kVectorBytes / sizeof(scalar_t);
       const bool aligned =
-          row_pack_width<scalar_t>(h.const_data_ptr(), h.stride(0), features) == wide &&
-          (!grad_z.defined() || row_pack_width<scalar_t>(grad_z.const_data_ptr(), grad_z.stride(0), features) == wide);
-      with_pack_width<scalar_t>(features % wide == 0 ? wide : 1, [&](auto pack) {
+          rows_aligned_for_packs<scalar_t>(h) && (!grad_z.defined() || rows_aligned_for_packs<scalar_t>(grad_z));
+      with_row_packs<scalar_t>(features, aligned, [&](auto pack, auto aligned_loads) {
         constexpr int V = decltype(pack)::value;
+        constexpr bool kAligned = decltype(aligned_loads)::value;
         const dim3 grid((features / V + kBackwardTilePacks - 1) / kBackwardTilePacks, chunks);
-        auto launch_for_prior = [&](auto aligned_loads) {
-          constexpr bool kAligned = decltype(aligned_loads)::value;
-          if (prior == Prior::Logistic) {
-            launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Logistic, V, kAligned>, grid, kRowBlockThreads);
-          } else {
-            launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Gaussian, V, kAligned>, grid, kRowBlockThreads);
-          }
-        };
-        if (aligned || V == 1) {  // one element is always aligned
-          launch_for_prior(std::true_type());
+        if (prior == Prior::Logistic) {
+          launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Logistic, V, kAligned>, grid, kRowBlockThreads);
         } else {
-          launch_for_prior(std::false_type());
+          launch(scale_prior_backward_packs_kernel<scalar_t, Prior::Gaussian, V, kAligned>, grid, kRowBlockThreads);
         }
       });
     } else if (prior == Prior::Logistic) {
