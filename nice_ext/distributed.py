@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
+from datetime import timedelta
 from typing import Optional
 
 import torch
@@ -29,10 +30,18 @@ class LogProb(nn.Module):
         return self.model.log_prob(x)
 
 
-class Context:
-    """Rank, world size and device of this process; a single-process context outside torchrun."""
+# How long the other ranks may wait at the end while rank 0 evaluates the test set and writes its outputs.
+# The training collectives keep the process group's timeout (NCCL's default is 10 minutes), which is
+# right for a step that hangs but too short for an evaluation of a larger dataset than MNIST.
+LEAVE_TIMEOUT = timedelta(hours=24)
 
-    def __init__(self, device_choice: str):
+
+class Context:
+    """Rank, world size and device of this process; a single-process context outside torchrun.
+
+    ``timeout`` is the training collectives' (None: torch's default for the backend)."""
+
+    def __init__(self, device_choice: str, timeout: Optional[timedelta] = None):
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.enabled = self.world_size > 1
         self.rank = int(os.environ.get("RANK", "0"))
@@ -46,7 +55,10 @@ class Context:
             self.device = torch.device("cuda", local_rank)
         else:
             self.device = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout)
+        # The wait at the end goes through a gloo group of its own: a host-side barrier with its own
+        # timeout, which no NCCL watchdog aborts.
+        self._leave_group = dist.new_group(backend="gloo", timeout=LEAVE_TIMEOUT)
 
     @property
     def is_main(self) -> bool:
@@ -78,9 +90,10 @@ class Context:
             dist.all_reduce(value, op=dist.ReduceOp.SUM)
         return value
 
-    def barrier(self) -> None:
+    def leave_together(self) -> None:
+        """Wait, up to LEAVE_TIMEOUT, until every rank is here (rank 0 may still be evaluating)."""
         if self.enabled:
-            dist.barrier()
+            dist.barrier(group=self._leave_group)
 
     def close(self) -> None:
         if self.enabled and dist.is_initialized():

@@ -521,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
         # The ranks leave together: the others wait here while rank 0 evaluates and writes the outputs, so
         # no rank tears its process group down while a peer still uses its own. (Not after an exception:
         # the other ranks may be inside a collective that would never complete.)
-        ctx.barrier()
+        ctx.leave_together()
         return status
     finally:
         stop_signals.restore()

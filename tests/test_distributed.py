@@ -5,6 +5,7 @@ the global batch, would take a different step."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -100,6 +101,47 @@ def test_a_stop_signal_to_torchrun_stops_every_rank_at_the_same_step(tmp_path, s
                  timeout=300)
     assert "test log-likelihood" in stdout
     assert torch.load(os.path.join(out, "last.pt"), weights_only=True)["epoch"] == saved["epoch"] + 1
+
+
+# Rank 0 "evaluates" for three times the collectives' timeout while rank 1 waits at the end.
+LEAVE_SCRIPT = """
+import time
+from datetime import timedelta
+import torch.distributed as dist
+from nice_ext.distributed import Context
+ctx = Context("cpu", timeout=timedelta(seconds=2))
+if ctx.rank == 0:
+    time.sleep(6)
+{wait}
+ctx.close()
+print("left")
+"""
+
+
+@pytest.mark.parametrize("wait, leaves", [("ctx.leave_together()", True), ("dist.barrier()", False)])
+def test_ranks_wait_at_the_end_for_longer_than_the_collectives_timeout(wait, leaves):
+    # dist.barrier(), the wait this replaced, times out after the process group's timeout (NCCL's
+    # default is 10 minutes): the control case shows the test would catch it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = LEAVE_SCRIPT.format(wait=wait)
+    ranks = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                                                  WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)))
+             for rank in (0, 1)]
+    try:
+        outputs = [rank.communicate(timeout=120) for rank in ranks]
+    finally:
+        for rank in ranks:
+            rank.kill()
+    waiting_rank_out, waiting_rank_err = outputs[1]
+    if leaves:
+        assert [rank.returncode for rank in ranks] == [0, 0], outputs
+        assert all(out.strip() == "left" for out, _ in outputs)
+    else:
+        assert ranks[1].returncode != 0 and "left" not in waiting_rank_out
+        assert "Timed out" in waiting_rank_err, waiting_rank_err[-2000:]  # gloo's words
 
 
 def test_each_rank_trains_on_its_own_part_of_the_global_batch():
