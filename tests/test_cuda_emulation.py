@@ -28,8 +28,10 @@ OUT_DIR = os.path.join(ROOT, "build", "cuda-emulation")  # kept between runs: ni
 # The op tests, and the model's (fused against pure PyTorch, inverse, inpainting, torch.compile and
 # torch.export of a fused model): about 15 seconds of the latter. The training tools' tests are left
 # out; on the emulated kernels they take over 10 minutes.
-EMULATED_TESTS = ["test_op_coupling.py", "test_op_affine_coupling.py", "test_op_scale_prior.py",
-                  "test_cuda_kernel_versions.py", "test_model.py"]
+EMULATED_TESTS = ["test_op_coupling.py", "test_op_affine_coupling.py", "test_op_scale_prior.py", "test_model.py"]
+# The comparisons of version 2 with version 1 pick each op's version themselves, so they run once, with
+# version 2 as the process's default (about 4 minutes on the emulated kernels).
+VERSION_COMPARISONS = "test_cuda_kernel_versions.py"
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +79,14 @@ def test_emulated_tree_loads_the_emulated_library(emulated_tree):
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_op_and_model_tests_pass_on_the_emulated_cuda_kernels(emulated_tree, version):
-    tests = [os.path.join(emulated_tree, "tests", name) for name in EMULATED_TESTS]
+    names = EMULATED_TESTS + ([VERSION_COMPARISONS] if version == 2 else [])
+    tests = [os.path.join(emulated_tree, "tests", name) for name in names]
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *tests],
                             cwd=emulated_tree, capture_output=True, text=True, timeout=3600,
                             env=dict(os.environ, NICE_EXT_CUDA_KERNELS=str(version)))
     assert result.returncode == 0, f"{result.stdout[-8000:]}\n{result.stderr[-3000:]}"
-    # The comparisons of the two versions ran (they skip where no CUDA kernels can run), and the rest.
+    # No test that needs CUDA kernels skipped for want of them: they all ran on the emulated ones.
     assert "needs a CUDA GPU (or the CUDA emulation)" not in result.stdout
     passed = int(re.search(r"(\d+) passed", result.stdout).group(1))
-    assert passed > 1000, result.stdout[-2000:]
+    # The op and model tests number over 700 (737 when this was written), the comparisons over 2000 more.
+    assert passed > 700 + (2000 if version == 2 else 0), result.stdout[-2000:]

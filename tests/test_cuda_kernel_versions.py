@@ -2,7 +2,8 @@
 version 2 against version 1 on every layout that picks a different path in version 2 (16-byte packs on
 contiguous rows and on strided rows that stay aligned, one element per access otherwise, version 1 for
 rows too wide for the shared-memory scales). The other CUDA tests run under the defaults and under
-``NICE_EXT_CUDA_KERNELS=2`` (scripts/check_cuda.sh), and on the emulated kernels under ``=1`` and ``=2``."""
+``NICE_EXT_CUDA_KERNELS=2`` (scripts/check_cuda.sh), and on the emulated kernels under ``=1`` and ``=2``;
+this file runs there once, under ``=2`` (tests/test_cuda_emulation.py)."""
 import os
 import subprocess
 import sys
