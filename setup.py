@@ -11,9 +11,9 @@ torch is a CUDA build and a CUDA toolkit is found, whether or not a GPU is visib
 """
 
 import glob
-import importlib.util
 import os
 import re
+import runpy
 import shutil
 import subprocess
 
@@ -83,12 +83,9 @@ def cuda_library_include_dirs(cuda_home):
 
 
 def build_support():
-    """nice_ext/build_support.py, loaded by its path: importing the package would need the extension."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nice_ext", "build_support.py")
-    spec = importlib.util.spec_from_file_location("nice_ext_build_support", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """nice_ext/build_support.py's names, run by its path: importing the package would need the extension."""
+    return runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "nice_ext",
+                                       "build_support.py"))
 
 
 def require_torch():
@@ -114,7 +111,7 @@ def extensions():
     # -fno-trapping-math: lets the compiler vectorise the prior's branch-free exp/log1p loops; nothing here
     #   reads floating-point exception flags. The C++ standard is the one torch's BuildExtension picks.
     cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
-    link_flags = ["-fopenmp"] + build_support().shared_cxx_runtime_link_args()
+    link_flags = ["-fopenmp"] + build_support()["shared_cxx_runtime_link_args"]()
     define_macros = []
     if with_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))

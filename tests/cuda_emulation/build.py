@@ -14,9 +14,9 @@ not be imported into a process that has imported the real ``nice_ext``.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import sys
@@ -90,15 +90,12 @@ def build(out_dir: str, verbose: bool = False) -> str:
     for cu in sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))):
         sources.append(write_host_source(cu, os.path.join(source_dir, os.path.basename(cu)[:-3] + "_host.cpp")))
     # Linked as setup.py links the real library: against the shared libstdc++ (nice_ext/build_support.py).
-    spec = importlib.util.spec_from_file_location("nice_ext_build_support",
-                                                  os.path.join(ROOT, "nice_ext", "build_support.py"))
-    build_support = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(build_support)
+    build_support = runpy.run_path(os.path.join(ROOT, "nice_ext", "build_support.py"))
     # The shim's include folder comes first: its ATen/cuda/CUDAContext.h replaces ATen's.
     load(name="_C", sources=sources, build_directory=build_dir, is_python_module=False, with_cuda=False,
          extra_include_paths=[os.path.join(HERE, "include"), os.path.join(ROOT, "csrc")],
          extra_cflags=["-O2", "-DNICE_EXT_WITH_CUDA", "-DNICE_EXT_EMULATED_CUDA", "-Wno-unknown-pragmas"],
-         extra_ldflags=build_support.shared_cxx_runtime_link_args(), verbose=verbose)
+         extra_ldflags=build_support["shared_cxx_runtime_link_args"](), verbose=verbose)
     package = os.path.join(out_dir, "nice_ext")
     shutil.rmtree(package, ignore_errors=True)
     shutil.copytree(os.path.join(ROOT, "nice_ext"), package,
