@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Dict, Optional, Tuple, Union
+import weakref
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -152,9 +153,99 @@ def _coupling_update_backward_fake(grad_y, grad_gathered, shift_col, gather_inde
     return grad_y.new_empty(grad_y.shape), grad_y.new_empty((grad_y.shape[0], updated))
 
 
+# The index maps' values, checked by the wrappers where CUDA kernels will read them. The CPU kernels check
+# every entry on every call, but a CUDA kernel can only assert on the device, and a device assert ends the
+# process's use of the GPU. So the wrappers check a CUDA map on the host the first time they see it (one
+# copy to the host) and again after it changes in place; the model's maps are buffers, so a step pays a
+# lookup. Not while torch.compile traces, nor during CUDA graph capture (no copy to the host is allowed
+# there): the model's eager warm-up steps have checked its maps by then. The errors are the CPU kernels'
+# own, word for word. The raw torch.ops.nice_ext ops do not check on CUDA.
+# (id(shift_col), id(gather_index)) -> (weak references to both, whether each is an inference tensor,
+# _index_maps_state at the check)
+_checked_index_maps: Dict[Tuple[int, int], tuple] = {}
+# The host build of the CUDA kernels that the tests make (tests/cuda_emulation/build.py) runs them on CPU
+# tensors; its copy of the package holds this marker.
+_CUDA_KERNELS_READ_CPU_TENSORS = os.path.exists(os.path.join(os.path.dirname(__file__), "CUDA_EMULATION"))
+
+
+def _forget_index_maps(key: Tuple[int, int], ref: weakref.ref) -> None:
+    entry = _checked_index_maps.get(key)
+    if entry is not None and ref in (entry[0], entry[1]):
+        del _checked_index_maps[key]
+
+
+def _index_maps_state(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor, inference: Tuple[bool, bool]
+                      ) -> tuple:
+    """What a check of the maps' values holds for: their contents (an inference tensor has no version
+    counter, and changes in place only under inference_mode), x's features and shift's columns."""
+    return (None if inference[0] else shift_col._version, None if inference[1] else gather_index._version,
+            shift_col.data_ptr(), gather_index.data_ptr(), x.shape[-1:], shift.shape[-1:])
+
+
+def _shift_col_problem(col: List[int], updated: int) -> Optional[str]:
+    seen = [False] * updated
+    for j, c in enumerate(col):
+        if c == -1:
+            continue
+        if not 0 <= c < updated or seen[c]:
+            return (f"shift_col must map the updated features one-to-one onto the {updated} columns of shift (and "
+                    f"-1 to kept features); entry {j} is {c}")
+        seen[c] = True
+    count = sum(seen)
+    return None if count == updated else f"the coupling mask updates {count} features but shift has {updated} columns"
+
+
+def _gather_index_problem(index: List[int], features: int) -> Optional[str]:
+    seen = set()
+    for g, j in enumerate(index):
+        if not 0 <= j < features or j in seen:
+            return f"gather_index must list distinct features in [0, {features}); entry {g} is {j}"
+        seen.add(j)
+    return None
+
+
+def _check_index_maps(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor) -> None:
+    """Raises the CPU kernels' error for bad index map values, reading the maps once per change."""
+    if (torch.compiler.is_compiling() or functorch_transform_active() or type(x) is not Tensor
+            or type(shift) is not Tensor or type(shift_col) is not Tensor or type(gather_index) is not Tensor):
+        return  # traced, transformed, or tensors this check cannot read (the op's own checks name a non-tensor)
+    key = (id(shift_col), id(gather_index))
+    entry = _checked_index_maps.get(key)
+    if (entry is not None and entry[0]() is shift_col and entry[1]() is gather_index
+            and entry[3] == _index_maps_state(x, shift, shift_col, gather_index, entry[2])):
+        return
+    # Only maps that pass the op's own checks of shapes, dtypes and devices have their values read here:
+    # the op names any other problem itself.
+    if x.dim() != 2 or shift.dim() != 2 or shift_col.dim() != 1 or gather_index.dim() != 1:
+        return
+    features, updated = x.shape[1], shift.shape[1]
+    if (shift_col.shape[0] != features or not 1 <= updated < features or gather_index.shape[0] > features
+            or shift_col.dtype != torch.int32 or gather_index.dtype != torch.int32
+            or any(t.device != x.device for t in (shift, shift_col, gather_index))):
+        return
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    found = _shift_col_problem(shift_col.tolist(), updated) or _gather_index_problem(gather_index.tolist(), features)
+    if found is not None:
+        raise RuntimeError(f"nice_ext: {found}")
+    inference = (shift_col.is_inference(), gather_index.is_inference())
+    forget = functools.partial(_forget_index_maps, key)
+    _checked_index_maps[key] = (weakref.ref(shift_col, forget), weakref.ref(gather_index, forget), inference,
+                                _index_maps_state(x, shift, shift_col, gather_index, inference))
+
+
+def _cuda_kernels_read(shift_col: Tensor) -> bool:
+    return isinstance(shift_col, Tensor) and (shift_col.is_cuda or _CUDA_KERNELS_READ_CPU_TENSORS)
+
+
 def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,
                             inverse: bool = False) -> Tuple[Tensor, Tensor]:
-    """The fused op on precomputed index maps (see ``masks.coupling_maps``): returns (y, gathered)."""
+    """The fused op on precomputed index maps (see ``masks.coupling_maps``): returns (y, gathered).
+
+    The maps' values are checked as the CPU kernels check them; on CUDA the first time a map tensor is seen
+    (and after it changes in place)."""
+    if _cuda_kernels_read(shift_col):
+        _check_index_maps(x, shift, shift_col, gather_index)
     return torch.ops.nice_ext.coupling_update(x, shift, shift_col, gather_index, inverse)
 
 
@@ -230,8 +321,10 @@ def affine_coupling_update_indexed(x: Tensor, log_scale_raw: Tensor, shift: Tens
                                    gather_index: Tensor, log_scale_law: str = "tanh",
                                    inverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused affine op on precomputed index maps (see ``masks.coupling_maps``): returns
-    (y, gathered, log_det)."""
+    (y, gathered, log_det). The maps are checked as ``coupling_update_indexed`` checks them."""
     _check_affine_log_scale_law(log_scale_law)
+    if _cuda_kernels_read(shift_col):
+        _check_index_maps(x, shift, shift_col, gather_index)
     return torch.ops.nice_ext.affine_coupling_update(x, log_scale_raw, shift, shift_col, gather_index, log_scale_law,
                                                      inverse)
 

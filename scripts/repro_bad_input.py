@@ -13,6 +13,8 @@ its own child process, so one run tells which kinds of error crash:
   cuda-coupling-below-autograd the same, called below autograd (is the Python autograd kernel involved?)
   cuda-scale-prior, cuda-scale-inverse, cuda-affine-coupling, cuda-mixed-devices: the other ops and a
                                device mismatch
+  cuda-coupling-bad-map, cuda-affine-coupling-bad-map: index maps with bad values, through the Python
+                               wrappers (the CUDA kernels would assert on the device)
 
 usage: python scripts/repro_bad_input.py [--case NAME]   (exit 0 when every case raised as it should;
 tests/test_op_coupling.py runs it)
@@ -81,13 +83,32 @@ def cuda_mixed_devices():
     torch.ops.nice_ext.coupling_update(x, shift.cpu(), shift_col, gather_index, False)
 
 
+def bad_map_args():
+    x, shift, shift_col, gather_index = coupling_args("cuda")
+    shift_col[1] = shift_col[3]  # two features onto one shift column
+    return x, shift, shift_col, gather_index
+
+
+def cuda_coupling_bad_map():
+    nice_ext.ops.coupling_update_indexed(*bad_map_args())
+    torch.cuda.synchronize()  # where a device assert would surface
+
+
+def cuda_affine_coupling_bad_map():
+    x, shift, shift_col, gather_index = bad_map_args()
+    nice_ext.ops.affine_coupling_update_indexed(x, shift, shift, shift_col, gather_index)
+    torch.cuda.synchronize()
+
+
 # name: (call, what it needs: nothing, the CUDA kernels built, or a GPU)
 CASES = {"cpu-coupling": (cpu_coupling, None), "cuda-entry-cpu-tensors": (cuda_entry_cpu_tensors, "kernels"),
          "aten-cuda-mm": (aten_cuda_mm, "gpu"), "cuda-coupling": (cuda_coupling, "gpu"),
          "cuda-coupling-below-autograd": (cuda_coupling_below_autograd, "gpu"),
          "cuda-scale-prior": (cuda_scale_prior, "gpu"), "cuda-scale-inverse": (cuda_scale_inverse, "gpu"),
          "cuda-affine-coupling": (cuda_affine_coupling, "gpu"),
-         "cuda-mixed-devices": (cuda_mixed_devices, "gpu")}
+         "cuda-mixed-devices": (cuda_mixed_devices, "gpu"),
+         "cuda-coupling-bad-map": (cuda_coupling_bad_map, "gpu"),
+         "cuda-affine-coupling-bad-map": (cuda_affine_coupling_bad_map, "gpu")}
 
 
 def run_case(name):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import CUDA_KERNELS_EMULATED, DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
+from conftest import DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
 from nice_ext import ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
@@ -246,11 +246,12 @@ def test_bad_inputs_raise_clear_errors():
         op(x, raw, shift, shift_col, gather_index, "exp")
     with pytest.raises(RuntimeError, match="log_scale_law must be 'tanh' or 'unbounded'"):
         torch.ops.nice_ext.affine_coupling_update(x, raw, shift, shift_col, gather_index, "exp", False)
-    if not CUDA_KERNELS_EMULATED:  # the index maps' own checks: CPU kernels only
-        bad_col = shift_col.clone()
-        bad_col[1] = bad_col[3]
-        with pytest.raises(RuntimeError, match="one-to-one"):
-            op(x, raw, shift, bad_col, gather_index)
+    bad_col = shift_col.clone()  # the CPU kernel's check, or the wrapper's where CUDA kernels read the maps
+    bad_col[1] = bad_col[3]
+    with pytest.raises(RuntimeError, match="one-to-one"):
+        op(x, raw, shift, bad_col, gather_index)
+    with pytest.raises(RuntimeError, match="distinct features"):
+        op(x, raw, shift, shift_col, torch.tensor([4, 4], dtype=torch.int32))
     backward = torch.ops.nice_ext.affine_coupling_update_backward
     with pytest.raises(RuntimeError, match=r"grad_log_det must have shape \(4,\)"):
         backward(torch.randn_like(x), None, torch.randn(3), x, raw, shift, shift_col, gather_index, "tanh", False)

@@ -171,13 +171,49 @@ def test_bad_inputs_raise_clear_errors(device):
         ops.coupling_update(x, shift, mask.float())
     with pytest.raises(ValueError, match=r"shift must have shape \(4, 5\): one column per updated feature"):
         ops.coupling_update(x, shift[:, :4], mask)
-    if device == "cpu" and not CUDA_KERNELS_EMULATED:  # the index maps' own checks: CPU kernels only
-        bad_col = shift_col.clone()
-        bad_col[1] = bad_col[3]  # two features onto one shift column
-        with pytest.raises(RuntimeError, match="one-to-one"):
-            op(x, shift, bad_col, gather_index)
-        with pytest.raises(RuntimeError, match="distinct features"):
-            op(x, shift, shift_col, torch.tensor([1, 1], dtype=torch.int32))
+    # Bad index map values: the CPU kernels check every entry; where CUDA kernels read the maps (here: the
+    # CUDA emulation), the wrapper checks them first, with the same words (a CUDA kernel could only assert).
+    bad_col = shift_col.clone()
+    bad_col[1] = bad_col[3]  # two features onto one shift column
+    with pytest.raises(RuntimeError, match="one-to-one onto the 5 columns of shift .*; entry 3 is 1"):
+        op(x, shift, bad_col, gather_index)
+    with pytest.raises(RuntimeError, match=r"distinct features in \[0, 10\); entry 1 is 1"):
+        op(x, shift, shift_col, torch.tensor([1, 1], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="the coupling mask updates 4 features but shift has 5 columns"):
+        op(x, shift, torch.tensor([-1, 0, -1, 1, -1, 2, -1, 3, -1, -1], dtype=torch.int32), gather_index)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_index_maps_are_checked_once_and_again_after_a_change(device, monkeypatch):
+    """The wrappers' check of the index maps (run where CUDA kernels read them, tested here on every
+    device): a map is read once, and again after it changes in place."""
+    x, shift, shift_col, gather_index, _, _ = make_case(4, 10, "odd-even", device, torch.float32)
+    reads = []
+    real_problem = ops._shift_col_problem
+    monkeypatch.setattr(ops, "_shift_col_problem", lambda col, updated: reads.append(1) or real_problem(col, updated))
+    for _ in range(3):
+        ops._check_index_maps(x, shift, shift_col, gather_index)
+    assert len(reads) == 1  # read once, then a lookup per call
+    shift_col[[1, 3]] = shift_col[[3, 1]]  # still one-to-one: another valid map, checked again
+    ops._check_index_maps(x, shift, shift_col, gather_index)
+    assert len(reads) == 2
+    shift_col[1] = shift_col[3]  # changed in place after its check: no longer one-to-one
+    with pytest.raises(RuntimeError, match="one-to-one"):
+        ops._check_index_maps(x, shift, shift_col, gather_index)
+    with pytest.raises(RuntimeError, match="one-to-one"):  # a map that failed is not remembered as checked
+        ops._check_index_maps(x, shift, shift_col, gather_index)
+    assert len(reads) == 4
+    with torch.inference_mode():  # inference tensors have no version counter
+        maps = [m.to(device) for m in coupling_maps(odd_even_mask(10), ~odd_even_mask(10))]
+        for _ in range(2):
+            ops._check_index_maps(x, shift, *maps)
+    assert len(reads) == 5
+    with pytest.raises(RuntimeError, match="distinct features"):
+        ops._check_index_maps(x, shift, maps[0], torch.tensor([3, 3], dtype=torch.int32, device=device))
+    key = (id(maps[0]), id(maps[1]))
+    assert key in ops._checked_index_maps
+    del maps  # a map that is freed is forgotten
+    assert key not in ops._checked_index_maps
 
 
 @pytest.mark.skipif(CUDA_KERNELS_EMULATED, reason="runs scripts/repro_bad_input.py on the real build")
@@ -196,7 +232,7 @@ def test_bad_cuda_inputs_raise():
     # The whole message, numbers included: a libstdc++ linked into the extension truncated it at the first
     # number where it did not crash.
     assert "cpu-coupling: raised OK: nice_ext: shift must have the batch size of x (4 rows), got 3" in result.stdout
-    expected = 1 + cuda_kernels_built() + (7 if torch.cuda.is_available() else 0)
+    expected = 1 + cuda_kernels_built() + (9 if torch.cuda.is_available() else 0)
     assert result.stdout.count("raised OK") == expected, result.stdout
 
 
