@@ -53,7 +53,8 @@ def copy_bandwidth(device, min_run_time, n):
 
 
 def rel_error(a, b):
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 def op_cases(op, batch, dim, dtype, device):
@@ -86,43 +87,58 @@ def op_cases(op, batch, dim, dtype, device):
     return fused, ref, (x, log_scale), {"fwd": x.numel(), "bwd": 2 * x.numel()}  # read h; bwd also writes grad_h
 
 
+def check_against_reference(case, label):
+    """Correctness first: the fused op's values and gradients against the reference in float64. Returns the
+    inputs as leaves that need a gradient and the output gradients the timings use."""
+    fused, ref, inputs, _ = case
+    dtype = inputs[0].dtype
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ref64 = [t.detach().double().requires_grad_(True) for t in inputs]
+    out_ref = as_tuple(ref(*ref64))
+    out_fused = as_tuple(fused(*leaves))
+    grads = [torch.randn_like(o) for o in out_fused]
+    tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    for a, b in zip(out_fused, out_ref):
+        assert rel_error(a, b) < tol, (*label, rel_error(a, b))
+    g_fused = torch.autograd.grad(out_fused, leaves, grads)
+    g_ref = torch.autograd.grad(out_ref, ref64, [g.double() for g in grads])
+    for a, b in zip(g_fused, g_ref):
+        assert rel_error(a, b) < tol * 10, (*label, "grad", rel_error(a, b))
+    return leaves, grads
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def pass_calls(fn, leaves, grads):
+    """What each pass times: the forward (a call), the backward (of one graph, kept) and both."""
+    kept = as_tuple(fn(*leaves))  # also warms up torch.compile
+    return {"fwd": lambda: fn(*leaves),
+            "bwd": lambda: torch.autograd.grad(kept, leaves, grads, retain_graph=True),
+            "fwd+bwd": lambda: torch.autograd.grad(as_tuple(fn(*leaves)), leaves, grads)}
+
+
+def pass_gbps(case, pass_name, ms):
+    """Achieved GB/s of a pass that took ``ms``, counting the bytes it must read and write once."""
+    _, _, inputs, elements = case
+    n = elements["fwd"] + elements["bwd"] if pass_name == "fwd+bwd" else elements[pass_name]
+    return n * inputs[0].element_size() / (ms * 1e-3) / 1e9
+
+
 def bench_ops(device, quick, dtypes, min_run_time):
     rows = []
     sizes = op_sizes(quick)
     for op in ("coupling", "affine_coupling", "scale_prior"):
         for dtype in dtypes:
             for batch, dim in sizes:
-                fused, ref, inputs, elements = op_cases(op, batch, dim, dtype, device)
+                case = op_cases(op, batch, dim, dtype, device)
+                fused, ref, _, _ = case
+                leaves, grads = check_against_reference(case, (op, dtype, batch, dim))
                 compiled = torch.compile(ref, dynamic=False)
-                leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-
-                def outputs(fn):
-                    out = fn(*leaves)
-                    return out if isinstance(out, tuple) else (out,)
-
-                # correctness first: values and gradients against the reference in float64
-                ref64 = [t.detach().double().requires_grad_(True) for t in inputs]
-                out_ref = ref(*ref64)
-                out_ref = out_ref if isinstance(out_ref, tuple) else (out_ref,)
-                out_fused = outputs(fused)
-                grads = [torch.randn_like(o) for o in out_fused]
-                tol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
-                for a, b in zip(out_fused, out_ref):
-                    assert rel_error(a, b) < tol, (op, dtype, batch, dim, rel_error(a, b))
-                g_fused = torch.autograd.grad(out_fused, leaves, grads)
-                g_ref = torch.autograd.grad(out_ref, ref64, [g.double() for g in grads])
-                for a, b in zip(g_fused, g_ref):
-                    assert rel_error(a, b) < tol * 10, (op, "grad", dtype, batch, dim, rel_error(a, b))
-
                 for impl_name, fn in (("fused", fused), ("reference", ref), ("compiled", compiled)):
-                    outs = outputs(fn)  # graph kept for the backward timings (also warms up torch.compile)
-                    timings = {
-                        "fwd": timeit(lambda: fn(*leaves), min_run_time),
-                        "bwd": timeit(lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True),
-                                      min_run_time),
-                        "fwd+bwd": timeit(lambda: torch.autograd.grad(outputs(fn), leaves, grads), min_run_time),
-                    }
-                    for pass_name, (median, p20, p80) in timings.items():
+                    for pass_name, call in pass_calls(fn, leaves, grads).items():
+                        median, p20, p80 = timeit(call, min_run_time)
                         key = dict(op=op, dtype=str(dtype).replace("torch.", ""), batch=batch, dim=dim)
                         key["pass"] = pass_name
                         row = next((r for r in rows if all(r[k] == v for k, v in key.items())), None)
@@ -133,8 +149,7 @@ def bench_ops(device, quick, dtypes, min_run_time):
                         row[f"{impl_name}_p20_ms"] = p20
                         row[f"{impl_name}_p80_ms"] = p80
                         if impl_name == "fused":
-                            n = elements["fwd"] + elements["bwd"] if pass_name == "fwd+bwd" else elements[pass_name]
-                            row["fused_gbps"] = n * inputs[0].element_size() / (median * 1e-3) / 1e9
+                            row["fused_gbps"] = pass_gbps(case, pass_name, median)
                 print(f"  {op} {dtype} {batch}x{dim} done", file=sys.stderr, flush=True)
     return rows
 
@@ -218,8 +233,7 @@ def bench_call_cost(device, min_run_time):
         row = dict(op=op, batch=1, dim=784)
         for impl_name, fn in (("fused", fused), ("reference", ref)):
             def outputs():
-                out = fn(*leaves)
-                return out if isinstance(out, tuple) else (out,)
+                return as_tuple(fn(*leaves))
 
             grads = [torch.ones_like(o) for o in outputs()]
             row[f"{impl_name}_fwd_us"] = timeit(outputs, min_run_time)[0] * 1e3

@@ -18,9 +18,13 @@
 #     memcheck-tests  the CUDA op tests under memcheck (SANITIZE_K: their pytest -k expression; long)
 #     ncu         benchmarks/profile_kernels.py under Nsight Compute: time, DRAM bytes, L1/L2 hit rates and
 #                 occupancy of each CUDA kernel at 65536 rows, both versions (ncu.csv, and ncu.md summarised)
+#     versions    benchmarks/compare_kernel_versions.py: version 1 against version 2 of each op's row kernels,
+#                 timed in turns in one process, with each op's faster version (the evidence for the defaults
+#                 in csrc/ops.cpp); results into LOG_DIR/versions
 #     bench bench-v1 bench-v2
 #                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
-#                 ops; results (JSON, table, plot) into LOG_DIR/bench
+#                 ops; results (JSON, table, plot) into LOG_DIR/bench (the versions stage compares the
+#                 two generations in a fraction of the time of bench-v1 and bench-v2)
 #
 # Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests with either version
 # about 180-195 s (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
@@ -36,7 +40,7 @@ PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
 ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
-            memcheck-tests ncu bench bench-v1 bench-v2)
+            memcheck-tests ncu versions bench bench-v1 bench-v2)
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -92,6 +96,10 @@ run_stage() {
       { cat "$LOG_DIR/ncu.log"; "$PYTHON" benchmarks/profile_kernels.py --summarize "$LOG_DIR/ncu.csv"; } \
         > "$LOG_DIR/ncu.md" 2>&1 || rc=$?
       tail -40 "$LOG_DIR/ncu.md"
+      ;;
+    versions)
+      "$PYTHON" benchmarks/compare_kernel_versions.py --out "$LOG_DIR/versions" > "$LOG_DIR/versions.log" 2>&1 || rc=$?
+      tail -8 "$LOG_DIR/versions.log"
       ;;
     bench|bench-v1|bench-v2)
       local versions=()

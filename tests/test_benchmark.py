@@ -142,3 +142,72 @@ def test_provenance_records_the_cuda_kernel_versions_on_cuda(device):
             assert provenance.record(torch.device(device), "a command")["cuda_kernels"]["coupling"] == 2
     else:
         assert "cuda_kernels" not in fields  # the CPU kernels have one generation
+
+
+def test_kernel_version_comparison_times_each_version_in_turns(monkeypatch, tmp_path):
+    """benchmarks/compare_kernel_versions.py with its timer replaced by one that notes which version each op
+    runs at each call and answers a time per version: the turns alternate, every entry's passes are timed
+    under both versions, and the speed-ups and the verdicts follow from the times."""
+    from nice_ext import ops
+
+    compare = load_script("compare_kernel_versions")
+    answers = {"coupling": {1: 2.0, 2: 1.0}, "scale_prior": {1: 1.0, 2: 4.0}, "affine_coupling": {1: 3.0, 2: 2.0}}
+    seen = []
+
+    def timer(call, min_run_time):
+        versions = ops.cuda_kernel_versions()
+        op = current_op[0]
+        seen.append((op, versions[op]))
+        assert {o: v for o, v in versions.items() if o != op} == {o: v for o, v in before.items() if o != op}
+        return answers[op][versions[op]], 0.0, 0.0
+
+    current_op = [None]
+    before = ops.cuda_kernel_versions()  # every other op keeps its version while one op's are timed
+    real_op_cases = compare.op_cases
+
+    def op_cases(op, *args):
+        current_op[0] = op
+        return real_op_cases(op, *args)
+
+    monkeypatch.setattr(compare, "timeit", timer)
+    monkeypatch.setattr(compare, "op_cases", op_cases)
+    monkeypatch.setattr(compare.ops, "_CUDA_KERNELS_READ_CPU_TENSORS", True)  # let --device cpu through
+    result = compare.main(["--device", "cpu", "--sizes", "3x10,2x7", "--dtypes", "float32,float64", "--rounds", "3",
+                           "--min-run-time", "0.01", "--out", str(tmp_path)])
+    assert ops.cuda_kernel_versions() == before
+    # per entry and pass: 1 2, 2 1, 1 2
+    entries = 3 * 2 * 2 * 2
+    assert [v for _, v in seen] == [1, 2, 2, 1, 1, 2] * entries
+    rows = result["rows"]
+    assert len(rows) == entries and {(r["op"], r["pass"]) for r in rows} == {
+        (op, p) for op in ops.CUDA_KERNEL_OPS for p in ("fwd", "bwd")}
+    for r in rows:
+        assert (r["v1_ms"], r["v2_ms"]) == (answers[r["op"]][1], answers[r["op"]][2])
+        assert r["v2_speedup"] == pytest.approx(answers[r["op"]][1] / answers[r["op"]][2])
+        assert r["v1_gbps"] > 0 and r["v2_gbps"] > 0
+    summary = result["summary"]
+    defaults = ops.default_cuda_kernel_versions()
+    assert {op: s["faster_version"] for op, s in summary.items()} == {"coupling": 2, "scale_prior": 1,
+                                                                      "affine_coupling": 2}
+    assert summary["scale_prior"]["v2_speedup_geomean"] == pytest.approx(0.25)
+    assert summary["coupling"]["largest_batch"] == 3
+    assert {op: s["default_version"] for op, s in summary.items()} == defaults
+    assert "cuda_kernels" not in result and result["command"].startswith("python benchmarks/compare_kernel_versions.py")
+    written = json.loads((tmp_path / f"CPU_{os.cpu_count()}_cores_kernel_versions.json").read_text())
+    assert written["rows"] == rows
+    table = (tmp_path / f"CPU_{os.cpu_count()}_cores_kernel_versions.md").read_text()
+    assert "| coupling | fwd | float32 | 3 | 10 | 2.0000 (2.0000-2.0000) | 1.0000 (1.0000-1.0000) |" in table
+    assert "| scale_prior | 0.25x | 0.25x (3 rows) | version 1 | version 2 |" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--device", "cpu"], "the CPU kernels have one version"),
+    (["--sizes", "4x1"], "a coupling needs at least 2 features"),
+    (["--sizes", "4by784"], "sizes are BATCHxFEATURES"),
+    (["--ops", "coupling,prior"], "unknown op 'prior'"),
+    (["--rounds", "0"], "argument --rounds: must be positive"),
+])
+def test_kernel_version_comparison_refuses_what_it_cannot_do(args, message):
+    result = subprocess.run([sys.executable, "benchmarks/compare_kernel_versions.py", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]

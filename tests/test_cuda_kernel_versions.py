@@ -4,6 +4,7 @@ contiguous rows and on strided rows that stay aligned, one element per access ot
 rows too wide for the shared-memory scales). The other CUDA tests run under the defaults and under
 ``NICE_EXT_CUDA_KERNELS=2`` (scripts/check_cuda.sh), and on the emulated kernels under ``=1`` and ``=2``;
 this file runs there once, under ``=2`` (tests/test_cuda_emulation.py)."""
+import json
 import os
 import subprocess
 import sys
@@ -165,6 +166,20 @@ def test_each_switch_launches_its_own_ops_kernels(op, version_2_kernel):
         names[version] = " ".join(e.name for e in prof.events())
     # "::name<": coupling_update_rows_kernel is also the end of affine_coupling_update_rows_kernel's name.
     assert f"::{version_2_kernel}<" in names[2] and f"::{version_2_kernel}<" not in names[1]
+
+
+@needs_cuda_kernels
+def test_kernel_version_comparison_runs_where_the_cuda_kernels_run(tmp_path):
+    """benchmarks/compare_kernel_versions.py end to end, at small sizes (its logic: tests/test_benchmark.py)."""
+    result = subprocess.run([sys.executable, "benchmarks/compare_kernel_versions.py", "--device", DEVICE,
+                             "--sizes", "3x10,5x64", "--dtypes", "float32", "--rounds", "2", "--min-run-time", "0.01",
+                             "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = list(tmp_path.glob("*_kernel_versions.json"))
+    assert len(written) == 1
+    rows = json.loads(written[0].read_text())["rows"]
+    assert len(rows) == 3 * 2 * 2 and all(r["v1_ms"] > 0 and r["v2_ms"] > 0 for r in rows)
+    assert "| affine_coupling | bwd | float32 | 5 | 64 |" in result.stdout
 
 
 @needs_cuda_kernels

@@ -3,7 +3,8 @@
     python tests/cuda_emulation/build.py OUT_DIR
 
 writes OUT_DIR/nice_ext, a copy of the Python package whose ``_C`` runs the kernels of ``csrc/cuda`` for
-CPU tensors in place of the CPU kernels, and OUT_DIR/tests, a copy of the tests that imports it:
+CPU tensors in place of the CPU kernels, OUT_DIR/benchmarks, a copy of the benchmark scripts, and
+OUT_DIR/tests, a copy of the tests that imports it:
 
     python -m pytest OUT_DIR/tests/test_op_coupling.py
 
@@ -107,6 +108,10 @@ def build(out_dir: str, verbose: bool = False) -> str:
     shutil.rmtree(tests, ignore_errors=True)
     shutil.copytree(os.path.join(ROOT, "tests"), tests,
                     ignore=shutil.ignore_patterns("cuda_emulation", "test_cuda_emulation.py", "__pycache__"))
+    benchmarks = os.path.join(out_dir, "benchmarks")  # the scripts (compare_kernel_versions.py), not the results
+    shutil.rmtree(benchmarks, ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), benchmarks,
+                    ignore=shutil.ignore_patterns("results", "__pycache__"))
     return out_dir
 
 
