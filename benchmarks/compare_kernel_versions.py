@@ -173,7 +173,7 @@ def main(argv=None):
     if device.type == "cuda" and not (torch.cuda.is_available() and ops.cuda_kernels_built()):
         p.error("--device cuda needs a CUDA GPU and a build of nice_ext with its CUDA kernels "
                 f"(GPU: {torch.cuda.is_available()}, CUDA kernels built: {ops.cuda_kernels_built()})")
-    if device.type == "cpu" and not ops._CUDA_KERNELS_READ_CPU_TENSORS:
+    if device.type == "cpu" and not ops.cuda_kernels_run_on_cpu_tensors():
         p.error("--device cpu: the CPU kernels have one version; the two versions are CUDA kernels (this "
                 "runs on CPU tensors only in the tests' emulated build of them)")
     sizes = args.sizes or op_sizes(args.quick)

@@ -234,8 +234,14 @@ def _check_index_maps(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index:
                                 _index_maps_state(x, shift, shift_col, gather_index, inference))
 
 
+def cuda_kernels_run_on_cpu_tensors() -> bool:
+    """True only in the tests' host build of the CUDA kernels (tests/cuda_emulation), whose ops run the CUDA
+    kernels, and so each op's CUDA kernel version, for CPU tensors."""
+    return _CUDA_KERNELS_READ_CPU_TENSORS
+
+
 def _cuda_kernels_read(shift_col: Tensor) -> bool:
-    return isinstance(shift_col, Tensor) and (shift_col.is_cuda or _CUDA_KERNELS_READ_CPU_TENSORS)
+    return isinstance(shift_col, Tensor) and (shift_col.is_cuda or cuda_kernels_run_on_cpu_tensors())
 
 
 def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,

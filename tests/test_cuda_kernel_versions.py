@@ -168,6 +168,10 @@ def test_each_switch_launches_its_own_ops_kernels(op, version_2_kernel):
     assert f"::{version_2_kernel}<" in names[2] and f"::{version_2_kernel}<" not in names[1]
 
 
+def test_the_package_says_whether_its_cuda_kernels_run_on_cpu_tensors():
+    assert ops.cuda_kernels_run_on_cpu_tensors() is CUDA_KERNELS_EMULATED
+
+
 @needs_cuda_kernels
 def test_kernel_version_comparison_runs_where_the_cuda_kernels_run(tmp_path):
     """benchmarks/compare_kernel_versions.py end to end, at small sizes (its logic: tests/test_benchmark.py)."""
