@@ -9,9 +9,9 @@ Each entry is checked against the reference under both versions. Then its forwar
 timed with version 1 and version 2 in turns, a slice of the time each (1 2, 2 1, 1 2, ...), so that a
 drift of the clocks or a neighbour's load falls on both alike. An entry's time is the median of its
 slices' medians. Per op, the geometric mean of the speed-ups of version 2 over its entries names the
-faster version: the evidence for each op's default (csrc/ops.cpp). Two bench_coupling.py runs, one per
-version, measure the same kernels in minutes each and with the drift between them. Here it takes well
-under a minute on a GPU.
+faster version: the evidence for each op's default (``kDefaultCudaKernelVersion``, csrc/nice_ext.h).
+Two bench_coupling.py runs, one per version, measure the same kernels in minutes each and with the drift
+between them; by its settings this should take about a minute on an H100 (not yet measured).
 
 The versions exist only in the CUDA kernels: --device cpu works only in the tests' emulated build,
 where CPU tensors go through them (tests/cuda_emulation).

@@ -241,7 +241,7 @@ def cuda_kernels_run_on_cpu_tensors() -> bool:
 
 
 def _cuda_kernels_read(shift_col: Tensor) -> bool:
-    return isinstance(shift_col, Tensor) and (shift_col.is_cuda or cuda_kernels_run_on_cpu_tensors())
+    return isinstance(shift_col, Tensor) and (shift_col.is_cuda or _CUDA_KERNELS_READ_CPU_TENSORS)
 
 
 def coupling_update_indexed(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,

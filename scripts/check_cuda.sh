@@ -20,7 +20,7 @@
 #                 occupancy of each CUDA kernel at 65536 rows, both versions (ncu.csv, and ncu.md summarised)
 #     versions    benchmarks/compare_kernel_versions.py: version 1 against version 2 of each op's row kernels,
 #                 timed in turns in one process, with each op's faster version (the evidence for the defaults
-#                 in csrc/ops.cpp); results into LOG_DIR/versions
+#                 in csrc/nice_ext.h); results into LOG_DIR/versions
 #     bench bench-v1 bench-v2
 #                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
 #                 ops; results (JSON, table, plot) into LOG_DIR/bench (the versions stage compares the
