@@ -36,6 +36,21 @@ def make_checkpoint(model: NICE, dataset: str, preprocess_state: Dict[str, Any],
     return payload
 
 
+def host_copy(value: Any) -> Any:
+    """A copy of a checkpoint (or any part of one) that training can no longer change: every tensor copied to
+    the host, every dict, list and tuple rebuilt; other values (numbers, strings) are immutable and kept."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: host_copy(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [host_copy(item) for item in value]
+        if isinstance(value, list):
+            return items
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)  # a named tuple keeps its type
+    return value
+
+
 def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")

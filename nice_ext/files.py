@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
-from typing import BinaryIO, Iterator, List
+import threading
+from typing import BinaryIO, Callable, Iterator, List, Optional, Sequence
 
 
 def temporary_prefix(path: str) -> str:
@@ -40,9 +42,12 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp_path):
             os.unlink(tmp_path)
+        if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+            # a failed write or fsync (a full disk) names no file: name the one it was for
+            raise OSError(error.errno, error.strerror, path) from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -51,7 +56,61 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
         os.close(dir_fd)
 
 
+def write_bytes(data: bytes, path: str) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
 def stale_temporaries(folder: str, names: List[str]) -> List[str]:
     """Temporary files that interrupted writes of ``names`` left in ``folder``."""
     prefixes = tuple(temporary_prefix(name) for name in names)
     return [os.path.join(folder, entry) for entry in os.listdir(folder) if entry.startswith(prefixes)]
+
+
+class BackgroundWriter:
+    """Runs batches of file writes on a worker thread, so that training does not wait for the disk.
+
+    ``submit(jobs)`` first waits for the batch before it (one batch in flight: a disk slower than training
+    holds training back rather than piling up copies of the state in memory), then starts ``jobs`` in
+    order on a new thread. ``wait()`` returns once everything submitted is written, and raises the first
+    error a job met (a full disk, a folder gone), so a failed write is reported at the next ``submit``,
+    ``poll`` or ``wait``. The thread is not a daemon: a process that exits while a batch is being written
+    finishes it first. Each job should write through ``atomic_file``, so a file is never seen half-written.
+    """
+
+    def __init__(self) -> None:
+        self._thread: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+
+    def submit(self, jobs: Sequence[Callable[[], None]]) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(list(jobs),), name="nice_ext-writer")
+        self._thread.start()
+
+    def _run(self, jobs: List[Callable[[], None]]) -> None:
+        try:
+            for job in jobs:
+                job()
+        except BaseException as error:  # handed to the thread that waits, which reports it
+            self._error = error
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def poll(self) -> None:
+        """Raise the error of a batch that has failed already, without waiting for one under way."""
+        if self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait_quietly(self) -> None:
+        """``wait``, for a caller that is already failing: a write's own error is then printed, not raised, so
+        it does not hide the failure under way."""
+        try:
+            self.wait()
+        except Exception as error:
+            print(f"error: a file write failed too: {type(error).__name__}: {error}", file=sys.stderr)

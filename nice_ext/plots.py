@@ -13,13 +13,13 @@ from .files import atomic_file
 from .model import NICE
 
 
-def _pyplot():
-    import matplotlib
+def figure(width: float = 6, height: float = 4):
+    """A matplotlib figure with one axes, made without pyplot: pyplot's global state belongs to one thread,
+    and training draws its figures on the thread that writes its files (``files.BackgroundWriter``)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def to_images(x: torch.Tensor, model: NICE, preprocess=None) -> torch.Tensor:
@@ -50,16 +50,21 @@ def save_figure(fig, path: str) -> None:
 
 
 @torch.no_grad()
-def sample_grid(model: NICE, n: int, path: str, preprocess=None, temperature: float = 1.0) -> None:
+def sample_images(model: NICE, n: int, preprocess=None, temperature: float = 1.0) -> torch.Tensor:
+    """``n`` samples of ``model`` as images (N, C, H, W) in [0, 1], on the host."""
     was_training = model.training
     model.eval()
-    save_grid(to_images(model.sample(n, temperature=temperature), model, preprocess), path)
+    images = to_images(model.sample(n, temperature=temperature), model, preprocess)
     model.train(was_training)
+    return images
+
+
+def sample_grid(model: NICE, n: int, path: str, preprocess=None, temperature: float = 1.0) -> None:
+    save_grid(sample_images(model, n, preprocess, temperature), path)
 
 
 def training_curve(history: List[Dict[str, float]], path: str) -> None:
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure()
     epochs = [row["epoch"] for row in history]
     ax.plot(epochs, [row["train_ll_nats"] for row in history], label="train")
     ax.plot(epochs, [row["valid_ll_nats"] for row in history], label="validation")
@@ -69,15 +74,14 @@ def training_curve(history: List[Dict[str, float]], path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
 
 
 @torch.no_grad()
-def scaling_spectrum(model: NICE, path: str) -> None:
-    """The learned scales exp(s_d), sorted: paper §3.3 reads large s_d as unimportant directions."""
-    plt = _pyplot()
-    s = model.log_scale.detach().float().cpu().sort(descending=True).values
-    fig, ax = plt.subplots(figsize=(6, 4))
+def scaling_spectrum(log_scale: torch.Tensor, path: str) -> None:
+    """The learned scales exp(s_d) of a model's ``log_scale``, sorted: paper §3.3 reads large s_d as
+    unimportant directions."""
+    s = log_scale.detach().float().cpu().sort(descending=True).values
+    fig, ax = figure()
     ax.plot(torch.exp(s).numpy())
     ax.set_yscale("log")
     ax.set_xlabel("dimension (sorted)")
@@ -86,4 +90,3 @@ def scaling_spectrum(model: NICE, path: str) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)

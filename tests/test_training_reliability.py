@@ -1,10 +1,13 @@
 """Training that survives: the NaN/Inf guard, whitened datasets end to end, atomic writes, SIGINT/SIGTERM and
 SIGKILL at random moments."""
+import collections
+import errno
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -14,8 +17,8 @@ from PIL import Image
 from conftest import ROOT, data_dir, signal_mid_run
 from nice_ext import NICE, train
 from nice_ext import data as data_lib
-from nice_ext.checkpoint import load_checkpoint, model_from_checkpoint
-from nice_ext.files import atomic_file, stale_temporaries
+from nice_ext.checkpoint import host_copy, load_checkpoint, model_from_checkpoint
+from nice_ext.files import BackgroundWriter, atomic_file, stale_temporaries
 
 TINY = ["--mid-dim", "16", "--hidden", "1", "--batch_size", "50", "--sample_size", "4", "--eval-draws", "1",
         "--device", "cpu", "--no-download"]
@@ -108,6 +111,121 @@ def test_an_interrupted_write_leaves_the_old_file(tmp_path):
     (tmp_path / ".tmp-curve.png-x1y2").write_bytes(b"half")
     (tmp_path / ".tmp-notes.txt-x1y2").write_bytes(b"not ours")
     assert stale_temporaries(str(tmp_path), list(train.RUN_OUTPUTS)) == [str(tmp_path / ".tmp-curve.png-x1y2")]
+
+
+def test_a_failed_write_names_its_file_and_leaves_the_old_one(tmp_path):
+    target = tmp_path / "last.pt"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError) as raised:
+        with atomic_file(str(target)) as f:
+            f.write(b"part of the new")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk raises it
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_the_writer_keeps_the_order_holds_one_batch_at_a_time_and_reports_failures(capsys):
+    writer, log = BackgroundWriter(), []
+    release = threading.Event()
+    writer.submit([lambda: release.wait(30), lambda: log.append("first batch")])
+    handed_over = threading.Event()
+    second = threading.Thread(target=lambda: (writer.submit([lambda: log.append("second batch")]), handed_over.set()))
+    second.start()
+    assert not handed_over.wait(0.2)  # the second batch waits for the first to be written
+    release.set()
+    second.join(30)
+    writer.wait()
+    assert log == ["first batch", "second batch"]
+
+    def full_disk():
+        raise OSError(errno.ENOSPC, "No space left on device", "run/last.pt")
+
+    writer.submit([full_disk, lambda: log.append("after the failure")])
+    with pytest.raises(OSError, match="last.pt"):
+        writer.wait()
+    assert log[-1] == "second batch"  # a batch stops at its first failure
+    writer.wait()  # the failure is reported once
+    writer.submit([full_disk])
+    with pytest.raises(OSError, match="last.pt"):  # the next hand-over reports it too
+        writer.submit([lambda: log.append("next")])
+    writer.wait()
+    writer.submit([full_disk])
+    deadline = time.time() + 30
+    while writer._thread.is_alive() and time.time() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(OSError, match="last.pt"):  # and so does a look without waiting, once it has failed
+        writer.poll()
+    writer.poll()
+    writer.submit([full_disk])
+    writer.wait_quietly()  # for a caller that is failing already: printed, not raised
+    assert "a file write failed too: OSError" in capsys.readouterr().err
+
+
+def test_host_copy_is_a_snapshot_training_cannot_change():
+    Pair = collections.namedtuple("Pair", "a b")
+    weight = torch.ones(3)
+    payload = {"model_state": {"w": weight}, "history": [{"epoch": 1}], "rng": ("name", torch.arange(3), 2),
+               "pair": Pair(torch.zeros(1), "b"), "epoch": 1, "args": {"lr": 1e-3, "device": None}}
+    copy = host_copy(payload)
+    weight += 1  # training goes on in place
+    payload["history"].append({"epoch": 2})
+    payload["history"][0]["epoch"] = 99
+    assert torch.equal(copy["model_state"]["w"], torch.ones(3)) and copy["history"] == [{"epoch": 1}]
+    assert isinstance(copy["rng"], tuple) and torch.equal(copy["rng"][1], torch.arange(3))
+    assert isinstance(copy["pair"], Pair) and copy["pair"].b == "b"
+    assert copy["args"] == {"lr": 1e-3, "device": None} and copy["epoch"] == 1
+
+
+def test_training_goes_on_while_its_files_are_written(fake_dataset, monkeypatch, tmp_path):
+    """best.pt of epoch 1 is held back until epoch 2 trains, which it could not if training waited for the
+    write; and a run's files are all written, and of its last epoch, when it returns."""
+    real_save, real_log_prob, calls = train.save_atomic, NICE.log_prob, {"n": 0}
+    epoch_2_trains, seen = threading.Event(), {}
+
+    def log_prob(self, x):
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] == 5:  # 4 steps per epoch: the first step of epoch 2
+                epoch_2_trains.set()
+        return real_log_prob(self, x)
+
+    def slow_save(payload, path):
+        if payload["epoch"] == 1 and path.endswith("best.pt"):
+            seen["trained on"] = epoch_2_trains.wait(60)
+        time.sleep(0.2)  # a slow disk
+        real_save(payload, path)
+
+    monkeypatch.setattr(NICE, "log_prob", log_prob)
+    monkeypatch.setattr(train, "save_atomic", slow_save)
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "mnist", "--out-dir", out, "--epochs", "3", "--subset", "200",
+                       "--save-every", "1", "--data-dir", str(tmp_path), *TINY]) == 0
+    assert seen["trained on"]
+    assert load_checkpoint(os.path.join(out, "last.pt"))["epoch"] == 3
+    assert [row["epoch"] for row in load_checkpoint(os.path.join(out, "best.pt"))["history"]][-1] \
+        == load_checkpoint(os.path.join(out, "best.pt"))["epoch"]
+    assert sorted(os.listdir(out)) == sorted(["best.pt", "last.pt", "metrics.csv", "samples.png", "curve.png",
+                                              "spectrum.png", "result.json"])
+    assert len(open(os.path.join(out, "metrics.csv")).read().splitlines()) == 1 + 3
+
+
+def test_a_write_that_fails_during_training_stops_the_run_with_its_file_named(fake_dataset, monkeypatch, tmp_path,
+                                                                              capsys):
+    real_save = train.save_atomic
+
+    def full_disk(payload, path):
+        if path.endswith("last.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real_save(payload, path)
+
+    monkeypatch.setattr(train, "save_atomic", full_disk)
+    out = str(tmp_path / "run")
+    code = train.main(["--dataset", "mnist", "--out-dir", out, "--epochs", "4", "--subset", "200",
+                       "--save-every", "1", "--data-dir", str(tmp_path), *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "last.pt" in err, err
+    assert load_checkpoint(os.path.join(out, "best.pt"))["epoch"] >= 1  # what was written stays loadable
+    assert not os.path.exists(os.path.join(out, "result.json"))
 
 
 @pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
