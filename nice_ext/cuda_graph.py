@@ -66,7 +66,9 @@ class GraphedTrainStep:
             return loss
         self.static_input = x.detach().clone()
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the step; nothing runs until replay
+        # Records the step; nothing runs until replay. "thread_local": what other threads do meanwhile (training's
+        # file writer, see files.BackgroundWriter) cannot invalidate the capture.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_loss = self._step(self.static_input)
         self.graph.replay()
         return self.static_loss
