@@ -31,6 +31,25 @@ def seed_value(text: str) -> int:
     return seed
 
 
+def tool_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a tool that reads a trained model: its usage from the module's docstring, and the
+    checkpoint to read."""
+    p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a checkpoint written by nice_ext.train (its best.pt or last.pt)")
+    return p
+
+
+def add_data_arguments(group) -> None:
+    """--data-dir and --no-download, as every tool that reads a dataset takes them."""
+    group.add_argument("--data-dir", default="data", help="folder with the datasets (see nice_ext/data.py)")
+    group.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
+
+
+def add_device_argument(group) -> None:
+    group.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                       help="auto: cuda when a GPU is visible, else cpu")
+
+
 def check_image_out(path: str) -> None:
     """Fail before any work is done when ``--out`` cannot become an image: a format the image library does
     not know, or a folder that cannot be made."""

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .cli_common import UsageError, load_for_inference, pick_device, run_tool, seed_value
+from .cli_common import (UsageError, add_data_arguments, add_device_argument, load_for_inference, pick_device,
+                         run_tool, seed_value, tool_parser)
 from .model import NICE
 
 # Draw k of a test score takes its dequantization noise from seed DRAW_SEED + k, in training's final score
@@ -48,19 +49,23 @@ def summary(draws: List[float], dim: int, data_range: Tuple[float, float]) -> st
             f"dequantization draws, spread {float(np.std(draws)):.3f} nats)")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nice_ext.evaluate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--split", choices=["test", "valid", "train"], default="test")
-    p.add_argument("--draws", type=int, default=5, help="dequantization draws to average")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+def build_parser() -> argparse.ArgumentParser:
+    p = tool_parser("python -m nice_ext.evaluate", __doc__)
+    add_data_arguments(p)
+    p.add_argument("--split", choices=["test", "valid", "train"], default="test",
+                   help="the images to score: test, valid (those training held out for validation) or train "
+                        "(default test)")
+    p.add_argument("--draws", type=int, default=5, help="dequantization draws to average (default 5)")
+    p.add_argument("--batch-size", "--batch_size", type=int, default=1000,
+                   help="images per forward pass (default 1000, as training scores its runs)")
+    add_device_argument(p)
     p.add_argument("--seed", type=seed_value, default=DRAW_SEED,
                    help="draw k uses seed SEED + k (default: the seeds of the score a training run prints)")
-    p.add_argument("--no-download", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.draws < 1:
         raise UsageError(f"--draws must be >= 1, got {args.draws}")
     if args.batch_size < 1:

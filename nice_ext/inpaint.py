@@ -14,7 +14,8 @@ import torch
 
 from . import data as data_lib
 from . import plots
-from .cli_common import UsageError, check_image_out, load_for_inference, pick_device, run_tool, seed_value
+from .cli_common import (UsageError, add_data_arguments, add_device_argument, check_image_out, load_for_inference,
+                         pick_device, run_tool, seed_value, tool_parser)
 
 MASK_NAMES = ("top", "bottom", "left", "right", "random75", "random90")
 
@@ -40,18 +41,20 @@ def inpaint_masks(model, x: torch.Tensor, masks: Dict[str, torch.Tensor], steps:
     return dict(zip(masks, filled.split(len(x))))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = tool_parser("python -m nice_ext.inpaint", __doc__)
+    add_data_arguments(p)
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    p.add_argument("--n", type=int, default=8, help="test images per mask (default 8)")
+    p.add_argument("--steps", type=int, default=1000, help="gradient-ascent steps (default 1000)")
+    add_device_argument(p)
+    p.add_argument("--seed", type=seed_value, default=0,
+                   help="seed of the random masks, the dequantization and the ascent's noise (default 0)")
+    return p
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nice_ext.inpaint", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--n", type=int, default=8, help="test images per mask")
-    p.add_argument("--steps", type=int, default=1000, help="gradient-ascent steps")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=seed_value, default=0)
-    p.add_argument("--no-download", action="store_true")
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.n < 1 or args.steps < 0:
         raise UsageError(f"--n must be positive and --steps >= 0, got {args.n}, {args.steps}")
     check_image_out(args.out)

@@ -13,19 +13,23 @@ from typing import List, Optional
 import torch
 
 from . import plots
-from .cli_common import UsageError, check_image_out, load_for_inference, pick_device, run_tool, seed_value
+from .cli_common import (UsageError, add_device_argument, check_image_out, load_for_inference, pick_device, run_tool,
+                         seed_value, tool_parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = tool_parser("python -m nice_ext.sample", __doc__)
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="scale of the prior draws: below 1 gives cleaner, less varied samples (default 1)")
+    add_device_argument(p)
+    p.add_argument("--seed", type=seed_value, default=0, help="seed of the prior draws (default 0)")
+    return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m nice_ext.sample", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint")
-    p.add_argument("--n", type=int, default=64, help="number of samples")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--temperature", type=float, default=1.0, help="scale of the prior draws")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--seed", type=seed_value, default=0)
-    args = p.parse_args(argv)
+    args = build_parser().parse_args(argv)
     if args.n < 1:
         raise UsageError(f"--n must be positive, got {args.n}")
     if not (math.isfinite(args.temperature) and args.temperature >= 0):

@@ -40,7 +40,7 @@ from . import data as data_lib
 from . import provenance
 from .checkpoint import (CheckpointError, host_copy, load_checkpoint, make_checkpoint, model_from_checkpoint,
                          save_atomic)
-from .cli_common import UsageError, pick_device, run_tool, seed_value
+from .cli_common import UsageError, add_data_arguments, add_device_argument, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .evaluate import average_log_likelihood, log_likelihood_draws, summary
 from .files import BackgroundWriter, stale_temporaries, write_bytes
@@ -75,8 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or svhn")
-    data.add_argument("--data-dir", default="data", help="folder with the datasets (see nice_ext/data.py)")
-    data.add_argument("--no-download", action="store_true", help="never try to download missing datasets")
+    add_data_arguments(data)
     data.add_argument("--subset", type=int, default=None, help="train on the first N training images")
 
     model = p.add_argument_group("model")
@@ -97,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="adam (the paper) or rmsprop: RMSProp with momentum as in the authors' released configs "
                             "(nice_ext/optim.py); --momentum, --decay and --eps then mean its momentum, averaging "
                             "coefficient and stabilizer (--preset released-mnist sets all of it)")
-    optim.add_argument("--batch_size", type=int, default=200, help="images per optimizer step")
+    optim.add_argument("--batch_size", "--batch-size", type=int, default=200, help="images per optimizer step")
     optim.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     optim.add_argument("--momentum", type=float, default=0.9, help="Adam beta1; rmsprop: the momentum")
     optim.add_argument("--decay", type=float, default=0.99,
@@ -120,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     length = p.add_argument_group("how long to train")
     length.add_argument("--epochs", type=int, default=None,
                         help="epochs to train (default 1500 with a preset, else 10)")
-    length.add_argument("--max_iter", type=int, default=None, help="stop after this many optimizer steps")
+    length.add_argument("--max_iter", "--max-iter", type=int, default=None,
+                        help="stop after this many optimizer steps")
     length.add_argument("--time-limit", type=float, default=None,
                         help="stop after this many seconds of training (last.pt keeps the place for --resume)")
     length.add_argument("--patience", type=int, default=None, metavar="N",
@@ -134,14 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run already in --out-dir (its checkpoints, metrics and figures are deleted)")
     run.add_argument("--save-every", type=float, default=5, help="write checkpoints and figures every N epochs")
-    run.add_argument("--sample_size", type=int, default=64, help="images in the sample grid")
+    run.add_argument("--sample_size", "--sample-size", type=int, default=64, help="images in the sample grid")
     run.add_argument("--eval-draws", type=int, default=3, help="dequantization draws for the final test score")
     run.add_argument("--seed", type=seed_value, default=0,
                      help="seed of the weights, the data order and the dequantization noise (default 0)")
 
     speed = p.add_argument_group("device and speed")
-    speed.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
-                       help="auto: cuda when a GPU is visible, else cpu")
+    add_device_argument(speed)
     speed.add_argument("--precision", choices=["fp32", "tf32", "bf16"], default="fp32",
                        help="coupling networks in fp32, TF32 matmuls, or bf16 autocast (likelihood sums stay fp32)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the training loss")

@@ -517,6 +517,25 @@ def test_preset_gives_defaults_and_explicit_flags_win():
     assert (cifar.dataset, cifar.mid_dim, cifar.hidden, cifar.decay) == ("cifar10", 2000, 4, 0.99)
 
 
+def test_underscore_flags_also_take_hyphens():
+    """The seed's flags are spelled with underscores, the rest with hyphens; each takes both spellings, and a
+    flag given in either counts as given (a resumed run does not take it from the checkpoint)."""
+    for underscore, hyphen, dest in (("--batch_size", "--batch-size", "batch_size"),
+                                     ("--max_iter", "--max-iter", "max_iter"),
+                                     ("--sample_size", "--sample-size", "sample_size")):
+        by_underscore, by_hyphen = train.parse_args([underscore, "7"]), train.parse_args([hyphen, "7"])
+        assert getattr(by_underscore, dest) == getattr(by_hyphen, dest) == 7
+        assert dest in by_hyphen.explicit and dest not in train.parse_args([]).explicit
+    assert evaluate.build_parser().parse_args(["ckpt", "--batch_size", "9"]).batch_size == 9
+
+
+@pytest.mark.parametrize("tool", [train, evaluate, sample, inpaint], ids=lambda tool: tool.__name__)
+def test_every_flag_is_explained_in_help(tool):
+    parser = tool.build_parser()
+    unexplained = [action.dest for action in parser._actions if not action.help]
+    assert not unexplained, f"{tool.__name__} --help says nothing of {unexplained}"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--batch_size", "0"], "--batch_size must be positive"),
     (["--lr", "-1"], "--lr must be a positive number"),
