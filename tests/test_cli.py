@@ -529,6 +529,15 @@ def test_underscore_flags_also_take_hyphens():
     assert evaluate.build_parser().parse_args(["ckpt", "--batch_size", "9"]).batch_size == 9
 
 
+def test_a_single_gpu_run_that_launches_each_kernel_is_told_of_cuda_graph():
+    cuda = torch.device("cuda")  # a device object only: no GPU is needed to make one
+    assert "--cuda-graph" in train.launch_bound_note(train.parse_args(["--preset", "paper-mnist"]), cuda, False)
+    for argv in (["--cuda-graph"], ["--compile"], ["--compile-mode", "reduce-overhead"]):
+        assert train.launch_bound_note(train.parse_args(argv), cuda, False) is None
+    assert train.launch_bound_note(train.parse_args([]), cuda, True) is None  # torchrun: no graphs there
+    assert train.launch_bound_note(train.parse_args([]), torch.device("cpu"), False) is None
+
+
 @pytest.mark.parametrize("tool", [train, evaluate, sample, inpaint], ids=lambda tool: tool.__name__)
 def test_every_flag_is_explained_in_help(tool):
     parser = tool.build_parser()
