@@ -480,7 +480,9 @@ def build_model(args: argparse.Namespace, info: data_lib.DatasetInfo) -> NICE:
 class StopSignals:
     """SIGINT (Ctrl-C) and SIGTERM (what a job scheduler sends before it ends a job) stop training at the
     next step, as ``--time-limit`` does: last.pt keeps the place and ``--resume`` goes on from there. A
-    second signal interrupts at once. Installed only around the training loop, in the main thread."""
+    second signal interrupts training at once; the process ends once the writer has written the files it
+    was handed (one epoch's at most, see ``train``). Installed only around the training loop, in the main
+    thread."""
 
     def __init__(self) -> None:
         self.received: Optional[signal.Signals] = None
