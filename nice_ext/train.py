@@ -564,6 +564,28 @@ def launch_bound_note(args: argparse.Namespace, device: torch.device, distribute
             "H100: 2.1 ms per step instead of 7.5 ms, 1.1 ms with --precision tf32)")
 
 
+def run_pace(epoch_seconds: List[float], wall_seconds: float, partial_seconds: float) -> Optional[Dict[str, float]]:
+    """How fast a process trained: the median seconds of its complete epochs (steps and validation: the
+    ``seconds`` of metrics.csv) and the mean seconds between them, the rest of its wall time less
+    ``partial_seconds`` spent in an epoch it did not finish (handing the files to the writer, drawing the
+    samples, waiting for a write still under way). None before a complete epoch."""
+    if not epoch_seconds:
+        return None
+    between = max(0.0, wall_seconds - sum(epoch_seconds) - partial_seconds) / len(epoch_seconds)
+    return dict(seconds_per_epoch=round(float(np.median(epoch_seconds)), 3), seconds_between_epochs=round(between, 3))
+
+
+def remaining_seconds(pace: Dict[str, float], epochs_left: int, spent_in_current: float) -> float:
+    """The time the epochs left would take at this pace, less what the epoch in progress has had already."""
+    return max(0.0, epochs_left * (pace["seconds_per_epoch"] + pace["seconds_between_epochs"]) - spent_in_current)
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 class Trainer:
     """One training run. Set-up (``__init__``) reads the command line and the checkpoint it resumes, and
     builds the data, the model, its optimizer and the step; ``fit`` trains epoch by epoch (``train_epoch``,
@@ -619,6 +641,8 @@ class Trainer:
         # Where the resumed run stopped inside an epoch (see epoch_place), or None.
         self.place = epoch_place(resume, self.train_pixels.shape[0], args.batch_size, args.resume, self.generator) \
             if resume is not None else None
+        # Seconds an earlier process spent in the epoch this one resumes: in that epoch's row, not in our time.
+        self.carried_seconds = self.place["seconds"] if self.place is not None else 0.0
 
     def load_data(self) -> None:
         """The splits, on the device (uint8: MNIST is 39 MB), and the dequantization (and whitening) map,
@@ -895,6 +919,16 @@ class Trainer:
             where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of " \
                     f"{self.batches_per_epoch} batches (--resume {last} goes on from there)" if in_progress else ""
             print(f"stopped: {stop_reason}{where}", flush=True)
+        # This process's pace; for a run stopped short of --epochs, what the rest would take at it.
+        trained_here = [row["seconds"] for row in self.history if row["epoch"] > self.start_epoch]
+        spent_in_current = in_progress["seconds"] if in_progress and trained_here else 0.0
+        pace = run_pace(trained_here, train_seconds + self.carried_seconds, spent_in_current)
+        epochs_left = 0 if self.stopped_early else args.epochs - completed_epoch
+        if pace is not None and epochs_left > 0:
+            pace["remaining_seconds_estimate"] = round(remaining_seconds(pace, epochs_left, spent_in_current), 1)
+            print(f"at {pace['seconds_per_epoch']:.3g} s per epoch and {pace['seconds_between_epochs']:.2g} s "
+                  f"between epochs, the {epochs_left} epochs left of --epochs {args.epochs} would take about "
+                  f"{duration(pace['remaining_seconds_estimate'])}", flush=True)
         if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
             if not in_progress:  # (a stop inside an epoch said where already)
                 print(f"last.pt holds epoch {completed_epoch}; --resume {last} goes on", flush=True)
@@ -921,7 +955,7 @@ class Trainer:
         result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
                       draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
                       model=best_name, best_epoch=best["epoch"], epochs=completed_epoch, steps=step,
-                      resumed_after_epoch=self.start_epoch, wall_seconds=round(train_seconds, 1),
+                      resumed_after_epoch=self.start_epoch, wall_seconds=round(train_seconds, 1), **(pace or {}),
                       precision=args.precision, processes=ctx.world_size,
                       **provenance.record(self.device, args.command, commit=self.commit))
         write_bytes((json.dumps(result, indent=1) + "\n").encode(), os.path.join(out_dir, "result.json"))

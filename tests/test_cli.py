@@ -175,7 +175,16 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path):
     stopped = torch.load(os.path.join(split, "last.pt"), weights_only=True)
     assert (stopped["epoch"], stopped["step"], stopped["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
     assert [r["epoch"] for r in metrics(split)] == ["1"]  # half an epoch is not a row of metrics.csv
+    with open(os.path.join(split, "result.json")) as f:
+        piece = json.load(f)  # the pace of epoch 1, and what the rest of epoch 2 would take at it
+    assert piece["seconds_per_epoch"] == float(metrics(split)[0]["seconds"]) and piece["seconds_between_epochs"] >= 0
+    assert piece["remaining_seconds_estimate"] == pytest.approx(max(0.0, piece["seconds_per_epoch"] + piece[
+        "seconds_between_epochs"] - stopped["epoch_in_progress"]["seconds"]), abs=0.1)
     assert train.main(["--resume", os.path.join(split, "last.pt"), "--max_iter", "1000", "--device", "cpu"]) == 0
+    with open(os.path.join(split, "result.json")) as f:
+        finished = json.load(f)  # epoch 2's row holds the seconds both processes spent in it
+    assert finished["seconds_per_epoch"] == float(metrics(split)[1]["seconds"])
+    assert finished["seconds_between_epochs"] >= 0 and "remaining_seconds_estimate" not in finished
     a = torch.load(os.path.join(straight, "last.pt"), weights_only=True)
     b = torch.load(os.path.join(split, "last.pt"), weights_only=True)
     assert (b["epoch"], b["step"], b["epoch_in_progress"]) == (2, 20, None)
@@ -183,6 +192,16 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path):
         assert torch.equal(value, b["model_state"][name]), name
     drop_seconds = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert drop_seconds(metrics(straight)) == drop_seconds(metrics(split))
+
+
+def test_pace_and_the_time_left():
+    pace = train.run_pace([2.0, 3.0, 10.0], wall_seconds=16.0, partial_seconds=0.5)
+    assert pace == dict(seconds_per_epoch=3.0, seconds_between_epochs=0.167)
+    assert train.remaining_seconds(pace, epochs_left=10, spent_in_current=1.0) == pytest.approx(10 * 3.167 - 1.0)
+    assert train.remaining_seconds(pace, epochs_left=1, spent_in_current=5.0) == 0.0
+    assert train.run_pace([], 5.0, 0.0) is None
+    assert train.run_pace([4.0], wall_seconds=3.9, partial_seconds=0.0)["seconds_between_epochs"] == 0.0
+    assert [train.duration(s) for s in (42.4, 2940.0, 25200.0)] == ["42 s", "49 min", "7.0 h"]
 
 
 def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path, capsys):
