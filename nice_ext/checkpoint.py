@@ -8,7 +8,7 @@ every field the tools need; any problem becomes a ``CheckpointError`` naming the
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 
@@ -71,7 +71,22 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    # Training never writes a NaN or Inf weight (a non-finite loss stops it first), so one here means damage:
+    # loaded, it would make every likelihood and sample NaN without a word.
+    for part in ("model_state", "preprocess_state"):
+        bad = non_finite_tensors(payload[part])
+        if bad:
+            raise CheckpointError(f"{path}: {part} holds NaN or infinite values in {', '.join(bad[:5])}"
+                                  + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
     return payload
+
+
+def non_finite_tensors(state: Any) -> List[str]:
+    """The names of the floating-point tensors of a state dict that hold a NaN or an infinity."""
+    if not isinstance(state, dict):
+        return []
+    return [name for name, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(value.isfinite().all())]
 
 
 def model_from_checkpoint(payload: Dict[str, Any], path: str = "checkpoint") -> NICE:

@@ -424,8 +424,13 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     torch.save({"weights": torch.zeros(3)}, foreign)
     not_ours = tmp_path / "notes.pt"
     not_ours.write_text("# not a checkpoint at all\n")
+    damaged = tmp_path / "nan.pt"  # readable, but a weight is NaN: every score and sample would be NaN
+    payload = torch.load(os.path.join(out, "best.pt"), weights_only=True)
+    payload["model_state"]["layers.1.net.0.weight"][0, 0] = float("nan")
+    torch.save(payload, damaged)
     for path, message in ((truncated, "truncated or corrupt"), (foreign, "not a nice_ext checkpoint"),
-                          (tmp_path / "missing.pt", "no such checkpoint"), (not_ours, "truncated or corrupt")):
+                          (tmp_path / "missing.pt", "no such checkpoint"), (not_ours, "truncated or corrupt"),
+                          (damaged, "model_state holds NaN or infinite values in layers.1.net.0.weight")):
         result = run_tool("evaluate", str(path), "--data-dir", data_dir(), "--device", "cpu")
         assert result.returncode == 1 and message in result.stderr and "Traceback" not in result.stderr
         assert len(errors(result)) == 1, result.stderr
