@@ -664,6 +664,31 @@ def test_reproduce_script_passes_a_stop_on(tmp_path, stop):
     assert f"stopped: {stop.name} received" in log and "test log-likelihood" in log  # both calls, one log
 
 
+def test_a_stop_signal_during_validation_ends_the_run_after_that_epoch(tmp_path, monkeypatch, capsys):
+    """A signal that lands between steps (here during epoch 1's validation) stops the run at the end of that
+    epoch: last.pt holds it whole, with no place inside an epoch, and --resume goes on from the next."""
+    out = str(tmp_path / "run")
+    validate = train.average_log_likelihood
+
+    def validate_and_be_signalled(*args, **kwargs):
+        handler = signal.getsignal(signal.SIGTERM)  # training's own, installed around its loop
+        assert callable(handler), handler
+        handler(signal.SIGTERM, None)  # as the operating system would call it
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "average_log_likelihood", validate_and_be_signalled)
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "5", *TINY]) == 128 + signal.SIGTERM
+    stdout = capsys.readouterr().out
+    assert "stopped: SIGTERM received" in stdout and f"last.pt holds epoch 1; --resume {out}/last.pt goes on" in stdout
+    assert "the 4 epochs left of --epochs 5 would take about" in stdout
+    stopped = load_checkpoint(os.path.join(out, "last.pt"))
+    assert (stopped["epoch"], stopped["step"], stopped["epoch_in_progress"]) == (1, 10, None)
+    assert not os.path.exists(os.path.join(out, "result.json"))  # a signalled run is not scored
+    monkeypatch.setattr(train, "average_log_likelihood", validate)
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--epochs", "2", "--device", "cpu"]) == 0
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2"]
+
+
 @pytest.mark.parametrize("error, expected", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
                   "tried to allocate 3221225472 bytes. Error code 12 (Cannot allocate memory)"),
