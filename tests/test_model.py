@@ -223,6 +223,22 @@ def test_affine_checkpoints_from_before_the_bound_keep_their_function():
         NICE(6, coupling="affine", affine_log_scale="sigmoid")
 
 
+def test_a_model_with_a_mask_of_its_own_round_trips_through_a_checkpoint(tmp_path):
+    from nice_ext.checkpoint import load_model, make_checkpoint, save_atomic
+
+    mask = torch.tensor([True, False, False, True, True, False])
+    model = NICE(6, num_coupling_layers=3, num_hidden_layers=1, hidden_dim=8, mask=mask)
+    with torch.no_grad():
+        for parameter in model.parameters():  # away from the identity the new model starts as
+            parameter.normal_(std=0.3, generator=torch.Generator().manual_seed(parameter.numel()))
+    path = str(tmp_path / "own_mask.pt")
+    save_atomic(make_checkpoint(model, "mnist", {}), path)
+    loaded = load_model(path)
+    assert [layer.mask.tolist() for layer in loaded.layers] == [layer.mask.tolist() for layer in model.layers]
+    x = torch.rand(5, 6)
+    assert torch.equal(loaded.log_prob(x), model.log_prob(x))
+
+
 def test_seed_model_computes_a_likelihood():
     model = SeedMaskedNICE(data_dim=12, num_hidden_layers=2, hidden_dim=8)
     assert model.log_prob(torch.rand(3, 12)).shape == (3,)

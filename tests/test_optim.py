@@ -119,6 +119,26 @@ def test_parameters_without_gradients_stay_put():
     assert unused not in optimizer.state
 
 
+def test_the_rule_over_all_parameters_at_once_is_the_rule_per_parameter():
+    """On a GPU the update runs once over the lists of every parameter (a few multi-tensor launches); on a CPU
+    once per parameter. Both must give the same step, with the 0-d tensor rate and momentum a captured step
+    reads."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), (2, 5, 2)]
+    params, grads, mean_squares, velocities = ([torch.randn(shape, generator=generator, dtype=torch.float64).abs()
+                                                for shape in shapes] for _ in range(4))
+    lr, momentum = torch.tensor(0.01, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
+    before = [p.clone() for p in params]
+    together = [[t.clone() for t in group] for group in (params, mean_squares, velocities)]
+    optim._update(together[0], grads, together[1], together[2], 0.95, 1e-2, lr, momentum)
+    for i in range(len(shapes)):
+        optim._update([params[i]], [grads[i]], [mean_squares[i]], [velocities[i]], 0.95, 1e-2, lr, momentum)
+    for group, separately in zip(together, (params, mean_squares, velocities)):
+        for a, b in zip(group, separately):
+            assert torch.equal(a, b)
+    assert all(not torch.equal(p, b) for p, b in zip(params, before))  # the step moved every parameter
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(lr=-1e-3), "lr must be in"),
     (dict(momentum=1.5), "momentum must be in"),
