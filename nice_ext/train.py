@@ -581,6 +581,7 @@ def remaining_seconds(pace: Dict[str, float], epochs_left: int, spent_in_current
 
 
 def duration(seconds: float) -> str:
+    """A span of time as a person reads it: 42 s, 49 min, 7.0 h."""
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
