@@ -51,18 +51,27 @@ def host_copy(value: Any) -> Any:
     return value
 
 
+def other_checkpoint(path: str) -> str:
+    """For a damaged best.pt or last.pt: the run's other checkpoint, where the folder holds one, as advice."""
+    folder, name = os.path.split(path)
+    other = {"best.pt": "last.pt", "last.pt": "best.pt"}.get(name)
+    if other is None or not os.path.exists(os.path.join(folder, other)):
+        return ""
+    return f" (the run's other checkpoint, {os.path.join(folder, other)}, may be whole)"
+
+
 def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"{path}: the file is empty")
+        raise CheckpointError(f"{path}: the file is empty{other_checkpoint(path)}")
     try:
         # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code on load
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # truncated zip, pickle garbage, ...
         detail = (str(error).strip().splitlines() or [""])[0][:120]  # torch.load's messages run to many lines
         raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): "
-                              f"{type(error).__name__}: {detail}") from None
+                              f"{type(error).__name__}: {detail}{other_checkpoint(path)}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a nice_ext checkpoint")
     if payload.get("version") != VERSION:
@@ -77,7 +86,7 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
         bad = non_finite_tensors(payload[part])
         if bad:
             raise CheckpointError(f"{path}: {part} holds NaN or infinite values in {', '.join(bad[:5])}"
-                                  + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+                                  + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + other_checkpoint(path))
     return payload
 
 

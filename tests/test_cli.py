@@ -439,6 +439,28 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     assert result.returncode == 1 and "trained on mnist" in result.stderr
 
 
+def test_a_damaged_checkpoint_points_to_the_runs_other_one(trained, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    good = open(os.path.join(trained[0], "best.pt"), "rb").read()
+    (out / "best.pt").write_bytes(good)
+    (out / "last.pt").write_bytes(good[:1000])  # cut short (a disk failing, a copy broken off)
+    advice = "the run's other checkpoint, {}, may be whole"
+    with pytest.raises(nice_ext.CheckpointError,
+                       match="truncated or corrupt.*" + re.escape(advice.format(out / "best.pt"))):
+        load_checkpoint(str(out / "last.pt"))
+    (out / "last.pt").write_bytes(good)
+    payload = torch.load(out / "best.pt", weights_only=True)
+    payload["model_state"]["log_scale"][0] = float("inf")
+    torch.save(payload, out / "best.pt")
+    with pytest.raises(nice_ext.CheckpointError, match="NaN or infinite values in log_scale " +
+                       re.escape("(" + advice.format(out / "last.pt") + ")")):
+        load_checkpoint(str(out / "best.pt"))
+    (out / "last.pt").unlink()  # no other checkpoint: no advice
+    with pytest.raises(nice_ext.CheckpointError, match=r"NaN or infinite values in log_scale$"):
+        load_checkpoint(str(out / "best.pt"))
+
+
 def test_a_new_run_never_replaces_another(trained, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
