@@ -575,9 +575,24 @@ def run_pace(epoch_seconds: List[float], wall_seconds: float, partial_seconds: f
     return dict(seconds_per_epoch=round(float(np.median(epoch_seconds)), 3), seconds_between_epochs=round(between, 3))
 
 
-def remaining_seconds(pace: Dict[str, float], epochs_left: int, spent_in_current: float) -> float:
-    """The time the epochs left would take at this pace, less what the epoch in progress has had already."""
-    return max(0.0, epochs_left * (pace["seconds_per_epoch"] + pace["seconds_between_epochs"]) - spent_in_current)
+def steps_left(args: argparse.Namespace, completed_epoch: int, batches_done: int, batches_per_epoch: int,
+               step: int) -> Tuple[int, str]:
+    """The optimizer steps left to the limit that would end this run next, and that limit's name: the end of
+    --epochs, or --max_iter where it comes first and has not stopped the run already (one that has is resumed
+    with a larger --max_iter, so the rest of --epochs is what is left). ``batches_done``: the place inside the
+    epoch in progress."""
+    left, limit = (args.epochs - completed_epoch) * batches_per_epoch - batches_done, f"--epochs {args.epochs}"
+    if args.max_iter is not None and 0 < args.max_iter - step < left:
+        left, limit = args.max_iter - step, f"--max_iter {args.max_iter}"
+    return max(0, left), limit
+
+
+def remaining_seconds(pace: Dict[str, float], steps: int, batches_per_epoch: int) -> float:
+    """The time ``steps`` more steps would take: at the epochs' pace (validation and the time between epochs
+    included) once an epoch is complete, else at the steps' alone."""
+    if "seconds_per_epoch" in pace:
+        return steps / batches_per_epoch * (pace["seconds_per_epoch"] + pace["seconds_between_epochs"])
+    return steps * pace["seconds_per_step"]
 
 
 def duration(seconds: float) -> str:
@@ -644,6 +659,8 @@ class Trainer:
             if resume is not None else None
         # Seconds an earlier process spent in the epoch this one resumes: in that epoch's row, not in our time.
         self.carried_seconds = self.place["seconds"] if self.place is not None else 0.0
+        # The time of this process's steps (its first one, which compiles or captures, left out) and their count.
+        self.step_seconds, self.timed_steps = 0.0, 0
 
     def load_data(self) -> None:
         """The splits, on the device (uint8: MNIST is 39 MB), and the dequantization (and whitening) map,
@@ -806,6 +823,7 @@ class Trainer:
             self.place = None
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=device)  # read once per epoch, not per step
         batch_number = first_batch
+        timed_from, untimed_steps = time.time(), self.step
         bar = tqdm(data_lib.batches(self.train_pixels, args.batch_size, order, first_batch),
                    total=self.batches_per_epoch - first_batch, desc=f"epoch {epoch}/{args.epochs}",
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
@@ -817,6 +835,8 @@ class Trainer:
             bad = self.first_bad_step
             self.first_bad_step = torch.where(torch.isfinite(loss) | (bad >= 0), bad, self.step + 1)
             self.step += 1
+            if self.step == self.start_step + 1:  # the process's first step: compilation, graph capture
+                timed_from, untimed_steps = time.time(), self.step
             batch_number += 1
             loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             if self.step % self.check_every == 0 and ctx.any(self.first_bad_step.item() >= 0, device):
@@ -831,7 +851,9 @@ class Trainer:
                 break
         if ctx.any(self.first_bad_step.item() >= 0, device):
             raise NonFiniteLoss(epoch)
-        total_loss = ctx.sum(loss_sum).item()  # every rank's share
+        total_loss = ctx.sum(loss_sum).item()  # every rank's share (and a wait for the device's queue)
+        self.step_seconds += time.time() - timed_from
+        self.timed_steps += self.step - untimed_steps
         if batch_number < self.batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
             self.in_progress = dict(epoch=epoch, batches_done=batch_number, images=self.train_pixels.shape[0],
                                     batch_size=args.batch_size, order_rng=order_rng, loss_sum=total_loss, seen=seen,
@@ -923,13 +945,19 @@ class Trainer:
         # This process's pace; for a run stopped short of --epochs, what the rest would take at it.
         trained_here = [row["seconds"] for row in self.history if row["epoch"] > self.start_epoch]
         spent_in_current = in_progress["seconds"] if in_progress and trained_here else 0.0
-        pace = run_pace(trained_here, train_seconds + self.carried_seconds, spent_in_current)
-        epochs_left = 0 if self.stopped_early else args.epochs - completed_epoch
-        if pace is not None and epochs_left > 0:
-            pace["remaining_seconds_estimate"] = round(remaining_seconds(pace, epochs_left, spent_in_current), 1)
-            print(f"at {pace['seconds_per_epoch']:.3g} s per epoch and {pace['seconds_between_epochs']:.2g} s "
-                  f"between epochs, the {epochs_left} epochs left of --epochs {args.epochs} would take about "
-                  f"{duration(pace['remaining_seconds_estimate'])}", flush=True)
+        pace = run_pace(trained_here, train_seconds + self.carried_seconds, spent_in_current) or {}
+        if self.timed_steps:
+            pace["seconds_per_step"] = float(f"{self.step_seconds / self.timed_steps:.4g}")
+        left, limit = (0, "") if self.stopped_early else \
+            steps_left(args, completed_epoch, in_progress["batches_done"] if in_progress else 0,
+                       self.batches_per_epoch, step)
+        if left > 0 and pace:
+            pace["remaining_seconds_estimate"] = round(remaining_seconds(pace, left, self.batches_per_epoch), 1)
+            at = f"{pace['seconds_per_epoch']:.3g} s per epoch and {pace['seconds_between_epochs']:.2g} s between " \
+                 f"epochs" if "seconds_per_epoch" in pace else f"{pace['seconds_per_step']:.3g} s per step " \
+                 f"(no epoch is complete yet: validation and the time between epochs are left out)"
+            print(f"at {at}, the {left / self.batches_per_epoch:.3g} epochs ({left} steps) left of {limit} would take "
+                  f"about {duration(pace['remaining_seconds_estimate'])}", flush=True)
         if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
             if not in_progress:  # (a stop inside an epoch said where already)
                 print(f"last.pt holds epoch {completed_epoch}; --resume {last} goes on", flush=True)
@@ -956,7 +984,7 @@ class Trainer:
         result = dict(status=status, dataset=args.dataset, test_ll_nats=round(test_ll, 4), bits_per_dim=round(bpd, 5),
                       draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
                       model=best_name, best_epoch=best["epoch"], epochs=completed_epoch, steps=step,
-                      resumed_after_epoch=self.start_epoch, wall_seconds=round(train_seconds, 1), **(pace or {}),
+                      resumed_after_epoch=self.start_epoch, wall_seconds=round(train_seconds, 1), **pace,
                       precision=args.precision, processes=ctx.world_size,
                       **provenance.record(self.device, args.command, commit=self.commit))
         write_bytes((json.dumps(result, indent=1) + "\n").encode(), os.path.join(out_dir, "result.json"))

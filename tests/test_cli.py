@@ -1,5 +1,6 @@
 """The command-line tools end to end on real MNIST with a tiny model: outputs, learning, resume, errors."""
 import csv
+import functools
 import json
 import os
 import re
@@ -176,10 +177,11 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path):
     assert (stopped["epoch"], stopped["step"], stopped["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
     assert [r["epoch"] for r in metrics(split)] == ["1"]  # half an epoch is not a row of metrics.csv
     with open(os.path.join(split, "result.json")) as f:
-        piece = json.load(f)  # the pace of epoch 1, and what the rest of epoch 2 would take at it
+        piece = json.load(f)  # the pace of epoch 1, and what the rest of epoch 2 (half of it) would take at it
     assert piece["seconds_per_epoch"] == float(metrics(split)[0]["seconds"]) and piece["seconds_between_epochs"] >= 0
-    assert piece["remaining_seconds_estimate"] == pytest.approx(max(0.0, piece["seconds_per_epoch"] + piece[
-        "seconds_between_epochs"] - stopped["epoch_in_progress"]["seconds"]), abs=0.1)
+    assert piece["remaining_seconds_estimate"] == pytest.approx(
+        (piece["seconds_per_epoch"] + piece["seconds_between_epochs"]) / 2, abs=0.1)
+    assert 0 < piece["seconds_per_step"] < piece["seconds_per_epoch"] / 10  # 10 steps and a validation per epoch
     assert train.main(["--resume", os.path.join(split, "last.pt"), "--max_iter", "1000", "--device", "cpu"]) == 0
     with open(os.path.join(split, "result.json")) as f:
         finished = json.load(f)  # epoch 2's row holds the seconds both processes spent in it
@@ -194,11 +196,38 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path):
     assert drop_seconds(metrics(straight)) == drop_seconds(metrics(split))
 
 
+def test_a_piece_shorter_than_an_epoch_estimates_from_its_steps(tmp_path, capsys):
+    """Before any epoch is complete there is no epoch's pace: the time left comes from the steps' pace (the
+    first step, which compiles or captures on a GPU, left out), and the message says what that leaves out."""
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "5", *TINY]) == 0
+    stdout = capsys.readouterr().out
+    with open(os.path.join(out, "result.json")) as f:
+        piece = json.load(f)
+    assert "seconds_per_epoch" not in piece and piece["seconds_per_step"] > 0
+    assert piece["remaining_seconds_estimate"] == round(15 * piece["seconds_per_step"], 1)  # 15 of 20 steps left
+    assert "s per step (no epoch is complete yet: validation and the time between epochs are left out), the 1.5 " \
+           "epochs (15 steps) left of --epochs 2 would take about" in stdout
+
+
 def test_pace_and_the_time_left():
     pace = train.run_pace([2.0, 3.0, 10.0], wall_seconds=16.0, partial_seconds=0.5)
     assert pace == dict(seconds_per_epoch=3.0, seconds_between_epochs=0.167)
-    assert train.remaining_seconds(pace, epochs_left=10, spent_in_current=1.0) == pytest.approx(10 * 3.167 - 1.0)
-    assert train.remaining_seconds(pace, epochs_left=1, spent_in_current=5.0) == 0.0
+    assert train.remaining_seconds(pace, steps=25, batches_per_epoch=10) == pytest.approx(2.5 * 3.167)
+    # before an epoch is complete, the steps' pace alone
+    assert train.remaining_seconds(dict(seconds_per_step=0.4), steps=25, batches_per_epoch=10) == pytest.approx(10.0)
+    left = functools.partial(train.steps_left, train.parse_args(["--epochs", "5"]), batches_per_epoch=10)
+    assert left(completed_epoch=1, batches_done=3, step=13) == (37, "--epochs 5")
+    assert left(completed_epoch=5, batches_done=0, step=50) == (0, "--epochs 5")
+    # --max_iter ends the run first when it lies ahead and below the end of --epochs; once it has stopped the
+    # run (a larger one resumes it), the rest of --epochs is what is left
+    left = functools.partial(train.steps_left, train.parse_args(["--epochs", "5", "--max_iter", "30"]),
+                             batches_per_epoch=10)
+    assert left(completed_epoch=1, batches_done=3, step=13) == (17, "--max_iter 30")
+    assert left(completed_epoch=3, batches_done=0, step=30) == (20, "--epochs 5")
+    left = functools.partial(train.steps_left, train.parse_args(["--epochs", "2", "--max_iter", "90"]),
+                             batches_per_epoch=10)
+    assert left(completed_epoch=1, batches_done=0, step=10) == (10, "--epochs 2")  # --max_iter lies beyond
     assert train.run_pace([], 5.0, 0.0) is None
     assert train.run_pace([4.0], wall_seconds=3.9, partial_seconds=0.0)["seconds_between_epochs"] == 0.0
     assert [train.duration(s) for s in (42.4, 2940.0, 25200.0)] == ["42 s", "49 min", "7.0 h"]
@@ -702,7 +731,7 @@ def test_a_stop_signal_during_validation_ends_the_run_after_that_epoch(tmp_path,
     assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "5", *TINY]) == 128 + signal.SIGTERM
     stdout = capsys.readouterr().out
     assert "stopped: SIGTERM received" in stdout and f"last.pt holds epoch 1; --resume {out}/last.pt goes on" in stdout
-    assert "the 4 epochs left of --epochs 5 would take about" in stdout
+    assert "s between epochs, the 4 epochs (40 steps) left of --epochs 5 would take about" in stdout
     stopped = load_checkpoint(os.path.join(out, "last.pt"))
     assert (stopped["epoch"], stopped["step"], stopped["epoch_in_progress"]) == (1, 10, None)
     assert not os.path.exists(os.path.join(out, "result.json"))  # a signalled run is not scored
