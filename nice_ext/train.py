@@ -596,7 +596,9 @@ def remaining_seconds(pace: Dict[str, float], steps: int, batches_per_epoch: int
 
 
 def duration(seconds: float) -> str:
-    """A span of time as a person reads it: 42 s, 49 min, 7.0 h."""
+    """A span of time as a person reads it: 0.4 s, 42 s, 49 min, 7.0 h."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 120:
         return f"{seconds:.0f} s"
     return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
@@ -893,8 +895,11 @@ class Trainer:
                        valid_bits_per_dim=bpd(valid_ll), seconds=round(time.time() - epoch_started, 3),
                        lr=float(f"{scheduled_lr(args, self.step - 1, self.plateau_drops):.6g}"))  # its last step's
             self.history.append(row)
+            pace, _, limit = self.pace_and_time_left(time.time() - self.started)
+            time_left = f" (the rest of {limit}: about {duration(pace['remaining_seconds_estimate'])})" \
+                if "remaining_seconds_estimate" in pace and not self.stop_reason else ""
             print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
-                  f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s", flush=True)
+                  f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s{time_left}", flush=True)
             improved = valid_ll > self.best_valid
             if improved:
                 self.best_valid, self.best_epoch = valid_ll, epoch
@@ -919,6 +924,23 @@ class Trainer:
         if ctx.is_main:
             self.write_files(epoch, best=improved, outputs=outputs_due)
 
+    def pace_and_time_left(self, wall_seconds: float) -> Tuple[Dict[str, float], int, str]:
+        """This process's pace after ``wall_seconds`` (see run_pace; ``seconds_per_step``, its steps after the
+        first), the steps left to the limit that ends the run next and its name, and, when steps are left, the
+        time they would take at that pace (``remaining_seconds_estimate``)."""
+        in_progress = self.in_progress
+        trained_here = [row["seconds"] for row in self.history if row["epoch"] > self.start_epoch]
+        spent_in_current = in_progress["seconds"] if in_progress and trained_here else 0.0
+        pace = run_pace(trained_here, wall_seconds + self.carried_seconds, spent_in_current) or {}
+        if self.timed_steps:
+            pace["seconds_per_step"] = float(f"{self.step_seconds / self.timed_steps:.4g}")
+        left, limit = (0, "") if self.stopped_early else \
+            steps_left(self.args, self.completed_epoch, in_progress["batches_done"] if in_progress else 0,
+                       self.batches_per_epoch, self.step)
+        if left > 0 and pace:
+            pace["remaining_seconds_estimate"] = round(remaining_seconds(pace, left, self.batches_per_epoch), 1)
+        return pace, left, limit
+
     def finish(self) -> int:
         """Write the final outputs, say why training stopped, and (unless a signal stopped it) score the best
         model on the test set into result.json. Returns the exit status."""
@@ -942,17 +964,9 @@ class Trainer:
             where = f" in epoch {in_progress['epoch']} after {in_progress['batches_done']} of " \
                     f"{self.batches_per_epoch} batches (--resume {last} goes on from there)" if in_progress else ""
             print(f"stopped: {stop_reason}{where}", flush=True)
-        # This process's pace; for a run stopped short of --epochs, what the rest would take at it.
-        trained_here = [row["seconds"] for row in self.history if row["epoch"] > self.start_epoch]
-        spent_in_current = in_progress["seconds"] if in_progress and trained_here else 0.0
-        pace = run_pace(trained_here, train_seconds + self.carried_seconds, spent_in_current) or {}
-        if self.timed_steps:
-            pace["seconds_per_step"] = float(f"{self.step_seconds / self.timed_steps:.4g}")
-        left, limit = (0, "") if self.stopped_early else \
-            steps_left(args, completed_epoch, in_progress["batches_done"] if in_progress else 0,
-                       self.batches_per_epoch, step)
-        if left > 0 and pace:
-            pace["remaining_seconds_estimate"] = round(remaining_seconds(pace, left, self.batches_per_epoch), 1)
+        # This process's pace; for a run stopped short of its end, what the rest would take at it.
+        pace, left, limit = self.pace_and_time_left(train_seconds)
+        if "remaining_seconds_estimate" in pace:
             at = f"{pace['seconds_per_epoch']:.3g} s per epoch and {pace['seconds_between_epochs']:.2g} s between " \
                  f"epochs" if "seconds_per_epoch" in pace else f"{pace['seconds_per_step']:.3g} s per step " \
                  f"(no epoch is complete yet: validation and the time between epochs are left out)"

@@ -208,6 +208,10 @@ def test_a_piece_shorter_than_an_epoch_estimates_from_its_steps(tmp_path, capsys
     assert piece["remaining_seconds_estimate"] == round(15 * piece["seconds_per_step"], 1)  # 15 of 20 steps left
     assert "s per step (no epoch is complete yet: validation and the time between epochs are left out), the 1.5 " \
            "epochs (15 steps) left of --epochs 2 would take about" in stdout
+    # resumed to the end: each epoch's line says what the rest of the run would take, but the last one's
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--max_iter", "1000", "--device", "cpu"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
+    assert len(lines) == 2 and "s (the rest of --epochs 2: about " in lines[0] and lines[1].endswith(" s"), lines
 
 
 def test_pace_and_the_time_left():
@@ -230,7 +234,7 @@ def test_pace_and_the_time_left():
     assert left(completed_epoch=1, batches_done=0, step=10) == (10, "--epochs 2")  # --max_iter lies beyond
     assert train.run_pace([], 5.0, 0.0) is None
     assert train.run_pace([4.0], wall_seconds=3.9, partial_seconds=0.0)["seconds_between_epochs"] == 0.0
-    assert [train.duration(s) for s in (42.4, 2940.0, 25200.0)] == ["42 s", "49 min", "7.0 h"]
+    assert [train.duration(s) for s in (0.44, 42.4, 2940.0, 25200.0)] == ["0.4 s", "42 s", "49 min", "7.0 h"]
 
 
 def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path, capsys):
