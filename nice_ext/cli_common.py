@@ -50,18 +50,24 @@ def add_device_argument(group) -> None:
                        help="auto: cuda when a GPU is visible, else cpu")
 
 
-def check_image_out(path: str) -> None:
-    """Fail before any work is done when ``--out`` cannot become an image: a format the image library does
-    not know, or a folder that cannot be made."""
-    from PIL import Image
-
-    extension = os.path.splitext(path)[1].lower()
-    if extension not in Image.registered_extensions():
-        raise UsageError(f"--out {path}: not an image file name (use .png, .jpg, ...)")
+def check_out_file(path: str, flag: str, extensions, kind: str) -> None:
+    """Fail before any work is done when the file a flag names cannot be written as ``kind``: a name without
+    one of ``extensions`` (which also keeps a tool from writing over a checkpoint), or a folder that cannot
+    be made."""
+    if os.path.splitext(path)[1].lower() not in extensions:
+        names = ", ".join(list(extensions)[:2]) + (", ..." if len(extensions) > 2 else "")
+        raise UsageError(f"{flag} {path}: not {kind} file name (use {names})")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as error:
-        raise UsageError(f"--out {path}: cannot create its folder: {error.strerror}") from None
+        raise UsageError(f"{flag} {path}: cannot create its folder: {error.strerror}") from None
+
+
+def check_image_out(path: str) -> None:
+    """``--out`` of the tools that draw: a format the image library knows."""
+    from PIL import Image
+
+    check_out_file(path, "--out", [".png", ".jpg", *Image.registered_extensions()], "an image")
 
 
 def pick_device(name: str) -> torch.device:

@@ -1,11 +1,13 @@
 """Test log-likelihood of a checkpoint, averaged over several dequantization draws.
 
-    python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --draws 10
+    python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --draws 10 [--json score.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import sys
 from typing import List, Optional, Tuple
 
@@ -13,8 +15,10 @@ import numpy as np
 import torch
 
 from . import data as data_lib
-from .cli_common import (UsageError, add_data_arguments, add_device_argument, load_for_inference, pick_device,
-                         run_tool, seed_value, tool_parser)
+from . import provenance
+from .cli_common import (UsageError, add_data_arguments, add_device_argument, check_out_file, load_for_inference,
+                         pick_device, run_tool, seed_value, tool_parser)
+from .files import write_bytes
 from .model import NICE
 
 # Draw k of a test score takes its dequantization noise from seed DRAW_SEED + k, in training's final score
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_argument(p)
     p.add_argument("--seed", type=seed_value, default=DRAW_SEED,
                    help="draw k uses seed SEED + k (default: the seeds of the score a training run prints)")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the score to FILE (.json): the mean and each draw in nats, bits/dim, the "
+                        "checkpoint and its epoch, the split, and the device, software, commit, date and command")
     return p
 
 
@@ -71,6 +78,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--draws must be >= 1, got {args.draws}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.json is not None:
+        check_out_file(args.json, "--json", [".json"], "a JSON")
+    command = "python -m nice_ext.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
+    commit = provenance.source_commit()  # the code as it is when the measurement begins
     device = pick_device(args.device)
     model, preprocess, payload = load_for_inference(args.checkpoint, device)
     splits = data_lib.load_splits(payload["dataset"], args.data_dir, download=not args.no_download)
@@ -78,6 +89,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     draws = log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
     print(f"{payload['dataset']} {args.split} ({pixels.shape[0]} images): "
           f"{summary(draws, model.data_dim, model.data_range)}")
+    if args.json is not None:
+        ll = float(np.mean(draws))
+        score = dict(checkpoint=args.checkpoint, epoch=payload["epoch"], dataset=payload["dataset"],
+                     split=args.split, images=pixels.shape[0], ll_nats=round(ll, 4),
+                     bits_per_dim=round(data_lib.bits_per_dim(ll, model.data_dim, model.data_range), 5),
+                     draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
+                     seed=args.seed, batch_size=args.batch_size,
+                     **provenance.record(device, command, commit=commit))
+        write_bytes((json.dumps(score, indent=1) + "\n").encode(), args.json)
+        print(f"wrote {args.json}")
     return 0
 
 

@@ -95,10 +95,20 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     assert result.returncode == 0 and "nats" in result.stdout and "bits/dim" in result.stdout, result.stderr
     with open(os.path.join(out, "result.json")) as f:  # its first draw is the one the run's test score took
         trained_score = json.load(f)["test_ll_nats"]
-    result = run_tool("evaluate", best, "--data-dir", data_dir(), "--draws", "1", "--device", "cpu", "--no-download")
-    printed = re.search(r"mnist test \(10000 images\): (-?[\d.]+) nats, [\d.]+ bits/dim \(mean of 1 "
+    score_file = tmp_path / "scores" / "best.json"  # its folder is made
+    result = run_tool("evaluate", best, "--data-dir", data_dir(), "--draws", "1", "--device", "cpu", "--no-download",
+                      "--json", str(score_file))
+    printed = re.search(r"mnist test \(10000 images\): (-?[\d.]+) nats, ([\d.]+) bits/dim \(mean of 1 "
                         r"dequantization draws, spread 0.000 nats\)", result.stdout)
     assert printed and abs(float(printed.group(1)) - trained_score) < 0.006, (trained_score, result.stdout)
+    with open(score_file) as f:  # the same score, machine-readable, with where it comes from
+        score = json.load(f)
+    assert f"{score['ll_nats']:.2f}" == printed.group(1) and f"{score['bits_per_dim']:.4f}" == printed.group(2)
+    assert score["draw_ll_nats"] == [pytest.approx(score["ll_nats"], abs=1e-4)] and score["draws"] == 1
+    assert (score["checkpoint"], score["dataset"], score["split"], score["images"], score["seed"]) == \
+        (best, "mnist", "test", 10000, evaluate.DRAW_SEED)
+    assert score["epoch"] == load_checkpoint(best)["epoch"] and score["device"].startswith("CPU")
+    assert score["command"].startswith("python -m nice_ext.evaluate ") and score["commit"] and score["date"]
     result = run_tool("sample", best, "--n", "9", "--out", str(tmp_path / "s.png"), "--device", "cpu")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "s.png") > 0, result.stderr
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
@@ -543,6 +553,10 @@ def test_outputs_that_cannot_be_written_are_one_clear_line(trained, tmp_path, ca
     assert "cannot create it" in capsys.readouterr().err
     assert run_in_process(sample.main, [best, "--out", str(tmp_path / "grid.txt"), "--device", "cpu"]) == 2
     assert "not an image file name" in capsys.readouterr().err
+    best_bytes = open(best, "rb").read()  # a slip of the keyboard must not write a score over the checkpoint
+    assert run_in_process(evaluate.main, [best, "--json", best, "--device", "cpu", "--data-dir", data_dir()]) == 2
+    assert "--json " + best + ": not a JSON file name (use .json)" in capsys.readouterr().err
+    assert open(best, "rb").read() == best_bytes
     assert run_in_process(sample.main, [best, "--out", str(blocker / "grid.png"), "--device", "cpu"]) == 2
     assert "cannot create its folder" in capsys.readouterr().err
     (tmp_path / "taken.png").mkdir()  # a folder where the image should go: the write itself fails
