@@ -2,7 +2,8 @@
 # The checks that need a CUDA GPU, in stages, so that each fits in a limited call on a lent machine:
 #
 #   usage: bash scripts/check_cuda.sh [STAGE ...]      (no stage: all of them, in this order)
-#     build       compile nice_ext in place (no pip, no network) and say what was built
+#     build       compile nice_ext in place (no pip, no network), say what was built and check its kernels
+#                 against the reference on the CPU and the GPU (python -m nice_ext)
 #     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
 #     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests),
 #                 with each op's default CUDA row kernels (nice_ext.ops.default_cuda_kernel_versions)
@@ -58,6 +59,9 @@ run_stage() {
       "$PYTHON" -c "import nice_ext, torch; print('cuda kernels built:', nice_ext.cuda_kernels_built(), torch.__version__,
                     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible')" \
         2>&1 | tee -a "$LOG_DIR/build.log" | tail -1
+      # the installation report: the fused ops against the reference on the CPU and on each GPU
+      "$PYTHON" -m nice_ext > "$LOG_DIR/report.log" 2>&1 || rc=$?
+      grep -A3 "kernel check" "$LOG_DIR/report.log"
       ;;
     bad-input)
       "$PYTHON" scripts/repro_bad_input.py > "$LOG_DIR/bad_input.log" 2>&1 || rc=$?

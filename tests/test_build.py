@@ -113,3 +113,32 @@ def test_a_compiler_without_a_shared_cxx_runtime_is_given_this_processs(tmp_path
     assert "finds no shared libstdc++; linking against /" in said["static"] and "libstdc++.so" in said["static"]
     if shutil.which(os.environ.get("CXX", "c++").split()[0]):
         assert "finds no shared libstdc++" not in said["here"]
+
+
+def test_the_installation_report_checks_the_kernels_on_every_device():
+    """``python -m nice_ext`` says what was built and checks the fused ops against the reference here."""
+    done = subprocess.run([sys.executable, "-m", "nice_ext"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"CUDA kernels built: {'yes' if nice_ext.cuda_kernels_built() else 'no'}" in done.stdout
+    assert "kernel check on cpu: ok" in done.stdout
+    if torch.cuda.is_available():
+        assert "kernel check on cuda:0: ok" in done.stdout
+
+
+def test_the_installation_report_names_a_kernel_that_disagrees(monkeypatch):
+    from nice_ext import __main__ as report
+
+    assert report.check(torch.device("cpu")) == []
+    scale_inverse = nice_ext.ops.scale_inverse
+    monkeypatch.setattr(nice_ext.ops, "scale_inverse", lambda z, log_scale: scale_inverse(z, log_scale) * 1.001)
+    problems = report.check(torch.device("cpu"))
+    assert len(problems) == 2 and all("inverse differs from the reference" in p for p in problems), problems
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no kernel image is available for execution on the device\nand more")
+
+    monkeypatch.setattr(nice_ext.ops, "affine_coupling_update_indexed", broken)
+    problems = report.check(torch.device("cpu"))
+    assert problems[1] == "affine coupling, gaussian prior, checkerboard masks: RuntimeError: no kernel image " \
+                          "is available for execution on the device", problems
+    assert report.main() == 1
