@@ -595,6 +595,11 @@ def remaining_seconds(pace: Dict[str, float], steps: int, batches_per_epoch: int
     return steps * pace["seconds_per_step"]
 
 
+def in_epochs(steps: int, batches_per_epoch: int) -> str:
+    """A number of steps in epochs, as a message gives it: 1465, or 1494.5 with part of an epoch."""
+    return str(steps // batches_per_epoch) if steps % batches_per_epoch == 0 else f"{steps / batches_per_epoch:.1f}"
+
+
 def duration(seconds: float) -> str:
     """A span of time as a person reads it: 0.4 s, 42 s, 49 min, 7.0 h."""
     if seconds < 10:
@@ -970,8 +975,8 @@ class Trainer:
             at = f"{pace['seconds_per_epoch']:.3g} s per epoch and {pace['seconds_between_epochs']:.2g} s between " \
                  f"epochs" if "seconds_per_epoch" in pace else f"{pace['seconds_per_step']:.3g} s per step " \
                  f"(no epoch is complete yet: validation and the time between epochs are left out)"
-            print(f"at {at}, the {left / self.batches_per_epoch:.3g} epochs ({left} steps) left of {limit} would take "
-                  f"about {duration(pace['remaining_seconds_estimate'])}", flush=True)
+            print(f"at {at}, the {in_epochs(left, self.batches_per_epoch)} epochs ({left} steps) left of {limit} would "
+                  f"take about {duration(pace['remaining_seconds_estimate'])}", flush=True)
         if signalled:  # whoever sent it wants the process gone soon: no test evaluation, no result.json
             if not in_progress:  # (a stop inside an epoch said where already)
                 print(f"last.pt holds epoch {completed_epoch}; --resume {last} goes on", flush=True)

@@ -245,6 +245,7 @@ def test_pace_and_the_time_left():
     assert train.run_pace([], 5.0, 0.0) is None
     assert train.run_pace([4.0], wall_seconds=3.9, partial_seconds=0.0)["seconds_between_epochs"] == 0.0
     assert [train.duration(s) for s in (0.44, 42.4, 2940.0, 25200.0)] == ["0.4 s", "42 s", "49 min", "7.0 h"]
+    assert [train.in_epochs(s, 250) for s in (366250, 373625, 25)] == ["1465", "1494.5", "0.1"]
 
 
 def test_resume_inside_an_epoch_with_another_batch_size_starts_it_over(tmp_path, capsys):
