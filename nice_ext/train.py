@@ -595,6 +595,14 @@ def remaining_seconds(pace: Dict[str, float], steps: int, batches_per_epoch: int
     return steps * pace["seconds_per_step"]
 
 
+def synchronized_time(device: torch.device) -> float:
+    """time.time() once the device has done the work queued on it: a GPU's steps are timed as they ran, not
+    as the host queued them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.time()
+
+
 def in_epochs(steps: int, batches_per_epoch: int) -> str:
     """A number of steps in epochs, as a message gives it: 1465, or 1494.5 with part of an epoch."""
     return str(steps // batches_per_epoch) if steps % batches_per_epoch == 0 else f"{steps / batches_per_epoch:.1f}"
@@ -830,7 +838,7 @@ class Trainer:
             self.place = None
         loss_sum = torch.tensor(loss_so_far, dtype=torch.float64, device=device)  # read once per epoch, not per step
         batch_number = first_batch
-        timed_from, untimed_steps = time.time(), self.step
+        timed_from, untimed_steps = synchronized_time(device), self.step
         bar = tqdm(data_lib.batches(self.train_pixels, args.batch_size, order, first_batch),
                    total=self.batches_per_epoch - first_batch, desc=f"epoch {epoch}/{args.epochs}",
                    disable=not (ctx.is_main and sys.stderr.isatty()), leave=False)
@@ -843,7 +851,7 @@ class Trainer:
             self.first_bad_step = torch.where(torch.isfinite(loss) | (bad >= 0), bad, self.step + 1)
             self.step += 1
             if self.step == self.start_step + 1:  # the process's first step: compilation, graph capture
-                timed_from, untimed_steps = time.time(), self.step
+                timed_from, untimed_steps = synchronized_time(device), self.step
             batch_number += 1
             loss_sum += loss.double() * batch.shape[0] / ctx.world_size  # this rank's -sum log p
             if self.step % self.check_every == 0 and ctx.any(self.first_bad_step.item() >= 0, device):
@@ -858,8 +866,8 @@ class Trainer:
                 break
         if ctx.any(self.first_bad_step.item() >= 0, device):
             raise NonFiniteLoss(epoch)
-        total_loss = ctx.sum(loss_sum).item()  # every rank's share (and a wait for the device's queue)
-        self.step_seconds += time.time() - timed_from
+        total_loss = ctx.sum(loss_sum).item()  # every rank's share
+        self.step_seconds += synchronized_time(device) - timed_from
         self.timed_steps += self.step - untimed_steps
         if batch_number < self.batches_per_epoch:  # stopped inside the epoch: keep its place for --resume
             self.in_progress = dict(epoch=epoch, batches_done=batch_number, images=self.train_pixels.shape[0],
