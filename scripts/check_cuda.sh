@@ -2,8 +2,9 @@
 # The checks that need a CUDA GPU, in stages, so that each fits in a limited call on a lent machine:
 #
 #   usage: bash scripts/check_cuda.sh [STAGE ...]      (no stage: all of them, in this order)
-#     build       compile nice_ext in place (no pip, no network), say what was built and check its kernels
-#                 against the reference on the CPU and the GPU (python -m nice_ext)
+#     build       compile nice_ext in place (no pip, no network) and say what was built
+#     report      python -m nice_ext: the build, the versions and the GPU, and the fused ops checked against
+#                 the reference on the CPU and on each GPU (a quick first look at a new machine or build)
 #     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
 #     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests),
 #                 with each op's default CUDA row kernels (nice_ext.ops.default_cuda_kernel_versions)
@@ -40,7 +41,7 @@ mkdir -p "$LOG_DIR"
 PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
-ALL_STAGES=(build bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
+ALL_STAGES=(build report bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
             memcheck-tests ncu versions bench bench-v1 bench-v2)
 status=0
 
@@ -59,9 +60,10 @@ run_stage() {
       "$PYTHON" -c "import nice_ext, torch; print('cuda kernels built:', nice_ext.cuda_kernels_built(), torch.__version__,
                     torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU visible')" \
         2>&1 | tee -a "$LOG_DIR/build.log" | tail -1
-      # the installation report: the fused ops against the reference on the CPU and on each GPU
+      ;;
+    report)
       "$PYTHON" -m nice_ext > "$LOG_DIR/report.log" 2>&1 || rc=$?
-      grep -A3 "kernel check" "$LOG_DIR/report.log"
+      cat "$LOG_DIR/report.log"
       ;;
     bad-input)
       "$PYTHON" scripts/repro_bad_input.py > "$LOG_DIR/bad_input.log" 2>&1 || rc=$?
