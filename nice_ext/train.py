@@ -908,14 +908,14 @@ class Trainer:
                        valid_bits_per_dim=bpd(valid_ll), seconds=round(time.time() - epoch_started, 3),
                        lr=float(f"{scheduled_lr(args, self.step - 1, self.plateau_drops):.6g}"))  # its last step's
             self.history.append(row)
-            pace, _, limit = self.pace_and_time_left(time.time() - self.started)
-            time_left = f" (the rest of {limit}: about {duration(pace['remaining_seconds_estimate'])})" \
-                if "remaining_seconds_estimate" in pace and not self.stop_reason else ""
-            print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
-                  f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s{time_left}", flush=True)
             improved = valid_ll > self.best_valid
             if improved:
                 self.best_valid, self.best_epoch = valid_ll, epoch
+            pace, _, limit = self.pace_and_time_left(time.time() - self.started)
+            time_left = f" (the rest of {limit}: about {duration(pace['remaining_seconds_estimate'])})" \
+                if "remaining_seconds_estimate" in pace and not (self.stop_reason or self.patience_spent(epoch)) else ""
+            print(f"epoch {epoch}: train {train_ll:.2f} nats, valid {valid_ll:.2f} nats "
+                  f"({row['valid_bits_per_dim']:.4f} bits/dim), {row['seconds']:.1f} s{time_left}", flush=True)
         # --lr-plateau, decided by rank 0 (which alone validates) and applied by every rank.
         if args.lr_plateau is not None:
             waited = epoch - max(self.best_epoch, self.last_drop_epoch)  # epochs without a gain since the last

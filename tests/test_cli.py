@@ -272,6 +272,8 @@ def test_patience_stops_a_run_that_no_longer_improves(tmp_path, capsys):
     assert train.main(["--resume", last, "--epochs", "10", "--patience", "3", "--device", "cpu"]) == 0
     printed = capsys.readouterr().out
     assert "stopped: --patience 3: no validation gain since epoch 1" in printed
+    epoch_lines = [line for line in printed.splitlines() if line.startswith("epoch ")]  # epochs 3 and 4
+    assert "(the rest of --epochs 10: about" in epoch_lines[0] and "the rest of" not in epoch_lines[1], epoch_lines
     assert [r["epoch"] for r in metrics(out)] == ["1", "2", "3", "4"]
     with open(os.path.join(out, "result.json")) as f:
         result = json.load(f)
