@@ -114,6 +114,18 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
                       "--steps", "5", "--device", "cpu", "--no-download")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
+    errors = re.findall(r"(\w+) ([\d.]+) \(grey ([\d.]+)\)", result.stdout.splitlines()[-1])
+    assert [name for name, _, _ in errors] == list(inpaint.MASK_NAMES), result.stdout
+    assert all(0 < float(filled) < 256 and 0 < float(grey) < 256 for _, filled, grey in errors), errors
+
+
+def test_inpainting_error_counts_the_missing_pixels_alone():
+    x = torch.tensor([[0.0, 0.25, 1.0, 0.5]])
+    observed = torch.tensor([True, True, False, False])
+    filled = torch.tensor([[0.9, 0.9, 0.75, 0.5]])  # the observed pixels' values do not count
+    assert inpaint.missing_pixel_error(x, filled, observed, (0.0, 1.0)) == pytest.approx(256 * (0.25 ** 2 / 2) ** 0.5)
+    assert inpaint.missing_pixel_error(2 * x - 1, 2 * filled - 1, observed, (-1.0, 1.0)) == \
+        pytest.approx(256 * (0.25 ** 2 / 2) ** 0.5)  # in 8-bit levels whatever the data range
 
 
 def test_model_flags_reach_the_model_resume_and_every_tool(tmp_path):
