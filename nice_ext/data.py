@@ -137,9 +137,26 @@ def load_pixels(name: str, data_dir: str, split: str, download: bool = True) -> 
 # ------------------------------------------------------------------------------------------------
 # Dequantization and whitening
 # ------------------------------------------------------------------------------------------------
+def check_pixels(pixels: Tensor) -> None:
+    """Refuses what dequantization would silently get wrong: anything but integer levels 0..255 (floats
+    scaled to [0, 1], as torchvision's ToTensor gives them, would land in the first of the 256 bins)."""
+    if not isinstance(pixels, Tensor):
+        raise TypeError(f"pixels must be a tensor of 8-bit levels 0..255, got {type(pixels).__name__}")
+    if pixels.dtype == torch.uint8:
+        return
+    if pixels.is_floating_point() or pixels.is_complex() or pixels.dtype == torch.bool:
+        raise TypeError(f"pixels must hold the integer levels 0..255 (uint8), got {pixels.dtype}; images scaled to "
+                        f"[0, 1] are (images * 255).round().to(torch.uint8) before dequantization")
+    if pixels.numel() and (int(pixels.min()) < 0 or int(pixels.max()) > 255):
+        raise ValueError(f"pixels must lie in 0..255, got values in {int(pixels.min())}..{int(pixels.max())}")
+
+
 def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
-    """Uniform dequantization: a fresh u ~ U(0, 1) per example and per feature, mapped to ``data_range``."""
+    """Uniform dequantization: a fresh u ~ U(0, 1) per example and per feature, mapped to ``data_range``.
+
+    ``pixels`` are the integer levels 0..255 (uint8, or another integer dtype holding them)."""
+    check_pixels(pixels)
     noise = torch.rand(pixels.shape, device=pixels.device, dtype=dtype, generator=generator)
     low, high = data_range
     return (pixels.to(dtype) + noise) * ((high - low) / 256.0) + low

@@ -27,6 +27,22 @@ def test_dequantization_range_and_independence():
     assert z.min() >= -1 and z.max() < 1
 
 
+def test_dequantization_takes_integer_levels_and_refuses_scaled_floats():
+    levels = torch.tensor([[0, 128, 255]])
+    for dtype in (torch.uint8, torch.int16, torch.int64):
+        x = data_lib.dequantize(levels.to(dtype), (0.0, 1.0), torch.Generator().manual_seed(0))
+        assert torch.equal(torch.floor(x * 256), levels.float())
+    with pytest.raises(TypeError, match=r"levels 0\.\.255 \(uint8\), got torch.float32.*\* 255"):
+        data_lib.dequantize(levels.float() / 255, (0.0, 1.0))  # torchvision's ToTensor scaling
+    for bad in (torch.tensor([[0, 256]]), torch.tensor([[-1, 3]], dtype=torch.int8)):
+        with pytest.raises(ValueError, match=r"must lie in 0\.\.255"):
+            data_lib.dequantize(bad, (0.0, 1.0))
+    with pytest.raises(TypeError, match="bool"):
+        data_lib.dequantize(torch.ones(2, 3, dtype=torch.bool), (0.0, 1.0))
+    with pytest.raises(TypeError, match="list"):
+        data_lib.dequantize([[0, 1]], (0.0, 1.0))
+
+
 def test_bits_per_dim_matches_the_paper():
     assert abs(data_lib.bits_per_dim(1980.50, 784, (0.0, 1.0)) - 4.36) < 0.005
     assert abs(data_lib.bits_per_dim(5371.78, 3072, (-1.0, 1.0)) - 4.48) < 0.005
