@@ -47,6 +47,17 @@ TORCH_LIBRARY(nice_ext, m) {
         " -> (Tensor grad_h, Tensor grad_log_scale)");
   // The inverse scaling used for sampling: h = exp(-log_scale) * z.
   m.def("scale_inverse(Tensor z, Tensor log_scale) -> Tensor h");
+
+  // The three backward ops' composite twins: the same gradients in differentiable ATen ops, for
+  // higher-order gradients (csrc/autograd.h). Their kernels are nice_ext/reference.py's *_backward,
+  // registered as CompositeImplicitAutograd by nice_ext/ops.py.
+  m.def("coupling_update_backward_composite(Tensor grad_y, Tensor? grad_gathered, Tensor shift_col,"
+        " Tensor gather_index, int updated, bool inverse) -> (Tensor grad_x, Tensor grad_shift)");
+  m.def("affine_coupling_update_backward_composite(Tensor grad_y, Tensor? grad_gathered, Tensor? grad_log_det,"
+        " Tensor x, Tensor log_scale_raw, Tensor shift, Tensor shift_col, Tensor gather_index, str log_scale_law,"
+        " bool inverse) -> (Tensor grad_x, Tensor grad_log_scale_raw, Tensor grad_shift)");
+  m.def("scale_prior_backward_composite(Tensor grad_log_prob, Tensor? grad_z, Tensor h, Tensor log_scale,"
+        " str prior) -> (Tensor grad_h, Tensor grad_log_scale)");
 }
 
 namespace {

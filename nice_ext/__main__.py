@@ -86,7 +86,7 @@ def main() -> int:
         problems = check(device)
         failed |= bool(problems)
         print(f"kernel check on {device}: " + ("FAILED" if problems else
-              f"ok (the fused ops give the reference's log-likelihoods, gradients and inverses)"))
+              "ok (the fused ops give the reference's log-likelihoods, gradients and inverses)"))
         for problem in problems:
             print(f"  {problem}")
     return 1 if failed else 0

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
+from . import reference
 from .masks import check_mask, check_mask_layout, coupling_maps
 
 PRIORS = ("logistic", "gaussian")
@@ -138,6 +139,15 @@ def functorch_transform_active() -> bool:
 
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
+
+
+# Higher-order gradients: a backward op recorded by autograd (create_graph=True) runs its composite twin
+# (csrc/autograd.h), whose kernel is the reference backward, made of differentiable ATen ops.
+_composite_backwards = torch.library.Library("nice_ext", "IMPL")
+for _op, _reference_backward in (("coupling_update_backward", reference.coupling_update_backward),
+                                 ("affine_coupling_update_backward", reference.affine_coupling_update_backward),
+                                 ("scale_prior_backward", reference.scale_prior_backward)):
+    _composite_backwards.impl(f"{_op}_composite", _reference_backward, "CompositeImplicitAutograd")
 
 
 # ------------------------------------------------------------------------------------------------

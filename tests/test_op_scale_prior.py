@@ -107,6 +107,29 @@ def test_inverse_scaling_has_a_second_derivative(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("compute_z", [True, False])
+def test_gradgradcheck_float64(device, prior, compute_z):
+    # A backward recorded with create_graph=True runs the composite twin (csrc/autograd.h).
+    h, log_scale = make_case(5, 7, device, torch.float64)
+    assert torch.autograd.gradgradcheck(lambda a, s: ops.scale_prior(a, s, prior, compute_z=compute_z),
+                                        (h.requires_grad_(True), log_scale.requires_grad_(True)))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", PRIORS)
+@pytest.mark.parametrize("features", [2, 3, 784])
+def test_backward_op_matches_its_reference(device, prior, features):
+    h, log_scale = make_case(2049, features, device, torch.float64)  # 2049 rows: a ragged last reduction chunk
+    grad_log_prob, grad_z = torch.randn(2049, dtype=h.dtype, device=device), torch.randn_like(h)
+    for z_grad in (sliced(grad_z), None):
+        args = (grad_log_prob, z_grad, sliced(h), log_scale, prior)
+        fused = torch.ops.nice_ext.scale_prior_backward(*args)
+        for name, got, expected in zip(("grad_h", "grad_log_scale"), fused, reference.scale_prior_backward(*args)):
+            assert rel_error(got, expected) < 1e-12, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("prior", PRIORS)
 @pytest.mark.parametrize("batch", [3, 2049])  # 2049: several reduction chunks and a ragged last one
 def test_gradients_match_reference_and_are_deterministic(device, prior, batch):
     h, log_scale = make_case(batch, 784, device, torch.float32)
@@ -145,6 +168,8 @@ def test_opcheck(device):
         glp, hd, sd = torch.randn(6, device=device), h.detach(), log_scale.detach()
         torch.library.opcheck(torch.ops.nice_ext.scale_prior_backward, (glp, torch.randn_like(hd), hd, sd, prior))
         torch.library.opcheck(torch.ops.nice_ext.scale_prior_backward, (glp, None, hd, sd, prior))
+        for op in (torch.ops.nice_ext.scale_prior_backward, torch.ops.nice_ext.scale_prior_backward_composite):
+            torch.library.opcheck(op, (glp, None, hd.clone().requires_grad_(True), sd, prior))
     torch.library.opcheck(torch.ops.nice_ext.scale_inverse, (h, log_scale))
 
 
