@@ -7,8 +7,9 @@
 
 Coupling layers (additive and affine) and the scaling + prior run on the fused ops (``fused=True``, the
 default) or on their pure-PyTorch reference (``fused=False``): the same mathematics and parameters, for
-cross-checks and benchmarks. Inside torch.func transforms (``grad``, ``vmap``, ...), which cannot go
-through the fused ops, a fused model runs the reference path.
+cross-checks and benchmarks. Inside torch.func transforms (``grad``, ``vmap``, ...) and forward-mode AD
+(``torch.autograd.forward_ad``), which cannot go through the fused ops, a fused model runs the reference
+path.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ PRIORS = ops.PRIORS
 
 def use_fused(module: nn.Module) -> bool:
     """Whether a layer built with ``fused=True`` runs the fused ops now: everywhere but inside torch.func
-    transforms, which cannot go through them (the reference computes the same function)."""
-    return module.fused and not ops.functorch_transform_active()
+    transforms and forward-mode AD, which cannot go through them (the reference computes the same
+    function)."""
+    return module.fused and not ops.functorch_transform_active() and not ops.forward_ad_active()
 
 
 def count_argument(value, name: str) -> int:

@@ -137,6 +137,13 @@ def functorch_transform_active() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def forward_ad_active() -> bool:
+    """True inside ``torch.autograd.forward_ad.dual_level()``: the fused ops' C++ autograd has no
+    forward-mode formula (PyTorch's C++ custom Function has none), so the model takes its pure-PyTorch path
+    there, as inside torch.func transforms."""
+    return getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+
+
 def _half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
