@@ -63,6 +63,10 @@ def other_checkpoint(path: str) -> str:
 def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str, Any]:
     if not os.path.exists(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    if os.path.isdir(path):  # a run's folder given for its checkpoint
+        held = [name for name in ("best.pt", "last.pt") if os.path.isfile(os.path.join(path, name))]
+        advice = f": pass {' or '.join(os.path.join(path, name) for name in held)}" if held else ""
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file{advice}")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path}: the file is empty{other_checkpoint(path)}")
     try:

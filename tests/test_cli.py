@@ -519,6 +519,16 @@ def test_a_damaged_checkpoint_points_to_the_runs_other_one(trained, tmp_path):
         load_checkpoint(str(out / "best.pt"))
 
 
+def test_a_runs_folder_given_for_its_checkpoint_names_the_files_in_it(trained, tmp_path):
+    with pytest.raises(nice_ext.CheckpointError, match=re.escape(
+            f"{trained[0]} is a folder, not a checkpoint file: pass {os.path.join(trained[0], 'best.pt')} or "
+            f"{os.path.join(trained[0], 'last.pt')}")):
+        load_checkpoint(trained[0])
+    with pytest.raises(nice_ext.CheckpointError, match=f"{re.escape(str(tmp_path))} is a folder, not a checkpoint "
+                       "file$"):
+        load_checkpoint(str(tmp_path))
+
+
 def test_a_new_run_never_replaces_another(trained, tmp_path, capsys):
     out = str(tmp_path / "run")
     shutil.copytree(trained[0], out)
