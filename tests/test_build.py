@@ -24,23 +24,27 @@ def test_cuda_kernels_are_compiled_whenever_they_can_be():
 
 NICE_EXT_OPS = ("coupling_update", "coupling_update_backward", "affine_coupling_update",
                 "affine_coupling_update_backward", "scale_prior", "scale_prior_backward", "scale_inverse")
+# The backward ops' composite twins, for higher-order gradients: reference code, no backend kernels.
+COMPOSITE_OPS = tuple(f"{op}_composite" for op in NICE_EXT_OPS if op.endswith("_backward"))
 
 
 def test_every_op_has_a_kernel_per_backend():
     registered = sorted(n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("nice_ext::"))
-    assert registered == sorted(NICE_EXT_OPS), "an op was added or removed: update NICE_EXT_OPS and its tests"
+    assert registered == sorted(NICE_EXT_OPS + COMPOSITE_OPS), \
+        "an op was added or removed: update NICE_EXT_OPS and its tests"
     for op in NICE_EXT_OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nice_ext::{op}", "CPU")
         if nice_ext.cuda_kernels_built():
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nice_ext::{op}", "CUDA")
+    for op in COMPOSITE_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"nice_ext::{op}", "CompositeImplicitAutograd")
 
 
-def test_every_forward_op_has_its_autograd_kernel_in_cpp():
+def test_every_op_has_its_autograd_kernel_in_cpp():
     """Autograd is registered in C++ next to each op's entry points (csrc/<op>.cpp), not from Python, whose
-    autograd.Function costs tens of microseconds per call that needs a gradient."""
+    autograd.Function costs tens of microseconds per call that needs a gradient. The backward ops have one
+    too: it runs the fused kernel, or the composite twin for a higher-order gradient."""
     for op in NICE_EXT_OPS:
-        if op.endswith("_backward"):
-            continue
         dump = torch._C._dispatch_dump(f"nice_ext::{op}")
         (autograd_line,) = [line for line in dump.splitlines() if line.startswith("Autograd")]
         registered_at = autograd_line.split("registered at ", 1)[1].split(" ::")[0]
