@@ -317,7 +317,9 @@ def test_scaling_backward_versions_agree(batch, features, layout, dtype, prior, 
     assert torch.equal(gh1, gh2)  # the same operations per element
     # grad(log_scale) is summed over the rows in another order: version 2 must be as close to float64 as
     # version 1 is, up to rounding, deterministic, and the same for every layout of h and grad_z.
-    h64, s64 = (t.double().cpu().requires_grad_() for t in (h, log_scale))
+    # Copies: in the host build h may already be a float64 CPU tensor, and marking it would send the calls
+    # below, made with gradient mode on, to the backward op's composite twin (csrc/autograd.h).
+    h64, s64 = (t.to("cpu", torch.float64, copy=True).requires_grad_() for t in (h, log_scale))
     z64, lp64 = reference.scale_prior(h64, s64, prior, True)
     outputs, grads = ((lp64,), (grad_log_prob.double().cpu(),)) if grad_z is None else \
         ((lp64, z64), (grad_log_prob.double().cpu(), grad_z.double().cpu()))
