@@ -71,6 +71,10 @@ def main() -> int:
           + f", Python {platform.python_version()}, {platform.platform()}")
     print(f"CPU: {provenance.cpu_model()} ({os.cpu_count()} cores)")
     print(f"CUDA kernels built: {'yes' if ops.cuda_kernels_built() else 'no'}")
+    stale = ops.stale_kernel_sources()
+    if stale:
+        print(f"kernels older than their sources ({', '.join(stale)} changed since the build): rebuild with "
+              "pip install --no-build-isolation -e .")
     devices = [torch.device("cpu")]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     for index in range(gpus):

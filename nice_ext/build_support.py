@@ -36,3 +36,19 @@ def shared_cxx_runtime_link_args() -> List[str]:
         return []
     print(f"nice_ext: {compiler[0]} finds no shared libstdc++; linking against {min(loaded)}")
     return [min(loaded)]
+
+
+def kernel_sources_newer_than(library: str, csrc: str) -> List[str]:
+    """The files of the kernel source tree ``csrc`` modified after ``library`` (the compiled extension) was
+    written: a source tree whose extension was not rebuilt after a change or a ``git pull`` holds some.
+    Empty where there is no source tree (an installed package)."""
+    if not os.path.isdir(csrc) or not os.path.exists(library):
+        return []
+    built = os.path.getmtime(library)
+    changed = []
+    for folder, _, names in os.walk(csrc):
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith((".cpp", ".cu", ".h", ".cuh")) and os.path.getmtime(path) > built:
+                changed.append(os.path.relpath(path, os.path.dirname(csrc)))
+    return sorted(changed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 import weakref
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -18,9 +19,29 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
 from . import reference
+from .build_support import kernel_sources_newer_than
 from .masks import check_mask, check_mask_layout, coupling_maps
 
 PRIORS = ("logistic", "gaussian")
+
+
+def stale_kernel_sources() -> List[str]:
+    """In a source checkout (``pip install -e .``): the kernel sources changed since the extension was built,
+    which it therefore does not run. Empty for an installed package or an extension built after them."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    return kernel_sources_newer_than(_C.__file__, os.path.join(os.path.dirname(package), "csrc"))
+
+
+def _warn_of_stale_kernels() -> None:
+    changed = stale_kernel_sources()
+    if changed:
+        listed = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+        warnings.warn(f"nice_ext: {listed} changed after the compiled kernels ({os.path.basename(_C.__file__)}) were "
+                      "built, so they run the old code: rebuild with pip install --no-build-isolation -e .",
+                      RuntimeWarning, stacklevel=2)
+
+
+_warn_of_stale_kernels()
 
 
 def cuda_kernels_built() -> bool:

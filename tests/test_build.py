@@ -119,6 +119,48 @@ def test_a_compiler_without_a_shared_cxx_runtime_is_given_this_processs(tmp_path
         assert "finds no shared libstdc++" not in said["here"]
 
 
+def test_kernel_sources_changed_after_the_build_are_named(tmp_path):
+    from nice_ext.build_support import kernel_sources_newer_than
+
+    library = tmp_path / "nice_ext" / "_C.so"
+    (tmp_path / "nice_ext").mkdir()
+    library.write_bytes(b"")
+    built = os.path.getmtime(library)
+    (tmp_path / "csrc" / "cuda").mkdir(parents=True)
+    for name in ("ops.cpp", "cuda/kernel.cu", "cuda/kernel.cuh", "NOTES.txt"):
+        (tmp_path / "csrc" / name).write_text("")
+        os.utime(tmp_path / "csrc" / name, (built - 100, built - 100))
+    assert kernel_sources_newer_than(str(library), str(tmp_path / "csrc")) == []
+    for name in ("cuda/kernel.cuh", "NOTES.txt"):  # an edit, a git pull; not a kernel source
+        os.utime(tmp_path / "csrc" / name, (built + 10, built + 10))
+    assert kernel_sources_newer_than(str(library), str(tmp_path / "csrc")) == [os.path.join("csrc", "cuda", "kernel.cuh")]
+    assert kernel_sources_newer_than(str(library), str(tmp_path / "elsewhere")) == []  # an installed package
+
+
+def test_importing_a_checkout_whose_kernels_are_older_than_its_sources_warns(tmp_path):
+    """A checkout changed after `pip install -e .` (an edit, a git pull) runs the kernels built before."""
+    package = os.path.dirname(nice_ext.__file__)
+    shutil.copytree(package, tmp_path / "nice_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    os.symlink(nice_ext._C.__file__, tmp_path / "nice_ext" / os.path.basename(nice_ext._C.__file__))
+    (tmp_path / "csrc").mkdir()
+    source = tmp_path / "csrc" / "ops.cpp"
+    source.write_text("")
+    built = os.path.getmtime(nice_ext._C.__file__)
+
+    def import_stderr():
+        done = subprocess.run([sys.executable, "-c", "import nice_ext"], cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stderr
+
+    os.utime(source, (built - 100, built - 100))
+    assert "changed after the compiled kernels" not in import_stderr()
+    os.utime(source, (built + 10, built + 10))
+    said = import_stderr()
+    assert "csrc/ops.cpp changed after the compiled kernels" in said
+    assert "rebuild with pip install --no-build-isolation -e ." in said
+
+
 def test_the_installation_report_checks_the_kernels_on_every_device():
     """``python -m nice_ext`` says what was built and checks the fused ops against the reference here."""
     done = subprocess.run([sys.executable, "-m", "nice_ext"], capture_output=True, text=True, timeout=300)
