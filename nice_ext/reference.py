@@ -21,6 +21,20 @@ from torch import Tensor
 _LOG_2PI = math.log(2 * math.pi)
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the ops compute in: float32 for half inputs (as the kernels accumulate), else the input's."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _affine_log_scale(log_scale_raw: Tensor, log_scale_law: str) -> Tensor:
+    """The affine coupling's log-scale a from its network's output r: tanh(r), or r itself ('unbounded')."""
+    if log_scale_law == "tanh":
+        return torch.tanh(log_scale_raw)
+    if log_scale_law == "unbounded":
+        return log_scale_raw
+    raise ValueError(f"log_scale_law must be 'tanh' or 'unbounded', got {log_scale_law!r}")
+
+
 def coupling_update(x: Tensor, shift: Tensor, shift_col: Tensor, gather_index: Tensor,
                     inverse: bool) -> Tuple[Tensor, Tensor]:
     """y = x with y[:, I2] (+/-)= shift; gathered = y[:, gather_index]."""
@@ -48,12 +62,8 @@ def affine_coupling_update(x: Tensor, log_scale_raw: Tensor, shift: Tensor, shif
                            log_scale_law: str, inverse: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """y = x with y[:, I2] = x[:, I2] * exp(a) + shift (inverse: (x[:, I2] - shift) * exp(-a)),
     a = tanh(log_scale_raw) or log_scale_raw; gathered = y[:, gather_index]; log_det = +/- sum a."""
-    if log_scale_law not in ("tanh", "unbounded"):
-        raise ValueError(f"log_scale_law must be 'tanh' or 'unbounded', got {log_scale_law!r}")
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    log_scale = log_scale_raw.to(compute_dtype)
-    if log_scale_law == "tanh":
-        log_scale = torch.tanh(log_scale)
+    compute_dtype = _compute_dtype(x.dtype)
+    log_scale = _affine_log_scale(log_scale_raw.to(compute_dtype), log_scale_law)
     # Column -1 (kept features) picks the zero column appended to log_scale and shift: y = x * 1 + 0 there.
     columns = torch.where(shift_col < 0, shift.shape[1], shift_col).long()
     full_log_scale = F.pad(log_scale, (0, 1)).index_select(1, columns)
@@ -78,17 +88,14 @@ def affine_coupling_update_backward(grad_y: Tensor, grad_gathered: Optional[Tens
       forward  y = x e^a + b:        grad_x = g e^a,   grad_b = g,         grad_a = g x e^a + grad_log_det
       inverse  y = (x - b) e^-a:     grad_x = g e^-a,  grad_b = -g e^-a,   grad_a = -g y - grad_log_det
     and grad_raw = grad_a (1 - a^2) under the tanh law; kept features pass g to grad_x."""
-    if log_scale_law not in ("tanh", "unbounded"):
-        raise ValueError(f"log_scale_law must be 'tanh' or 'unbounded', got {log_scale_law!r}")
-    compute_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    compute_dtype = _compute_dtype(x.dtype)
+    log_scale = _affine_log_scale(log_scale_raw.to(compute_dtype), log_scale_law)
     grad = grad_y.to(compute_dtype)
     if grad_gathered is not None:
         grad = grad.index_add(1, gather_index.long(), grad_gathered.to(compute_dtype))
     features = _features_by_column(shift_col, shift.shape[1])
     grad_updated = grad.index_select(1, features)
     x_updated = x.to(compute_dtype).index_select(1, features)
-    raw = log_scale_raw.to(compute_dtype)
-    log_scale = torch.tanh(raw) if log_scale_law == "tanh" else raw
     if inverse:
         grad_x_updated = grad_updated * torch.exp(-log_scale)
         grad_shift = -grad_x_updated
@@ -113,6 +120,15 @@ def gaussian_log_density(z: Tensor) -> Tensor:
     return -0.5 * (z * z + _LOG_2PI)
 
 
+def prior_score(z: Tensor, prior: str) -> Tensor:
+    """d log p_H(z) / dz: -tanh(z / 2) for the logistic prior, -z for the gaussian."""
+    if prior == "logistic":
+        return -torch.tanh(z / 2)
+    if prior == "gaussian":
+        return -z
+    raise ValueError(f"prior must be 'logistic' or 'gaussian', got {prior!r}")
+
+
 def prior_log_density(z: Tensor, prior: str) -> Tensor:
     if prior == "logistic":
         return logistic_log_density(z)
@@ -123,7 +139,7 @@ def prior_log_density(z: Tensor, prior: str) -> Tensor:
 
 def scale_prior(h: Tensor, log_scale: Tensor, prior: str, compute_z: bool) -> Tuple[Tensor, Tensor]:
     """z = exp(s) * h; log_prob = sum_d log p(z_d) + sum_d s_d (in float32 for half inputs)."""
-    compute_dtype = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+    compute_dtype = _compute_dtype(h.dtype)
     z = h.to(compute_dtype) * torch.exp(log_scale.to(compute_dtype))
     log_prob = prior_log_density(z, prior).sum(dim=1) + log_scale.to(compute_dtype).sum()
     return (z.to(h.dtype) if compute_z else h.new_empty(0)), log_prob
@@ -133,17 +149,11 @@ def scale_prior_backward(grad_log_prob: Tensor, grad_z: Optional[Tensor], h: Ten
                          prior: str) -> Tuple[Tensor, Tensor]:
     """With z = e^s h and u = grad_log_prob * d log p_H(z)/dz (+ grad_z):
     grad_h = e^s u and grad_s = sum_b z u + sum_b grad_log_prob."""
-    compute_dtype = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+    compute_dtype = _compute_dtype(h.dtype)
     scale = torch.exp(log_scale.to(compute_dtype))
     z = h.to(compute_dtype) * scale
-    if prior == "logistic":
-        score = -torch.tanh(z / 2)  # d/dz of -(softplus(z) + softplus(-z))
-    elif prior == "gaussian":
-        score = -z
-    else:
-        raise ValueError(f"prior must be 'logistic' or 'gaussian', got {prior!r}")
     grad_log_prob = grad_log_prob.to(compute_dtype)
-    grad_scaled = grad_log_prob[:, None] * score
+    grad_scaled = grad_log_prob[:, None] * prior_score(z, prior)
     if grad_z is not None:
         grad_scaled = grad_scaled + grad_z.to(compute_dtype)
     grad_log_scale = (z * grad_scaled).sum(dim=0) + grad_log_prob.sum()
