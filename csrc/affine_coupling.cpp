@@ -103,30 +103,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_update_autograd(
   return {outputs[0], outputs[1], outputs[2]};
 }
 
-// Autograd of the backward op: the fused kernel, or its composite twin when the call is recorded for a
-// higher-order gradient (csrc/autograd.h).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> affine_coupling_update_backward_autograd(
-    const at::Tensor& grad_y, const c10::optional<at::Tensor>& grad_gathered,
-    const c10::optional<at::Tensor>& grad_log_det, const at::Tensor& x, const at::Tensor& log_scale_raw,
-    const at::Tensor& shift, const at::Tensor& shift_col, const at::Tensor& gather_index, c10::string_view law_name,
-    bool inverse) {
-  using Backward = decltype(affine_coupling_update_backward<Backend::CPU>);
-  if (gradient_recorded({grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift})) {
-    static const auto composite = typed_op<Backward>("affine_coupling_update_backward_composite");
-    return composite.call(grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift, shift_col, gather_index,
-                          law_name, inverse);
-  }
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  static const auto fused = typed_op<Backward>("affine_coupling_update_backward");
-  return fused.call(grad_y, grad_gathered, grad_log_det, x, log_scale_raw, shift, shift_col, gather_index, law_name,
-                    inverse);
-}
+constexpr char kBackward[] = "affine_coupling_update_backward";
+constexpr char kBackwardComposite[] = "affine_coupling_update_backward_composite";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) {
   m.impl("affine_coupling_update", &affine_coupling_update_autograd);
-  m.impl("affine_coupling_update_backward", &affine_coupling_update_backward_autograd);
+  m.impl("affine_coupling_update_backward",
+         &BackwardOpAutograd<kBackward, kBackwardComposite,
+                             decltype(affine_coupling_update_backward<Backend::CPU>)>::call);
 }
 
 TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {

@@ -16,7 +16,6 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 
-#include <initializer_list>
 #include <string>
 
 namespace nice_ext {
@@ -35,14 +34,31 @@ inline int64_t saved_int(torch::autograd::AutogradContext* ctx, const std::strin
   return ctx->saved_data.at(name).toSymInt().guard_int(__FILE__, __LINE__);
 }
 
-// Whether autograd records a call with these inputs: gradient mode is on (a backward run with
-// create_graph=True) and one of them needs a gradient.
-inline bool gradient_recorded(std::initializer_list<c10::optional<at::Tensor>> inputs) {
-  if (!at::GradMode::is_enabled()) return false;
-  for (const auto& input : inputs) {
-    if (input.has_value() && input->defined() && input->requires_grad()) return true;
-  }
+// Whether an argument is a tensor that needs a gradient (any other argument does not).
+inline bool needs_gradient(const at::Tensor& t) { return t.defined() && t.requires_grad(); }
+inline bool needs_gradient(const c10::optional<at::Tensor>& t) { return t.has_value() && needs_gradient(*t); }
+template <typename T>
+bool needs_gradient(const T&) {
   return false;
 }
+
+// The autograd kernel of a backward op with the C++ signature Fn, named Fused, whose composite twin is
+// named Composite: autograd records the call when gradient mode is on (a backward run with
+// create_graph=True) and an argument needs a gradient; the twin runs then, the fused kernel otherwise.
+template <const char* Fused, const char* Composite, typename Fn>
+struct BackwardOpAutograd;
+
+template <const char* Fused, const char* Composite, typename Result, typename... Args>
+struct BackwardOpAutograd<Fused, Composite, Result(Args...)> {
+  static Result call(Args... args) {
+    if (at::GradMode::is_enabled() && (needs_gradient(args) || ...)) {
+      static const auto composite = typed_op<Result(Args...)>(Composite);
+      return composite.call(args...);
+    }
+    const at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto fused = typed_op<Result(Args...)>(Fused);
+    return fused.call(args...);
+  }
+};
 
 }  // namespace nice_ext

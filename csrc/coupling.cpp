@@ -80,28 +80,15 @@ std::tuple<at::Tensor, at::Tensor> coupling_update_autograd(const at::Tensor& x,
   return {outputs[0], outputs[1]};
 }
 
-// Autograd of the backward op: the fused kernel, or its composite twin when the call is recorded for a
-// higher-order gradient (csrc/autograd.h).
-std::tuple<at::Tensor, at::Tensor> coupling_update_backward_autograd(const at::Tensor& grad_y,
-                                                                     const c10::optional<at::Tensor>& grad_gathered,
-                                                                     const at::Tensor& shift_col,
-                                                                     const at::Tensor& gather_index, int64_t updated,
-                                                                     bool inverse) {
-  using Backward = decltype(coupling_update_backward<Backend::CPU>);
-  if (gradient_recorded({grad_y, grad_gathered})) {
-    static const auto composite = typed_op<Backward>("coupling_update_backward_composite");
-    return composite.call(grad_y, grad_gathered, shift_col, gather_index, updated, inverse);
-  }
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  static const auto fused = typed_op<Backward>("coupling_update_backward");
-  return fused.call(grad_y, grad_gathered, shift_col, gather_index, updated, inverse);
-}
+constexpr char kBackward[] = "coupling_update_backward";
+constexpr char kBackwardComposite[] = "coupling_update_backward_composite";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) {
   m.impl("coupling_update", &coupling_update_autograd);
-  m.impl("coupling_update_backward", &coupling_update_backward_autograd);
+  m.impl("coupling_update_backward",
+         &BackwardOpAutograd<kBackward, kBackwardComposite, decltype(coupling_update_backward<Backend::CPU>)>::call);
 }
 
 TORCH_LIBRARY_IMPL(nice_ext, CPU, m) {

@@ -131,27 +131,15 @@ at::Tensor scale_inverse_autograd(const at::Tensor& z, const at::Tensor& log_sca
   return ScaleInverseFunction::apply(z, log_scale);
 }
 
-// Autograd of the backward op: the fused kernel, or its composite twin when the call is recorded for a
-// higher-order gradient (csrc/autograd.h).
-std::tuple<at::Tensor, at::Tensor> scale_prior_backward_autograd(const at::Tensor& grad_log_prob,
-                                                                 const c10::optional<at::Tensor>& grad_z,
-                                                                 const at::Tensor& h, const at::Tensor& log_scale,
-                                                                 c10::string_view prior_name) {
-  using Backward = decltype(scale_prior_backward<Backend::CPU>);
-  if (gradient_recorded({grad_log_prob, grad_z, h, log_scale})) {
-    static const auto composite = typed_op<Backward>("scale_prior_backward_composite");
-    return composite.call(grad_log_prob, grad_z, h, log_scale, prior_name);
-  }
-  const at::AutoDispatchBelowADInplaceOrView below_autograd;
-  static const auto fused = typed_op<Backward>("scale_prior_backward");
-  return fused.call(grad_log_prob, grad_z, h, log_scale, prior_name);
-}
+constexpr char kBackward[] = "scale_prior_backward";
+constexpr char kBackwardComposite[] = "scale_prior_backward_composite";
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nice_ext, Autograd, m) {
   m.impl("scale_prior", &scale_prior_autograd);
-  m.impl("scale_prior_backward", &scale_prior_backward_autograd);
+  m.impl("scale_prior_backward",
+         &BackwardOpAutograd<kBackward, kBackwardComposite, decltype(scale_prior_backward<Backend::CPU>)>::call);
   m.impl("scale_inverse", &scale_inverse_autograd);
 }
 
