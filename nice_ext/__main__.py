@@ -26,7 +26,8 @@ SETUPS = {
 
 def kernel_problem(device: torch.device, setup: dict) -> Optional[str]:
     """What differs between a model on the fused ops and the same model on the reference ops: the
-    log-likelihood of 7 rows, its gradient for every parameter, and the inverse of the encoding. None when
+    log-likelihood of 7 rows, its gradient for every parameter, a second derivative (the gradient of
+    |d log p / dx|^2, through the backward ops' composite twins), and the inverse of the encoding. None when
     they agree (float32, to 1e-4)."""
     generator = torch.Generator().manual_seed(0)
     models = [NICE(16, num_coupling_layers=3, num_hidden_layers=1, hidden_dim=12, fused=fused, **setup)
@@ -41,9 +42,13 @@ def kernel_problem(device: torch.device, setup: dict) -> Optional[str]:
         model.to(device)
         log_px = model.log_prob(x)
         gradients = torch.autograd.grad(log_px.sum(), list(model.parameters()))
+        inputs = x.clone().requires_grad_(True)
+        score, = torch.autograd.grad(model.log_prob(inputs).sum(), inputs, create_graph=True)
+        second, = torch.autograd.grad(score.square().sum(), inputs)
         with torch.no_grad():
-            results.append([log_px, *gradients, model.inverse(model(x)[0])])
-    names = ["log_prob", *[f"the gradient of {name}" for name, _ in models[0].named_parameters()], "inverse"]
+            results.append([log_px, *gradients, second, model.inverse(model(x)[0])])
+    names = ["log_prob", *[f"the gradient of {name}" for name, _ in models[0].named_parameters()],
+             "the second derivative", "inverse"]
     for name, fused, reference in zip(names, *results):
         if not torch.allclose(fused, reference, rtol=1e-4, atol=1e-4):
             return f"{name} differs from the reference by up to {(fused - reference).abs().max().item():.3g}"
@@ -90,7 +95,8 @@ def main() -> int:
         problems = check(device)
         failed |= bool(problems)
         print(f"kernel check on {device}: " + ("FAILED" if problems else
-              "ok (the fused ops give the reference's log-likelihoods, gradients and inverses)"))
+              "ok (the fused ops give the reference's log-likelihoods, gradients, second derivatives and "
+              "inverses)"))
         for problem in problems:
             print(f"  {problem}")
     return 1 if failed else 0

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import warnings
 
 import pytest
 import torch
@@ -169,6 +170,27 @@ def test_the_installation_report_checks_the_kernels_on_every_device():
     assert "kernel check on cpu: ok" in done.stdout
     if torch.cuda.is_available():
         assert "kernel check on cuda:0: ok" in done.stdout
+
+
+def test_the_installation_report_checks_second_derivatives():
+    """A composite twin that computed wrong gradients (or a build whose backward ops had no autograd kernel, as
+    before the twins: it was off by 16 and 856 here) fails the check; the right one passes."""
+    from nice_ext import __main__ as report
+
+    def wrong(grad_log_prob, grad_z, h, log_scale, prior):
+        return tuple(1.01 * t for t in nice_ext.reference.scale_prior_backward(grad_log_prob, grad_z, h, log_scale, prior))
+
+    override = torch.library.Library("nice_ext", "IMPL")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "overriding a previously registered kernel"
+            override.impl("scale_prior_backward_composite", wrong, "CompositeImplicitAutograd")
+        problems = report.check(torch.device("cpu"))
+    finally:
+        override._destroy()  # the registered twin again
+    assert len(problems) == 2 and all("the second derivative differs from the reference" in p for p in problems), \
+        problems
+    assert report.check(torch.device("cpu")) == []
 
 
 def test_the_installation_report_names_a_kernel_that_disagrees(monkeypatch):
