@@ -17,11 +17,12 @@ downloaded through torchvision when ``download`` is set; otherwise a clear error
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -84,6 +85,32 @@ def read_idx_images(path: str) -> Tensor:
     return torch.from_numpy(pixels.copy())
 
 
+def _folders(root: str) -> List[str]:
+    """root and the folders up to two levels below it (as deep as torchvision makes its own)."""
+    if not os.path.isdir(root):
+        return []
+    found = [root]
+    for entry in os.scandir(root):
+        if entry.is_dir(follow_symlinks=False):
+            found.append(entry.path)
+            found += [sub.path for sub in os.scandir(entry.path) if sub.is_dir(follow_symlinks=False)]
+    return found
+
+
+@contextlib.contextmanager
+def _empty_folders_removed_on_failure(root: str):
+    """torchvision makes its folders (root, root/MNIST/raw) before it downloads: when it fails, the empty
+    folders it made are removed again, so that a mistyped --data-dir leaves nothing behind."""
+    existing = set(_folders(root))
+    try:
+        yield
+    except Exception:
+        for folder in sorted(set(_folders(root)) - existing, key=len, reverse=True):  # the deepest first
+            with contextlib.suppress(OSError):  # one that holds something stays
+                os.rmdir(folder)
+        raise
+
+
 def _load_idx_dataset(name: str, data_dir: str, split: str, download: bool) -> Tensor:
     folder = os.path.join(data_dir, name)
     image_file = os.path.join(folder, IDX_FILES[split][0])
@@ -93,7 +120,8 @@ def _load_idx_dataset(name: str, data_dir: str, split: str, download: bool) -> T
 
     cls = torchvision.datasets.MNIST if name == "mnist" else torchvision.datasets.FashionMNIST
     try:
-        dataset = cls(root=data_dir, train=(split == "train"), download=download)
+        with _empty_folders_removed_on_failure(data_dir):
+            dataset = cls(root=data_dir, train=(split == "train"), download=download)
     except Exception as error:  # torchvision raises RuntimeError or URLError/OSError when offline
         expected = ", ".join(IDX_FILES["train"] + IDX_FILES["test"])
         raise DataError(f"{name} not found: expected {expected} in {folder}/ (or torchvision's layout under "
@@ -112,12 +140,13 @@ def _load_torchvision_rgb(name: str, data_dir: str, split: str, download: bool) 
     expected = ("cifar-10-batches-py/ (data_batch_1..5, test_batch)" if name == "cifar10"
                 else f"{split}_32x32.mat")
     try:
-        if name == "cifar10":
-            dataset = torchvision.datasets.CIFAR10(root=data_dir, train=(split == "train"), download=download)
-            images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # NHWC -> NCHW
-        else:
-            dataset = torchvision.datasets.SVHN(root=data_dir, split=split, download=download)
-            images = torch.from_numpy(dataset.data)  # already NCHW
+        with _empty_folders_removed_on_failure(data_dir):
+            if name == "cifar10":
+                dataset = torchvision.datasets.CIFAR10(root=data_dir, train=(split == "train"), download=download)
+                images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2)  # NHWC -> NCHW
+            else:
+                dataset = torchvision.datasets.SVHN(root=data_dir, split=split, download=download)
+                images = torch.from_numpy(dataset.data)  # already NCHW
     except Exception as error:
         raise DataError(f"{name} not found or corrupted: expected {expected} under {data_dir}/ (torchvision's "
                         f"layout); download {'failed: ' + str(error) if download else 'is off'}") from error

@@ -69,6 +69,27 @@ def test_idx_reader_rejects_bad_files(tmp_path):
         data_lib.read_idx_images(str(bad))
 
 
+def test_a_failed_download_leaves_no_empty_folders_behind(tmp_path, monkeypatch):
+    import torchvision
+
+    class Offline:
+        """What torchvision's MNIST does with no network: make root/MNIST/raw, then fail to download."""
+
+        def __init__(self, root, train, download):
+            os.makedirs(os.path.join(root, "MNIST", "raw"), exist_ok=True)
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", Offline)
+    typo = tmp_path / "dta"  # a mistyped --data-dir
+    with pytest.raises(data_lib.DataError, match="download failed: Error downloading"):
+        data_lib.load_pixels("mnist", str(typo), "train", download=True)
+    assert not typo.exists()
+    (tmp_path / "data" / "kept").mkdir(parents=True)  # a folder that was there stays, empty or not
+    with pytest.raises(data_lib.DataError):
+        data_lib.load_pixels("mnist", str(tmp_path / "data"), "train", download=True)
+    assert sorted(os.listdir(tmp_path / "data")) == ["kept"]
+
+
 def test_missing_files_without_download_name_what_is_expected(tmp_path):
     with pytest.raises(data_lib.DataError, match="train-images-idx3-ubyte.gz"):
         data_lib.load_pixels("mnist", str(tmp_path), "train", download=False)
