@@ -15,7 +15,9 @@ def test_dequantization_range_and_independence():
     pixels = torch.tensor([[0, 255, 7]], dtype=torch.uint8).expand(20000, 3)
     x = data_lib.dequantize(pixels, (0.0, 1.0), torch.Generator().manual_seed(0))
     assert (x[:, 0] >= 0).all() and (x[:, 0] < 1 / 256).all()
-    assert (x[:, 1] >= 255 / 256).all() and (x[:, 1] < 1).all()
+    # float32 rounds 255 + u up to 256 for u within 2^-17 of 1, so the top bin's upper end is reached
+    # (about 1 in 131,000 draws; no clamping, which would move probability mass)
+    assert (x[:, 1] >= 255 / 256).all() and (x[:, 1] <= 1).all()
     # a fresh draw per example and per feature: no two rows or columns share their noise
     noise = x * 256 - pixels.float()
     assert abs(noise.mean().item() - 0.5) < 0.01 and abs(noise.var().item() - 1 / 12) < 0.005
@@ -23,8 +25,8 @@ def test_dequantization_range_and_independence():
     assert noise[:, 0].unique().numel() > 19000
     y = data_lib.dequantize(pixels[:5], (0.0, 1.0))
     assert not torch.equal(y, data_lib.dequantize(pixels[:5], (0.0, 1.0)))
-    z = data_lib.dequantize(pixels, (-1.0, 1.0))
-    assert z.min() >= -1 and z.max() < 1
+    z = data_lib.dequantize(pixels, (-1.0, 1.0), torch.Generator().manual_seed(1))
+    assert z.min() >= -1 and z.max() <= 1  # < 1 failed for about 1 process in 7: torch seeds each one anew
 
 
 def test_dequantization_takes_integer_levels_and_refuses_scaled_floats():
