@@ -667,6 +667,10 @@ class Trainer:
         # A resumed run whose patience ran out already does not train (a larger --patience goes on).
         self.stop_reason = self.patience_spent(self.start_epoch) if resume is not None else None
         self.stopped_early = self.stop_reason is not None
+        # Nor does one that has taken --max_iter steps already (a larger --max_iter goes on): the check after
+        # each step comes too late for that.
+        if self.stop_reason is None and args.max_iter is not None and self.step >= args.max_iter:
+            self.stop_reason = f"--max_iter {args.max_iter} reached"
         self.completed_epoch, self.start_step = self.start_epoch, self.step
         self.batches_per_epoch = math.ceil(self.train_pixels.shape[0] / args.batch_size)
         # Where the resumed run stopped inside an epoch (see epoch_place), or None.
@@ -804,7 +808,7 @@ class Trainer:
     def fit(self, tqdm) -> None:
         """Train until --epochs, a stop (--patience, --max_iter, --time-limit, a signal) or a non-finite loss
         (NonFiniteLoss)."""
-        last_epoch = self.start_epoch if self.stopped_early else self.args.epochs
+        last_epoch = self.start_epoch if self.stop_reason else self.args.epochs
         for epoch in range(self.start_epoch + 1, last_epoch + 1):
             trained = self.train_epoch(epoch, tqdm)  # (training log-likelihood, the epoch's start time)
             if trained is None:  # stopped inside the epoch: self.in_progress keeps its place
@@ -966,6 +970,10 @@ class Trainer:
         out_dir, completed_epoch, step = self.out_dir, self.completed_epoch, self.step
         if step == self.start_step and self.stopped_early:
             print(f"nothing to train: {stop_reason} (a larger --patience goes on)")
+        elif step == self.start_step and stop_reason and args.epochs > self.start_epoch:  # --max_iter reached
+            print(f"nothing to train: --max_iter {args.max_iter}" +
+                  (f" is not above the checkpoint's step {step} (a larger --max_iter goes on)"
+                   if self.resume is not None else ""))
         elif step == self.start_step:
             print(f"nothing to train: --epochs {args.epochs}" +
                   (f" is not above the checkpoint's epoch {self.start_epoch} (a larger --epochs goes on)"

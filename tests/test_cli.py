@@ -423,6 +423,27 @@ def test_a_resume_that_trains_nothing_keeps_the_place_inside_an_epoch(tmp_path, 
     assert (kept["epoch"], kept["step"], kept["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
 
 
+def test_a_max_iter_reached_already_takes_no_step(tmp_path, capsys):
+    """--max_iter is checked after each step, and also before the first: a run given a limit it has reached
+    (0, or a resume with the limit that stopped it) trains nothing and keeps its place."""
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--epochs", "2", "--max_iter", "0", *TINY]) == 0
+    assert "nothing to train: --max_iter 0\n" in capsys.readouterr().out
+    last = os.path.join(out, "last.pt")
+    assert (torch.load(last, weights_only=True)["step"], metrics(out)) == (0, [])
+    with open(os.path.join(out, "result.json")) as f:
+        assert json.load(f)["status"] == "partial: --max_iter 0 reached after 0 of 2 epochs"
+    assert train.main(["--resume", last, "--max_iter", "15", "--device", "cpu"]) == 0
+    stopped = torch.load(last, weights_only=True)
+    assert train.main(["--resume", last, "--max_iter", "15", "--device", "cpu"]) == 0
+    assert "nothing to train: --max_iter 15 is not above the checkpoint's step 15 (a larger --max_iter goes on)" \
+        in capsys.readouterr().out
+    kept = torch.load(last, weights_only=True)
+    assert (kept["epoch"], kept["step"], kept["epoch_in_progress"]["batches_done"]) == (1, 15, 5)
+    assert torch.equal(kept["epoch_in_progress"]["order_rng"], stopped["epoch_in_progress"]["order_rng"])
+    assert torch.equal(kept["model_state"]["log_scale"], stopped["model_state"]["log_scale"])
+
+
 def test_resume_of_a_run_from_another_device_type(tmp_path, capsys):
     """A CUDA generator's state (16 bytes) cannot drive a CPU generator: a GPU run resumed on a CPU goes on
     with a fresh data stream and starts its unfinished epoch over, saying so, instead of failing."""
