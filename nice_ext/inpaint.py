@@ -74,6 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if model.image_shape is None:
         raise UsageError("the checkpoint's model has no image shape")
     test = data_lib.load_pixels(payload["dataset"], args.data_dir, "test", download=not args.no_download)
+    if args.n > test.shape[0]:  # (the grid's rows are --n wide)
+        raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {payload['dataset']}")
     generator = torch.Generator().manual_seed(args.seed)
     x = preprocess(test[:args.n].to(device), torch.Generator(device=device).manual_seed(args.seed))
     masks = observed_masks(model.image_shape, generator)

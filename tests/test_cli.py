@@ -117,6 +117,10 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     errors = re.findall(r"(\w+) ([\d.]+) \(grey ([\d.]+)\)", result.stdout.splitlines()[-1])
     assert [name for name, _, _ in errors] == list(inpaint.MASK_NAMES), result.stdout
     assert all(0 < float(filled) < 256 and 0 < float(grey) < 256 for _, filled, grey in errors), errors
+    result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "all.png"), "--n", "10001",
+                      "--device", "cpu", "--no-download")  # not all 10000 in a grid 10001 wide
+    assert result.returncode == 2 and "--n 10001 is more than the 10000 test images of mnist" in result.stderr
+    assert not os.path.exists(tmp_path / "all.png")
 
 
 def test_inpainting_error_counts_the_missing_pixels_alone():
