@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import math
+import operator
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
@@ -180,21 +181,39 @@ def check_pixels(pixels: Tensor) -> None:
         raise ValueError(f"pixels must lie in 0..255, got values in {int(pixels.min())}..{int(pixels.max())}")
 
 
+def check_data_range(data_range: Tuple[float, float]) -> Tuple[float, float]:
+    """``data_range`` as (low, high) floats, or a clear error: the pixels' interval must be finite and not
+    empty (a reversed one would flip the images and the likelihood's sign of log-width)."""
+    try:
+        low, high = (float(v) for v in data_range)
+    except (TypeError, ValueError):
+        raise TypeError(f"data_range must be a pair of numbers (low, high), got {data_range!r}") from None
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        raise ValueError(f"data_range must be finite with low < high, got {data_range!r}")
+    return low, high
+
+
 def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform dequantization: a fresh u ~ U(0, 1) per example and per feature, mapped to ``data_range``.
 
     ``pixels`` are the integer levels 0..255 (uint8, or another integer dtype holding them)."""
     check_pixels(pixels)
+    low, high = check_data_range(data_range)
     noise = torch.rand(pixels.shape, device=pixels.device, dtype=dtype, generator=generator)
-    low, high = data_range
     return (pixels.to(dtype) + noise) * ((high - low) / 256.0) + low
 
 
 def bits_per_dim(log_likelihood_nats: float, dim: int, data_range: Tuple[float, float]) -> float:
     """Bits per dimension of the discrete pixels: (-LL + D ln(256 / width)) / (D ln 2)."""
-    width = data_range[1] - data_range[0]
-    return (-log_likelihood_nats + dim * math.log(256.0 / width)) / (dim * math.log(2.0))
+    try:
+        valid_dim = not isinstance(dim, bool) and operator.index(dim) >= 1
+    except TypeError:
+        valid_dim = False
+    if not valid_dim:
+        raise ValueError(f"dim must be a positive int (the features per example), got {dim!r}")
+    low, high = check_data_range(data_range)
+    return (-log_likelihood_nats + dim * math.log(256.0 / (high - low))) / (dim * math.log(2.0))
 
 
 class ZCA(torch.nn.Module):

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
+from .data import check_data_range
 from .masks import check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
 
 COUPLINGS = ("additive", "affine")
@@ -184,12 +185,7 @@ class NICE(nn.Module):
             raise ValueError(f"coupling must be one of {COUPLINGS}, got {coupling!r}")
         if affine_log_scale not in AFFINE_LOG_SCALES:
             raise ValueError(f"affine_log_scale must be one of {AFFINE_LOG_SCALES}, got {affine_log_scale!r}")
-        try:
-            low, high = (float(v) for v in data_range)
-        except (TypeError, ValueError):
-            raise TypeError(f"data_range must be a pair of numbers (low, high), got {data_range!r}") from None
-        if not (math.isfinite(low) and math.isfinite(high) and low < high):
-            raise ValueError(f"data_range must be finite with low < high, got {data_range!r}")
+        low, high = check_data_range(data_range)
         self.data_dim = data_dim
         self.prior = prior
         self.coupling = coupling

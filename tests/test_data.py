@@ -45,9 +45,24 @@ def test_dequantization_takes_integer_levels_and_refuses_scaled_floats():
         data_lib.dequantize([[0, 1]], (0.0, 1.0))
 
 
+@pytest.mark.parametrize("data_range, error", [((1.0, 0.0), ValueError), ((0.0, float("nan")), ValueError),
+                                               ((-float("inf"), 1.0), ValueError), (1.0, TypeError)])
+def test_a_data_range_that_is_no_interval_is_refused(data_range, error):
+    """A reversed range flipped the images, and a NaN made every value NaN, without a word."""
+    with pytest.raises(error, match="data_range must be"):
+        data_lib.dequantize(torch.zeros(2, 3, dtype=torch.uint8), data_range)
+    with pytest.raises(error, match="data_range must be"):
+        data_lib.bits_per_dim(-1000.0, 784, data_range)
+
+
 def test_bits_per_dim_matches_the_paper():
     assert abs(data_lib.bits_per_dim(1980.50, 784, (0.0, 1.0)) - 4.36) < 0.005
     assert abs(data_lib.bits_per_dim(5371.78, 3072, (-1.0, 1.0)) - 4.48) < 0.005
+    assert data_lib.bits_per_dim(1980.50, torch.tensor(784).numpy(), (0, 1)) == \
+        data_lib.bits_per_dim(1980.50, 784, (0.0, 1.0))  # numpy integers are integers
+    for dim in (0, -784, 784.0, True):
+        with pytest.raises(ValueError, match="dim must be a positive int"):
+            data_lib.bits_per_dim(1980.50, dim, (0.0, 1.0))
 
 
 def test_zca_whitens_and_reports_its_log_det():
