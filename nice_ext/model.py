@@ -306,7 +306,8 @@ class NICE(nn.Module):
             x_H <- clamp(x_H + a_i (d log p(x_O, x_H) / d x_H + eps)),  eps ~ N(0, I),  a_i = 10 / (100 + i),
 
         starting from uniform noise over the data range; the observed features stay fixed.
-        ``observed`` is a bool tensor of shape (D,) or (B, D).
+        ``observed`` is a bool tensor of shape (D,) or (B, D). The unobserved features' values in x are not
+        read (NaN may mark them); the observed ones must be finite.
         """
         self._check_input(x)
         if not isinstance(observed, Tensor) or observed.dtype != torch.bool:
@@ -317,6 +318,9 @@ class NICE(nn.Module):
         steps = count_argument(steps, "steps")
         low, high = self.data_range
         observed = observed.to(x.device).expand_as(x)
+        if not torch.isfinite(x[observed]).all():
+            raise ValueError("x has NaN or infinite values at observed features; only the unobserved ones may be "
+                             "NaN")
         noise_init = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator) * (high - low) + low
         current = torch.where(observed, x, noise_init).detach()
         for i in range(steps):

@@ -325,6 +325,14 @@ def test_inpaint_keeps_observed_pixels_and_the_data_range():
         model.inpaint(x, observed[:5])
     with pytest.raises(TypeError, match="bool"):
         model.inpaint(x, observed.float())
+    # NaN may mark what is missing; at an observed feature it is refused (it spread to every feature)
+    marked = x.masked_fill(~observed, float("nan"))
+    filled = model.inpaint(marked, observed, steps=20, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(filled).all() and torch.equal(filled[:, observed], x[:, observed])
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="NaN or infinite values at observed features"):
+            model.inpaint(marked.index_put((torch.tensor([2]), torch.tensor([4])), torch.tensor(bad, dtype=x.dtype)),
+                          observed)  # feature 4 is observed
 
 
 def test_inpaint_tool_fills_every_mask_in_one_batch():
