@@ -9,6 +9,7 @@ errors, and turned into int32 index maps, so that no call of the op has to read 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -24,12 +25,25 @@ def odd_even_mask(num_features: int, keep_odd: bool = True) -> Tensor:
     return mask
 
 
+def check_image_shape(image_shape: Sequence[int], num_features: Optional[int] = None) -> Tuple[int, int, int]:
+    """``image_shape`` as a (C, H, W) tuple of positive ints holding ``num_features`` values (when given), or
+    a clear error: a size of 2.5 is not read as 2, nor a shape that does not fit the features accepted
+    (the tools draw the model's images in it)."""
+    try:
+        shape = tuple(operator.index(s) for s in image_shape)
+    except TypeError:
+        raise TypeError(f"image_shape must be (C, H, W) of ints, got {image_shape!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {shape}")
+    if num_features is not None and math.prod(shape) != num_features:
+        raise ValueError(f"image_shape {shape} has {math.prod(shape)} values, but data_dim is {num_features}")
+    return shape
+
+
 def checkerboard_mask(image_shape: Sequence[int], keep_black: bool = True) -> Tensor:
     """A checkerboard over (C, H, W) images flattened row-major: pixel (h, w) is kept when h + w is even
     (``keep_black``) or odd, in every channel."""
-    if len(image_shape) != 3 or any(int(s) < 1 for s in image_shape):
-        raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {tuple(image_shape)}")
-    channels, height, width = (int(s) for s in image_shape)
+    channels, height, width = check_image_shape(image_shape)
     if height * width < 2:
         raise ValueError(f"a checkerboard needs at least 2 pixels, got image_shape {tuple(image_shape)}")
     rows = torch.arange(height).view(height, 1)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import ops, reference
 from .data import check_data_range
-from .masks import check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
+from .masks import check_image_shape, check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
 
 COUPLINGS = ("additive", "affine")
 # How an affine coupling turns its network's output r into the log-scale a of y_I2 = x_I2 * exp(a) + b.
@@ -138,9 +138,6 @@ def _build_masks(data_dim: int, num_layers: int, mask: Union[str, Tensor],
         elif mask == "checkerboard":
             if image_shape is None:
                 raise ValueError("mask='checkerboard' needs image_shape=(C, H, W)")
-            if math.prod(int(s) for s in image_shape) != data_dim:
-                raise ValueError(f"image_shape {tuple(image_shape)} has {math.prod(image_shape)} values, "
-                                 f"but data_dim is {data_dim}")
             first = checkerboard_mask(image_shape, keep_black=True)
         else:
             raise ValueError(f"mask must be 'odd-even', 'checkerboard' or a bool tensor of length {data_dim}, "
@@ -190,10 +187,10 @@ class NICE(nn.Module):
         self.prior = prior
         self.coupling = coupling
         self.affine_log_scale = affine_log_scale
-        self.image_shape = tuple(int(s) for s in image_shape) if image_shape is not None else None
+        self.image_shape = check_image_shape(image_shape, data_dim) if image_shape is not None else None
         self.data_range = (low, high)
         self.fused = fused
-        masks = _build_masks(data_dim, num_coupling_layers, mask, image_shape)
+        masks = _build_masks(data_dim, num_coupling_layers, mask, self.image_shape)
         self.layers = nn.ModuleList(
             CouplingLayer(masks[i], masks[i - 1] if i > 0 else None,
                           masks[i + 1] if i + 1 < len(masks) else None, hidden_dim, num_hidden_layers, coupling,

@@ -368,6 +368,11 @@ def test_inpainting_raises_the_likelihood():
     (dict(data_dim=10, mask="stripes"), ValueError, "mask must be"),
     (dict(data_dim=784, mask="checkerboard"), ValueError, "image_shape"),
     (dict(data_dim=10, mask="checkerboard", image_shape=(1, 3, 3)), ValueError, "9 values"),
+    (dict(data_dim=784, image_shape=(1, 27, 27)), ValueError, "729 values, but data_dim is 784"),  # odd-even too
+    (dict(data_dim=784, image_shape=(28, 28)), ValueError, r"\(C, H, W\)"),
+    (dict(data_dim=8, image_shape=(1, 2.5, 4)), TypeError, "of ints"),  # was read as (1, 2, 4)
+    (dict(data_dim=8, mask="checkerboard", image_shape=(1, 2.0, 4)), TypeError, "of ints"),
+    (dict(data_dim=8, image_shape="124"), TypeError, "of ints"),
     (dict(data_dim=10, mask=torch.ones(10, dtype=torch.bool)), ValueError, "keep some features"),
     (dict(data_dim=10, mask=odd_even_mask(9)), ValueError, r"shape \(10,\)"),
     (dict(data_dim=10, mask=torch.zeros(10)), TypeError, "bool"),
