@@ -99,12 +99,27 @@ def require_torch():
                          "pip install --no-build-isolation -e .") from None
 
 
+def generated_include_dir(root):
+    """build/generated, holding the header of the kernel sources' digests (see build_support) for
+    csrc/ops.cpp. It is rewritten only when a digest changed, so that ninja recompiles ops.cpp alone then."""
+    support = build_support()
+    folder = os.path.join(root, "build", "generated")
+    os.makedirs(folder, exist_ok=True)
+    header = os.path.join(folder, support["SOURCE_DIGESTS_HEADER"])
+    text = support["source_digests_header"](os.path.join(root, "csrc"))
+    if not os.path.exists(header) or open(header).read() != text:
+        with open(header, "w") as f:
+            f.write(text)
+    return folder
+
+
 def extensions():
     require_torch()
     with_cuda = cuda_build_wanted()
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     root = os.path.dirname(os.path.abspath(__file__))
+    include_dirs = [os.path.join(root, "csrc"), generated_include_dir(root)]
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     # -fopenmp: ATen's at::parallel_for is an inline header that runs serially unless _OPENMP is defined
     #   (the extension then shares the libgomp that libtorch already loaded).
@@ -118,10 +133,10 @@ def extensions():
         define_macros.append(("NICE_EXT_WITH_CUDA", "1"))
         return [CUDAExtension(
             "nice_ext._C", sources,
-            include_dirs=[os.path.join(root, "csrc")] + cuda_library_include_dirs(os.environ["CUDA_HOME"]),
+            include_dirs=include_dirs + cuda_library_include_dirs(os.environ["CUDA_HOME"]),
             define_macros=define_macros, extra_link_args=link_flags,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo"]})]
-    return [CppExtension("nice_ext._C", sources, include_dirs=[os.path.join(root, "csrc")],
+    return [CppExtension("nice_ext._C", sources, include_dirs=include_dirs,
                          define_macros=define_macros, extra_link_args=link_flags, extra_compile_args={"cxx": cxx_flags})]
 
 

@@ -9,6 +9,14 @@
 
 #include "nice_ext.h"
 
+// The digests of the kernel sources this build compiled, from setup.py (build/generated); a build without
+// them (the host build of the CUDA kernels for the tests) falls back on file times to tell a stale build.
+#if __has_include("nice_ext_source_digests.h")
+#include "nice_ext_source_digests.h"
+#else
+#define NICE_EXT_SOURCE_DIGESTS ""
+#endif
+
 TORCH_LIBRARY(nice_ext, m) {
   // Masked additive coupling update (paper §3.2), forward or inverse, for x of shape (B, D):
   //   y[:, j] = x[:, j] + sign * shift[:, shift_col[j]]   where shift_col[j] >= 0 (updated part I2)
@@ -112,7 +120,11 @@ PyObject* py_set_cuda_kernel_version(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+PyObject* py_source_digests(PyObject*, PyObject*) { return PyUnicode_FromString(NICE_EXT_SOURCE_DIGESTS); }
+
 PyMethodDef methods[] = {
+    {"source_digests", py_source_digests, METH_NOARGS,
+     "The kernel sources this build compiled, one 'digest path' line each (empty when not recorded)."},
     {"cuda_kernels_built", py_cuda_kernels_built, METH_NOARGS,
      "True when the CUDA kernels were compiled into this build."},
     {"cuda_kernel_version", py_cuda_kernel_version, METH_O,

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
 from . import reference
-from .build_support import kernel_sources_newer_than
+from .build_support import kernel_sources_changed, parse_source_digests
 from .masks import check_mask, check_mask_layout, coupling_maps
 
 PRIORS = ("logistic", "gaussian")
@@ -27,9 +27,11 @@ PRIORS = ("logistic", "gaussian")
 
 def stale_kernel_sources() -> List[str]:
     """In a source checkout (``pip install -e .``): the kernel sources changed since the extension was built,
-    which it therefore does not run. Empty for an installed package or an extension built after them."""
+    which it therefore does not run (by content; see build_support.kernel_sources_changed). Empty for an
+    installed package or an extension built from the sources as they are."""
     package = os.path.dirname(os.path.abspath(__file__))
-    return kernel_sources_newer_than(_C.__file__, os.path.join(os.path.dirname(package), "csrc"))
+    built_from = parse_source_digests(_C.source_digests()) if hasattr(_C, "source_digests") else {}
+    return kernel_sources_changed(_C.__file__, os.path.join(os.path.dirname(package), "csrc"), built_from)
 
 
 def _warn_of_stale_kernels() -> None:

@@ -1,6 +1,8 @@
 """The build must never silently fall back to CPU-only where the CUDA kernels can be compiled, and a
 source distribution must hold everything the build reads."""
+import functools
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,13 +139,56 @@ def test_kernel_sources_changed_after_the_build_are_named(tmp_path):
     assert kernel_sources_newer_than(str(library), str(tmp_path / "elsewhere")) == []  # an installed package
 
 
+def test_kernel_sources_are_compared_with_the_build_by_content(tmp_path):
+    """With the digests a build recorded, a source touched but unchanged (a checkout of another branch and
+    back, a stash) does not count; an edit, a new source and a removed one do."""
+    from nice_ext.build_support import (kernel_sources_changed, parse_source_digests, source_digests,
+                                        source_digests_header)
+
+    library = tmp_path / "nice_ext" / "_C.so"
+    (tmp_path / "nice_ext").mkdir()
+    library.write_bytes(b"")
+    built = os.path.getmtime(library)
+    csrc = tmp_path / "csrc"
+    (csrc / "cpu").mkdir(parents=True)
+    for name in ("ops.cpp", "cpu/kernel.cpp", "cpu/gone.h"):
+        (csrc / name).write_text(f"// {name}\n")
+        os.utime(csrc / name, (built - 100, built - 100))
+    header = source_digests_header(str(csrc))
+    # what ops.cpp's C string holds once compiled: the header's escaped newlines as newlines
+    built_from = parse_source_digests(re.search(r'"(.*)"', header).group(1).replace("\\n", "\n"))
+    assert built_from == source_digests(str(csrc)) and sorted(built_from) == \
+        ["csrc/cpu/gone.h", "csrc/cpu/kernel.cpp", "csrc/ops.cpp"]
+    changed = functools.partial(kernel_sources_changed, str(library), str(csrc))
+    assert changed(built_from) == []
+    os.utime(csrc / "ops.cpp", (built + 10, built + 10))  # touched, not changed
+    assert changed(built_from) == [] and changed({}) == ["csrc/ops.cpp"]  # ({}: a build without digests)
+    (csrc / "cpu" / "kernel.cpp").write_text("// an edit\n")
+    os.utime(csrc / "cpu" / "kernel.cpp", (built + 10, built + 10))
+    (csrc / "cpu" / "gone.h").unlink()
+    (csrc / "cpu" / "new.cu").write_text("")
+    os.utime(csrc / "cpu" / "new.cu", (built + 10, built + 10))
+    assert changed(built_from) == ["csrc/cpu/kernel.cpp", "csrc/cpu/new.cu", "csrc/cpu/gone.h (removed)"]
+    assert kernel_sources_changed(str(library), str(tmp_path / "elsewhere"), built_from) == []
+
+
+def test_the_extension_records_the_sources_it_was_built_from():
+    """setup.py compiles the digests of csrc into the extension: built from this checkout, they are its
+    sources' (CI builds it anew; a build left over from other sources is what the import warns of)."""
+    from nice_ext.build_support import parse_source_digests, source_digests
+
+    assert parse_source_digests(nice_ext._C.source_digests()) == source_digests(os.path.join(ROOT, "csrc"))
+    assert nice_ext.ops.stale_kernel_sources() == []
+
+
 def test_importing_a_checkout_whose_kernels_are_older_than_its_sources_warns(tmp_path):
     """A checkout changed after `pip install -e .` (an edit, a git pull) runs the kernels built before."""
     package = os.path.dirname(nice_ext.__file__)
     shutil.copytree(package, tmp_path / "nice_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
     os.symlink(nice_ext._C.__file__, tmp_path / "nice_ext" / os.path.basename(nice_ext._C.__file__))
-    (tmp_path / "csrc").mkdir()
+    shutil.copytree(os.path.join(ROOT, "csrc"), tmp_path / "csrc")  # the sources it was built from
     source = tmp_path / "csrc" / "ops.cpp"
+    original = source.read_bytes()
     source.write_text("")
     built = os.path.getmtime(nice_ext._C.__file__)
 
@@ -158,6 +203,9 @@ def test_importing_a_checkout_whose_kernels_are_older_than_its_sources_warns(tmp
     os.utime(source, (built + 10, built + 10))
     said = import_stderr()
     assert "csrc/ops.cpp changed after the compiled kernels" in said
+    source.write_bytes(original)  # the source it was built from, touched
+    os.utime(source, (built + 10, built + 10))
+    assert "changed after the compiled kernels" not in import_stderr()
     assert "rebuild with pip install --no-build-isolation -e ." in said
 
 
