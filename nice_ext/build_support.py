@@ -77,6 +77,21 @@ def parse_source_digests(text: str) -> Dict[str, str]:
     return {name: digest for digest, name in (line.split(" ", 1) for line in text.splitlines() if line)}
 
 
+def extension_import_error(package: str, error: ImportError) -> str:
+    """What to say when the compiled extension of the package folder ``package`` does not import: it was
+    never built (a checkout before ``pip install -e .``), or it was built for another torch or Python (an
+    undefined symbol, a wrong ABI) or is damaged."""
+    import torch
+
+    rebuild = "pip install --no-build-isolation -e . in the checkout"
+    found = sorted(name for name in os.listdir(package) if name.startswith("_C.") and name.endswith((".so", ".pyd")))
+    if not found:
+        return f"nice_ext's compiled kernels (nice_ext._C) are not built in {package}: build them with {rebuild}"
+    return (f"nice_ext's compiled kernels ({', '.join(found)}) do not load here (torch {torch.__version__}, "
+            f"Python {sys.version_info.major}.{sys.version_info.minor}): {error}. An extension built against "
+            f"another torch or Python, or a damaged file, does this: rebuild with {rebuild}")
+
+
 def kernel_sources_newer_than(library: str, csrc: str) -> List[str]:
     """The files of the kernel source tree ``csrc`` modified after ``library`` (the compiled extension) was
     written: a source tree whose extension was not rebuilt after a change or a ``git pull`` holds some.

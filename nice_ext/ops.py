@@ -17,10 +17,14 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
 from . import reference
-from .build_support import kernel_sources_changed, parse_source_digests
+from .build_support import kernel_sources_changed, extension_import_error, parse_source_digests
 from .masks import check_mask, check_mask_layout, coupling_maps
+
+try:
+    from . import _C  # noqa: F401  (loading the library registers torch.ops.nice_ext.*)
+except ImportError as error:  # Python's own message blames a circular import, or names only a symbol
+    raise ImportError(extension_import_error(os.path.dirname(os.path.abspath(__file__)), error)) from error
 
 PRIORS = ("logistic", "gaussian")
 

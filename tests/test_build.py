@@ -181,6 +181,30 @@ def test_the_extension_records_the_sources_it_was_built_from():
     assert nice_ext.ops.stale_kernel_sources() == []
 
 
+def test_a_checkout_whose_kernels_are_missing_or_do_not_load_says_what_to_do(tmp_path):
+    """Python's own words were "cannot import name '_C' from partially initialized module 'nice_ext' (most
+    likely due to a circular import)" for a checkout not yet built."""
+    package = os.path.dirname(nice_ext.__file__)
+    shutil.copytree(package, tmp_path / "nice_ext", ignore=shutil.ignore_patterns("_C*.so", "__pycache__"))
+    # the import must find this copy alone, not the extension of an editable install
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '')"
+            ".startswith('__editable__') and not type(f).__module__.startswith('__editable__')]; import nice_ext")
+
+    def import_error():
+        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                              env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+        assert done.returncode == 1
+        return done.stderr.strip().splitlines()[-1]
+
+    assert import_error() == (f"ImportError: nice_ext's compiled kernels (nice_ext._C) are not built in "
+                              f"{tmp_path / 'nice_ext'}: build them with pip install --no-build-isolation -e . "
+                              f"in the checkout")
+    (tmp_path / "nice_ext" / os.path.basename(nice_ext._C.__file__)).write_bytes(b"not a library")
+    said = import_error()
+    assert f"do not load here (torch {torch.__version__}" in said and "file too short" in said
+    assert said.endswith("rebuild with pip install --no-build-isolation -e . in the checkout")
+
+
 def test_importing_a_checkout_whose_kernels_are_older_than_its_sources_warns(tmp_path):
     """A checkout changed after `pip install -e .` (an edit, a git pull) runs the kernels built before."""
     package = os.path.dirname(nice_ext.__file__)
