@@ -642,6 +642,9 @@ class Trainer:
         if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
+        if args.precision == "tf32" and device.type == "cpu" and ctx.is_main:
+            print("note: --precision tf32 is a setting of NVIDIA GPUs' matmuls; on the CPU they stay fp32 (--precision "
+                  "bf16 is the CPU's faster one where it has AMX or AVX512-BF16)", flush=True)
         if args.precision == "bf16" and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
             print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
                   "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",

@@ -890,6 +890,13 @@ def test_bf16_on_a_cpu_without_native_bf16_says_fp32_is_faster(tmp_path, capsys,
     assert ("this CPU has no native bf16 arithmetic" in printed) == (not native)
 
 
+def test_tf32_on_the_cpu_says_it_changes_nothing_there(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", out, "--max_iter", "1", "--precision", "tf32", *TINY]) == 0
+    assert "note: --precision tf32 is a setting of NVIDIA GPUs' matmuls; on the CPU they stay fp32" in \
+        capsys.readouterr().out
+
+
 def test_native_bf16_probe(monkeypatch):
     monkeypatch.setattr(train.platform, "machine", lambda: "x86_64")
     for avx512_bf16, amx, native in ((False, False, False), (True, False, True), (False, True, True)):
