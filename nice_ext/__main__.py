@@ -5,6 +5,7 @@ report needs; the exit status is 1 when a check fails.
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import sys
@@ -70,7 +71,17 @@ def check(device: torch.device) -> List[str]:
     return problems
 
 
-def main() -> int:
+TOOLS = """the tools:
+  python -m nice_ext.train      train a model (--preset paper-mnist: the paper's MNIST run)
+  python -m nice_ext.evaluate   a checkpoint's log-likelihood on a split, in nats and bits/dim
+  python -m nice_ext.sample     a grid of samples from a checkpoint
+  python -m nice_ext.inpaint    a checkpoint's inpainting of test images (paper section 5.2)
+each with --help."""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argparse.ArgumentParser(prog="python -m nice_ext", description=__doc__, epilog=TOOLS,
+                            formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     print(f"nice_ext {__version__} (commit {provenance.source_commit()})")
     print(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else " (CPU build)")
           + f", Python {platform.python_version()}, {platform.platform()}")
@@ -78,7 +89,7 @@ def main() -> int:
     print(f"CUDA kernels built: {'yes' if ops.cuda_kernels_built() else 'no'}")
     stale = ops.stale_kernel_sources()
     if stale:
-        print(f"kernels older than their sources ({', '.join(stale)} changed since the build): rebuild with "
+        print(f"kernels built from other sources ({', '.join(stale)} changed since the build): rebuild with "
               "pip install --no-build-isolation -e .")
     devices = [torch.device("cpu")]
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0

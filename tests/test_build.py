@@ -241,6 +241,11 @@ def test_the_installation_report_checks_the_kernels_on_every_device():
     assert "kernel check on cpu: ok" in done.stdout
     if torch.cuda.is_available():
         assert "kernel check on cuda:0: ok" in done.stdout
+    helped = subprocess.run([sys.executable, "-m", "nice_ext", "--help"], capture_output=True, text=True, timeout=300)
+    assert helped.returncode == 0 and "kernel check" not in helped.stdout  # the usage, not the report
+    assert all(f"python -m nice_ext.{tool} " in helped.stdout for tool in ("train", "evaluate", "sample", "inpaint"))
+    refused = subprocess.run([sys.executable, "-m", "nice_ext", "--gpu"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "unrecognized arguments: --gpu" in refused.stderr
 
 
 def test_the_installation_report_checks_second_derivatives():
