@@ -12,12 +12,15 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
+from . import data as data_lib
 from .files import atomic_file
 from .model import NICE
 
 FORMAT = "nice_ext.checkpoint"
 VERSION = 1
 REQUIRED = ("format", "version", "model_config", "model_state", "dataset", "preprocess_state")
+# What --resume reads besides REQUIRED: where the run stands and its optimizer's state.
+TRAINING_STATE = ("epoch", "step", "optimizer_state", "best_valid", "history", "rng_state")
 
 
 class CheckpointError(RuntimeError):
@@ -84,6 +87,9 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if payload["dataset"] not in data_lib.DATASETS:
+        raise CheckpointError(f"{path}: its dataset {payload['dataset']!r} is none this nice_ext knows "
+                              f"({', '.join(data_lib.DATASETS)})")
     # Training never writes a NaN or Inf weight (a non-finite loss stops it first), so one here means damage:
     # loaded, it would make every likelihood and sample NaN without a word.
     for part in ("model_state", "preprocess_state"):
@@ -92,6 +98,25 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
             raise CheckpointError(f"{path}: {part} holds NaN or infinite values in {', '.join(bad[:5])}"
                                   + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + other_checkpoint(path))
     return payload
+
+
+def check_training_state(payload: Dict[str, Any], path: str) -> None:
+    """A checkpoint --resume can continue: one that holds a run's place and optimizer, not only a model."""
+    missing = [key for key in TRAINING_STATE if key not in payload]
+    if missing:
+        raise CheckpointError(f"{path}: holds a model but not the state of a training run (it lacks "
+                              f"{', '.join(missing)}): --resume continues a run from the last.pt or best.pt "
+                              f"that python -m nice_ext.train wrote")
+
+
+def dataset_mismatch(model: NICE, info: data_lib.DatasetInfo) -> Optional[str]:
+    """Why ``model`` cannot model ``info``'s images (None when it can): its features and data range must be the
+    dataset's, or its likelihoods, bits/dim and images would be of something else."""
+    if model.data_dim != info.dim:
+        return f"model has {model.data_dim} features, {info.name} has {info.dim}"
+    if tuple(model.data_range) != tuple(info.data_range):
+        return f"model's data range is {tuple(model.data_range)}, {info.name}'s is {tuple(info.data_range)}"
+    return None
 
 
 def non_finite_tensors(state: Any) -> List[str]:

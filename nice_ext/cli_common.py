@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import data as data_lib
-from .checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, dataset_mismatch, load_checkpoint, model_from_checkpoint
 from .data import DataError
 from .model import NICE
 
@@ -82,6 +82,9 @@ def load_for_inference(path: str, device: torch.device) -> Tuple[NICE, data_lib.
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload, path).to(device).eval()
     info = data_lib.dataset_info(payload["dataset"])
+    mismatch = dataset_mismatch(model, info)
+    if mismatch:
+        raise CheckpointError(f"{path}: {mismatch}")
     preprocess = data_lib.Preprocess(info)
     try:
         preprocess.load_state_dict(payload["preprocess_state"])

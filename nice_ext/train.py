@@ -38,8 +38,8 @@ import torch
 
 from . import data as data_lib
 from . import provenance
-from .checkpoint import (CheckpointError, host_copy, load_checkpoint, make_checkpoint, model_from_checkpoint,
-                         save_atomic)
+from .checkpoint import (CheckpointError, check_training_state, dataset_mismatch, host_copy, load_checkpoint,
+                         make_checkpoint, model_from_checkpoint, save_atomic)
 from .cli_common import UsageError, add_data_arguments, add_device_argument, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .evaluate import average_log_likelihood, log_likelihood_draws, summary
@@ -631,6 +631,7 @@ class Trainer:
         self.commit = provenance.source_commit() if ctx.is_main else None
         self.resume = resume = load_checkpoint(args.resume) if args.resume else None
         if resume is not None:
+            check_training_state(resume, args.resume)
             changed = inherit_settings(args, resume, args.resume)
             if ctx.is_main:
                 print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
@@ -705,9 +706,9 @@ class Trainer:
     def build_model_and_optimizer(self) -> None:
         args, resume = self.args, self.resume
         self.model = model_from_checkpoint(resume, args.resume) if resume is not None else build_model(args, self.info)
-        if self.model.data_dim != self.info.dim:
-            raise CheckpointError(f"{args.resume}: model has {self.model.data_dim} features, {args.dataset} has "
-                                  f"{self.info.dim}")
+        mismatch = dataset_mismatch(self.model, self.info)
+        if mismatch:
+            raise CheckpointError(f"{args.resume}: {mismatch}")
         self.model.to(self.device)
         if args.cuda_graph and (self.device.type != "cuda" or self.ctx.enabled):
             raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")

@@ -522,6 +522,36 @@ def test_bad_checkpoints_give_one_clear_line(trained, tmp_path):
     assert result.returncode == 1 and "trained on mnist" in result.stderr
 
 
+def test_checkpoints_that_fit_no_dataset_or_no_resume_are_one_clear_line(trained, tmp_path, capsys):
+    """Readable checkpoints whose contents do not fit: an unknown dataset, a model of other images than its
+    dataset's, and one without a run's state given to --resume. Each had ended in a traceback or a KeyError."""
+    best = os.path.join(trained[0], "best.pt")
+
+    def edited(name, edit):
+        payload = torch.load(best, weights_only=True)
+        edit(payload)
+        torch.save(payload, tmp_path / name)
+        return str(tmp_path / name)
+
+    unknown = edited("unknown.pt", lambda p: p.update(dataset="imagenet"))
+    with pytest.raises(nice_ext.CheckpointError, match="its dataset 'imagenet' is none this nice_ext knows"):
+        load_checkpoint(unknown)
+    other_images = edited("cifar.pt", lambda p: p.update(dataset="cifar10"))
+    other_range = edited("range.pt", lambda p: p["model_config"].update(data_range=(-1.0, 1.0)))
+    for path, message in ((unknown, "its dataset 'imagenet' is none"), (other_images, "model has 784 features, "
+                          "cifar10 has 3072"), (other_range, "model's data range is (-1.0, 1.0), mnist's is (0.0, 1.0)")):
+        for tool, args in ((sample, ["--out", str(tmp_path / "s.png")]),
+                           (evaluate, ["--data-dir", data_dir(), "--no-download"])):
+            assert run_in_process(tool.main, [path, "--device", "cpu", *args]) == 1
+            err = capsys.readouterr().err
+            assert err.startswith(f"error: {path}: {message}") and err.count("\n") == 1, err
+    model_only = edited("model.pt", lambda p: [p.pop(key) for key in ("epoch", "optimizer_state", "rng_state")])
+    assert train.main(["--resume", model_only, "--out-dir", str(tmp_path / "go-on"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert ("holds a model but not the state of a training run (it lacks epoch, optimizer_state, rng_state): "
+            "--resume continues a run") in err and err.count("\n") == 1, err
+
+
 def test_a_damaged_checkpoint_points_to_the_runs_other_one(trained, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
