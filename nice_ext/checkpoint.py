@@ -87,7 +87,7 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise CheckpointError(f"{path}: checkpoint lacks {', '.join(missing)}")
-    if payload["dataset"] not in data_lib.DATASETS:
+    if payload["dataset"] is not None and payload["dataset"] not in data_lib.DATASETS:  # None: see save_model
         raise CheckpointError(f"{path}: its dataset {payload['dataset']!r} is none this nice_ext knows "
                               f"({', '.join(data_lib.DATASETS)})")
     # Training never writes a NaN or Inf weight (a non-finite loss stops it first), so one here means damage:
@@ -136,15 +136,88 @@ def model_from_checkpoint(payload: Dict[str, Any], path: str = "checkpoint") -> 
         config["mask"] = torch.tensor(config["mask"], dtype=torch.bool)
     try:
         model = NICE(**config)
-        model.load_state_dict(payload["model_state"])
+        state = payload["model_state"]
+        log_scale = state.get("log_scale") if isinstance(state, dict) else None
+        if isinstance(log_scale, torch.Tensor) and log_scale.is_floating_point():
+            model.to(log_scale.dtype)  # the dtype it was saved in (training's is float32), before its weights
+        model.load_state_dict(state)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path}: the stored model does not load: {error}") from None
     return model
 
 
+def save_model(model: NICE, path: str, dataset: Optional[str] = None,
+               preprocess: Optional[data_lib.Preprocess] = None) -> None:
+    """Write ``model`` to ``path`` as a checkpoint that ``load_model`` reads back: its architecture, masks and
+    weights (a model trained in a loop of one's own; ``python -m nice_ext.train`` writes its own checkpoints).
+    The file is written atomically (a crash leaves the old file or the new one) and holds only tensors and
+    plain values, with the weights on the host. ``python -m nice_ext.sample`` takes it as it is.
+
+    ``dataset`` names the data the model was trained on, one of ``nice_ext.data.DATASETS``, for the tools
+    that read that data too (``python -m nice_ext.evaluate`` and ``inpaint``); the model must then have its
+    images' features and data range. A whitened dataset (CIFAR-10, SVHN) also needs the fitted
+    ``data.Preprocess`` the model was trained behind, as ``preprocess``.
+
+    Raises ``TypeError`` for anything but a NICE model (a ``torch.compile``d one or one wrapped in
+    DistributedDataParallel is unwrapped), and ``ValueError`` for a dataset the model does not fit and for
+    NaN or infinite weights (which ``load_model`` refuses); nothing is written then.
+    """
+    model = unwrapped_model(model)
+    if dataset is None:
+        if preprocess is not None:
+            raise ValueError("preprocess is the preprocessing of a dataset: pass dataset= as well")
+        preprocess_state: Dict[str, Any] = {}
+    else:
+        info = data_lib.dataset_info(dataset)
+        mismatch = dataset_mismatch(model, info)
+        if mismatch:
+            raise ValueError(f"the model does not fit {dataset}: {mismatch}")
+        preprocess_state = fitted_preprocess_state(info, preprocess)
+    payload = host_copy(make_checkpoint(model, dataset, preprocess_state))
+    bad = non_finite_tensors(payload["model_state"])
+    if bad:
+        raise ValueError(f"the model holds NaN or infinite values in {', '.join(bad[:5])}"
+                         + (f" and {len(bad) - 5} more" if len(bad) > 5 else "") + ": load_model would refuse it")
+    save_atomic(payload, path)
+
+
+def unwrapped_model(model: Any) -> NICE:
+    """The NICE model inside ``torch.compile``'s wrapper or (Distributed)DataParallel, or ``model`` itself."""
+    inner = model
+    for _ in range(2):  # at most a compiled DistributedDataParallel
+        if isinstance(inner, NICE) or not isinstance(inner, torch.nn.Module):
+            break
+        inner = getattr(inner, "_orig_mod", getattr(inner, "module", None))
+    if not isinstance(inner, NICE):
+        hint = " (a state dict? pass the model itself)" if isinstance(model, dict) else ""
+        raise TypeError(f"model must be a nice_ext.NICE, got {type(model).__name__}{hint}")
+    return inner
+
+
+def fitted_preprocess_state(info: data_lib.DatasetInfo, preprocess: Optional[data_lib.Preprocess]
+                            ) -> Dict[str, Any]:
+    """The state of ``preprocess`` for ``info``'s data (dequantization alone needs none), checked to fit it."""
+    if preprocess is None:
+        if info.whiten:
+            raise ValueError(f"{info.name} is whitened: pass the fitted data.Preprocess the model was trained behind "
+                             f"as preprocess=")
+        return data_lib.Preprocess(info).state_dict()
+    if not isinstance(preprocess, data_lib.Preprocess):
+        raise TypeError(f"preprocess must be a nice_ext.data.Preprocess, got {type(preprocess).__name__}")
+    try:
+        data_lib.Preprocess(info).load_state_dict(preprocess.state_dict())
+    except RuntimeError:
+        raise ValueError(f"preprocess is not {info.name}'s: it is the preprocessing of other data") from None
+    if preprocess.data_range != info.data_range:
+        raise ValueError(f"preprocess dequantizes to {preprocess.data_range}, {info.name} to {info.data_range}")
+    if preprocess.zca is not None and torch.equal(preprocess.zca.matrix.cpu(), torch.eye(info.dim, dtype=torch.float64)):
+        raise ValueError("preprocess has not been fitted: call preprocess.fit(train_pixels), as training does")
+    return preprocess.state_dict()
+
+
 def load_model(path: str, device: Union[str, torch.device] = "cpu") -> NICE:
-    """The model of a checkpoint written by ``python -m nice_ext.train`` (its ``best.pt`` or ``last.pt``), on
-    ``device`` and in eval mode. A missing, corrupt or foreign file raises ``CheckpointError`` naming it.
+    """The model of a checkpoint written by ``python -m nice_ext.train`` (its ``best.pt`` or ``last.pt``) or by
+    ``save_model``, on ``device``, in the dtype it was saved in and in eval mode. A missing, corrupt or foreign file raises ``CheckpointError`` naming it.
 
     ``model.log_prob`` of the result is in the model's input space: dequantized pixels for MNIST and
     Fashion-MNIST; for the whitened datasets (CIFAR-10, SVHN) ``python -m nice_ext.evaluate`` adds the

@@ -78,9 +78,17 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for_inference(path: str, device: torch.device) -> Tuple[NICE, data_lib.Preprocess, dict]:
+def load_for_inference(path: str, device: torch.device, reads_data: Optional[str] = None
+                       ) -> Tuple[NICE, Optional[data_lib.Preprocess], dict]:
+    """The model of a checkpoint in eval mode on ``device``, its dataset's preprocessing (None for a model saved
+    without a dataset) and the checkpoint. ``reads_data``: the tool, where it reads the model's dataset."""
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload, path).to(device).eval()
+    if payload["dataset"] is None:
+        if reads_data:
+            raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): "
+                             f"{reads_data} reads the images of the dataset a model was trained on")
+        return model, None, payload
     info = data_lib.dataset_info(payload["dataset"])
     mismatch = dataset_mismatch(model, info)
     if mismatch:

@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m nice_ext.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     commit = provenance.source_commit()  # the code as it is when the measurement begins
     device = pick_device(args.device)
-    model, preprocess, payload = load_for_inference(args.checkpoint, device)
+    model, preprocess, payload = load_for_inference(args.checkpoint, device, reads_data="evaluate")
     splits = data_lib.load_splits(payload["dataset"], args.data_dir, download=not args.no_download)
     pixels = getattr(splits, args.split).to(device)
     draws = log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
@@ -91,7 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{summary(draws, model.data_dim, model.data_range)}")
     if args.json is not None:
         ll = float(np.mean(draws))
-        score = dict(checkpoint=args.checkpoint, epoch=payload["epoch"], dataset=payload["dataset"],
+        score = dict(checkpoint=args.checkpoint, epoch=payload.get("epoch"), dataset=payload["dataset"],
                      split=args.split, images=pixels.shape[0], ll_nats=round(ll, 4),
                      bits_per_dim=round(data_lib.bits_per_dim(ll, model.data_dim, model.data_range), 5),
                      draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,

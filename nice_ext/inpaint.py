@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--n must be positive and --steps >= 0, got {args.n}, {args.steps}")
     check_image_out(args.out)
     device = pick_device(args.device)
-    model, preprocess, payload = load_for_inference(args.checkpoint, device)
+    model, preprocess, payload = load_for_inference(args.checkpoint, device, reads_data="inpaint")
     if preprocess.zca is not None:
         raise UsageError(f"inpainting works in pixel space; {payload['dataset']} is whitened")
     if model.image_shape is None:

@@ -7,7 +7,7 @@ import torch
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
 
 
-def test_training_loop_on_your_own_data_runs_and_learns():
+def test_training_loop_on_your_own_data_runs_learns_and_saves(tmp_path, monkeypatch):
     readme = open(README, encoding="utf-8").read()
     match = re.search(r"for 8-bit pixels `pixels` \(uint8, N × D\):\n\n```python\n(.*?)```", readme, re.S)
     assert match, "the README's training-loop example is missing"
@@ -19,6 +19,7 @@ def test_training_loop_on_your_own_data_runs_and_learns():
     pixels = rows.clamp(0, 255).to(torch.uint8)
     scope = {"pixels": pixels}
     torch.manual_seed(0)
+    monkeypatch.chdir(tmp_path)  # where it saves the model
     exec(compile(code, README, "exec"), scope)  # 10 epochs of one batch of 200
     model = scope["model"]
     from nice_ext.data import dequantize
@@ -28,3 +29,6 @@ def test_training_loop_on_your_own_data_runs_and_learns():
         untrained = type(model)(data_dim=784).log_prob(x).mean().item()
     # a new model is the identity whatever its seed; ten steps of maximum likelihood must raise log p
     assert trained > untrained + 10, (trained, untrained)
+    import nice_ext
+    with torch.no_grad():
+        assert torch.equal(nice_ext.load_model("my_model.pt").log_prob(x), model.log_prob(x))

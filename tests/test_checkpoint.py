@@ -1,0 +1,142 @@
+"""nice_ext.save_model: a model trained in a loop of one's own, written so that load_model and the tools read it."""
+import os
+import re
+
+import pytest
+import torch
+
+from conftest import DEVICES, data_dir
+import nice_ext
+from nice_ext import NICE, data as data_lib, evaluate, inpaint, sample, train
+from nice_ext.checkpoint import load_checkpoint
+from nice_ext.cli_common import run_tool
+
+
+def trained_a_little(model: NICE) -> NICE:
+    """Weights away from their initial values (the last layers start at zero), as training leaves them."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype)
+                           .to(parameter.device))
+    return model
+
+
+MODELS = {
+    "additive-odd-even": dict(data_dim=12, num_coupling_layers=3, num_hidden_layers=2, hidden_dim=16),
+    "affine-checkerboard-gaussian": dict(data_dim=2 * 3 * 4, num_coupling_layers=4, num_hidden_layers=1,
+                                         hidden_dim=8, coupling="affine", mask="checkerboard",
+                                         image_shape=(2, 3, 4), prior="gaussian", data_range=(-1.0, 1.0)),
+    "unbounded-affine-own-mask": dict(data_dim=7, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4,
+                                      coupling="affine", affine_log_scale="unbounded",
+                                      mask=torch.tensor([1, 1, 0, 0, 0, 1, 0], dtype=torch.bool)),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_load_model_gives_back_a_saved_model(kind, dtype, device, tmp_path):
+    model = trained_a_little(NICE(**MODELS[kind]).to(device, dtype))
+    path = str(tmp_path / "model.pt")
+    nice_ext.save_model(model, path)
+    loaded = nice_ext.load_model(path)  # on the CPU, whatever device the model was saved from
+    assert loaded.config == model.config and not loaded.training and loaded.log_scale.device.type == "cpu"
+    assert loaded.log_scale.dtype == dtype  # float64 weights are not rounded to float32
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value.cpu()), name
+    x = torch.rand(5, model.data_dim, generator=torch.Generator().manual_seed(0), dtype=dtype) * 2 - 1
+    assert torch.equal(loaded.log_prob(x), model.cpu().log_prob(x))
+    z, _ = model(x)
+    assert torch.equal(loaded.inverse(z), model.inverse(z))
+
+
+def test_save_model_unwraps_a_compiled_model_and_replaces_a_file_atomically(tmp_path):
+    model = trained_a_little(NICE(6, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8))
+    path = str(tmp_path / "model.pt")
+    nice_ext.save_model(torch.compile(model), path)
+    assert torch.equal(nice_ext.load_model(path).log_scale, model.log_scale)
+    with torch.no_grad():
+        model.log_scale.add_(1.0)
+    nice_ext.save_model(model, path)  # a later save replaces the file
+    assert torch.equal(nice_ext.load_model(path).log_scale, model.log_scale)
+    assert sorted(os.listdir(tmp_path)) == ["model.pt"]  # no temporary file left behind
+
+
+def test_save_model_refuses_what_it_cannot_write_faithfully_and_writes_nothing(tmp_path):
+    model = trained_a_little(NICE(784, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8))
+    path = tmp_path / "model.pt"
+    nice_ext.save_model(model, str(path))
+    before = path.read_bytes()
+    cifar = data_lib.Preprocess(data_lib.dataset_info("cifar10"))
+    for call, error, message in (
+            (lambda: nice_ext.save_model(model.state_dict(), str(path)), TypeError,
+             r"model must be a nice_ext.NICE, got OrderedDict \(a state dict\? pass the model itself\)"),
+            (lambda: nice_ext.save_model(model, str(path), dataset="imagenet"), ValueError, "unknown dataset 'imagenet'"),
+            (lambda: nice_ext.save_model(model, str(path), dataset="cifar10"), ValueError,
+             "the model does not fit cifar10: model has 784 features, cifar10 has 3072"),
+            (lambda: nice_ext.save_model(model, str(path), preprocess=cifar), ValueError, "pass dataset= as well"),
+            (lambda: nice_ext.save_model(model, str(path), dataset="mnist", preprocess=cifar), ValueError,
+             "preprocess is not mnist's"),
+            (lambda: nice_ext.save_model(model, str(path), dataset="mnist", preprocess="zca"), TypeError,
+             "preprocess must be a nice_ext.data.Preprocess, got str")):
+        with pytest.raises(error, match=message):
+            call()
+    with torch.no_grad():
+        model.layers[1].net[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN or infinite values in layers\.1\.net\.0\.weight: load_model would "
+                                         r"refuse it"):
+        nice_ext.save_model(model, str(path))
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt"]
+
+
+def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path):
+    model = NICE(3072, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4, image_shape=(3, 32, 32),
+                 data_range=(-1.0, 1.0))
+    path = str(tmp_path / "cifar.pt")
+    preprocess = data_lib.Preprocess(data_lib.dataset_info("cifar10"))
+    with pytest.raises(ValueError, match="cifar10 is whitened: pass the fitted data.Preprocess"):
+        nice_ext.save_model(model, path, dataset="cifar10")
+    with pytest.raises(ValueError, match="preprocess has not been fitted"):
+        nice_ext.save_model(model, path, dataset="cifar10", preprocess=preprocess)
+    pixels = torch.randint(0, 256, (4000, 3072), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    preprocess.fit(pixels, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=re.escape("the model does not fit svhn: model's data range is (-1.0, 1.0), "
+                                                   "svhn's is (0.0, 1.0)")):
+        nice_ext.save_model(model, path, dataset="svhn", preprocess=preprocess)
+    svhn_model = NICE(3072, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4, image_shape=(3, 32, 32))
+    with pytest.raises(ValueError, match=re.escape("preprocess dequantizes to (-1.0, 1.0), svhn to (0.0, 1.0)")):
+        nice_ext.save_model(svhn_model, path, dataset="svhn", preprocess=preprocess)  # cifar10's whitening
+    nice_ext.save_model(model, path, dataset="cifar10", preprocess=preprocess)
+    stored = load_checkpoint(path)
+    assert stored["dataset"] == "cifar10"
+    assert torch.equal(stored["preprocess_state"]["zca.matrix"], preprocess.zca.matrix)
+
+
+def test_the_tools_take_a_saved_model(tmp_path, capsys):
+    model = trained_a_little(NICE(784, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8,
+                                  image_shape=(1, 28, 28)))
+    without_data, with_data = str(tmp_path / "model.pt"), str(tmp_path / "mnist.pt")
+    nice_ext.save_model(model, without_data)
+    nice_ext.save_model(model, with_data, dataset="mnist")
+    assert run_tool(sample.main, [without_data, "--n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert os.path.getsize(tmp_path / "s.png") > 0
+    capsys.readouterr()
+    for tool, args in ((evaluate, []), (inpaint, ["--out", str(tmp_path / "i.png")])):
+        assert run_tool(tool.main, [without_data, "--device", "cpu", "--data-dir", str(tmp_path), *args]) == 2
+        err = capsys.readouterr().err
+        assert err == (f"error: {without_data} names no dataset (saved by nice_ext.save_model without dataset=): "
+                       f"{tool.__name__.split('.')[-1]} reads the images of the dataset a model was trained on\n")
+    assert train.main(["--resume", without_data, "--device", "cpu"]) == 1
+    assert "holds a model but not the state of a training run" in capsys.readouterr().err
+    if data_dir() is None:
+        pytest.skip("the MNIST files are not available")
+    json_path = str(tmp_path / "score.json")
+    assert run_tool(evaluate.main, [with_data, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
+                                    "--draws", "1", "--json", json_path]) == 0
+    info = data_lib.dataset_info("mnist")
+    test_pixels = data_lib.load_pixels("mnist", data_dir(), "test", download=False)
+    expected = evaluate.log_likelihood_draws(model.eval(), data_lib.Preprocess(info), test_pixels, 1)[0]
+    assert f"mnist test (10000 images): {expected:.2f} nats" in capsys.readouterr().out
+    assert run_tool(inpaint.main, [with_data, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
+                                   "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png")]) == 0
