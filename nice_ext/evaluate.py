@@ -48,10 +48,12 @@ def log_likelihood_draws(model: NICE, preprocess: data_lib.Preprocess, pixels: t
 
 
 def summary(draws: List[float], dim: int, data_range: Tuple[float, float]) -> str:
-    """What train and evaluate print: 'N nats, N bits/dim (mean of K dequantization draws, spread S nats)'."""
+    """What train and evaluate print: 'N nats, N bits/dim (mean of K dequantization draws, spread S nats)', or
+    '(1 dequantization draw)'."""
     ll = float(np.mean(draws))
-    return (f"{ll:.2f} nats, {data_lib.bits_per_dim(ll, dim, data_range):.4f} bits/dim (mean of {len(draws)} "
-            f"dequantization draws, spread {float(np.std(draws)):.3f} nats)")
+    draws_text = (f"mean of {len(draws)} dequantization draws, spread {float(np.std(draws)):.3f} nats"
+                  if len(draws) > 1 else "1 dequantization draw")
+    return f"{ll:.2f} nats, {data_lib.bits_per_dim(ll, dim, data_range):.4f} bits/dim ({draws_text})"
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -98,8 +98,8 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     score_file = tmp_path / "scores" / "best.json"  # its folder is made
     result = run_tool("evaluate", best, "--data-dir", data_dir(), "--draws", "1", "--device", "cpu", "--no-download",
                       "--json", str(score_file))
-    printed = re.search(r"mnist test \(10000 images\): (-?[\d.]+) nats, ([\d.]+) bits/dim \(mean of 1 "
-                        r"dequantization draws, spread 0.000 nats\)", result.stdout)
+    printed = re.search(r"mnist test \(10000 images\): (-?[\d.]+) nats, ([\d.]+) bits/dim \(1 "
+                        r"dequantization draw\)", result.stdout)
     assert printed and abs(float(printed.group(1)) - trained_score) < 0.006, (trained_score, result.stdout)
     with open(score_file) as f:  # the same score, machine-readable, with where it comes from
         score = json.load(f)
@@ -121,6 +121,12 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
                       "--device", "cpu", "--no-download")  # not all 10000 in a grid 10001 wide
     assert result.returncode == 2 and "--n 10001 is more than the 10000 test images of mnist" in result.stderr
     assert not os.path.exists(tmp_path / "all.png")
+
+
+def test_the_score_line_says_how_many_draws_it_averages():
+    assert evaluate.summary([-1000.0, -1002.0], 784, (0.0, 1.0)) == \
+        "-1001.00 nats, 9.8420 bits/dim (mean of 2 dequantization draws, spread 1.000 nats)"
+    assert evaluate.summary([-1000.0], 784, (0.0, 1.0)) == "-1000.00 nats, 9.8402 bits/dim (1 dequantization draw)"
 
 
 def test_inpainting_error_counts_the_missing_pixels_alone():
