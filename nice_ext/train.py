@@ -1009,7 +1009,11 @@ class Trainer:
         draws = log_likelihood_draws(best_model, self.preprocess, self.test_pixels, args.eval_draws)
         test_ll = float(np.mean(draws))
         bpd = data_lib.bits_per_dim(test_ll, info.dim, info.data_range)
-        print(f"test log-likelihood of {best_name} (epoch {best['epoch']}): "
+        trained_for = f"epoch {best['epoch']}"
+        if best_name == "the final model" and in_progress:  # stopped inside the epoch after it
+            trained_for += f" and {in_progress['batches_done']} of {self.batches_per_epoch} batches of epoch " \
+                           f"{in_progress['epoch']}"
+        print(f"test log-likelihood of {best_name} ({trained_for}): "
               f"{summary(draws, info.dim, info.data_range)}; trained {train_seconds:.1f} s")
         if self.stopped_early:  # a finished run, not a piece of one
             status = f"stopped early: {stop_reason}; trained {completed_epoch} of {args.epochs} epochs"

@@ -240,6 +240,7 @@ def test_a_piece_shorter_than_an_epoch_estimates_from_its_steps(tmp_path, capsys
     assert piece["remaining_seconds_estimate"] == round(15 * piece["seconds_per_step"], 1)  # 15 of 20 steps left
     assert "s per step (no epoch is complete yet: validation and the time between epochs are left out), the 1.5 " \
            "epochs (15 steps) left of --epochs 2 would take about" in stdout
+    assert "test log-likelihood of the final model (epoch 0 and 5 of 10 batches of epoch 1): " in stdout
     # resumed to the end: each epoch's line says what the rest of the run would take, but the last one's
     assert train.main(["--resume", os.path.join(out, "last.pt"), "--max_iter", "1000", "--device", "cpu"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
