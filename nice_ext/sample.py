@@ -37,6 +37,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_image_out(args.out)
     device = pick_device(args.device)
     model, preprocess, _ = load_for_inference(args.checkpoint, device)
+    if model.image_shape is None:  # (a model saved with nice_ext.save_model without image_shape=)
+        print(f"note: the model has no image shape: each sample is drawn as one row of its {model.data_dim} values")
     torch.manual_seed(args.seed)
     plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature)
     print(f"wrote {args.n} samples to {args.out}")

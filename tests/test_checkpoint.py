@@ -120,8 +120,12 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
     nice_ext.save_model(model, without_data)
     nice_ext.save_model(model, with_data, dataset="mnist")
     assert run_tool(sample.main, [without_data, "--n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
-    assert os.path.getsize(tmp_path / "s.png") > 0
-    capsys.readouterr()
+    assert os.path.getsize(tmp_path / "s.png") > 0 and "note" not in capsys.readouterr().out
+    flat = str(tmp_path / "flat.pt")
+    nice_ext.save_model(NICE(784, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8), flat)
+    assert run_tool(sample.main, [flat, "--n", "4", "--out", str(tmp_path / "f.png"), "--device", "cpu"]) == 0
+    assert "note: the model has no image shape: each sample is drawn as one row of its 784 values" in \
+        capsys.readouterr().out
     for tool, args in ((evaluate, []), (inpaint, ["--out", str(tmp_path / "i.png")])):
         assert run_tool(tool.main, [without_data, "--device", "cpu", "--data-dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
