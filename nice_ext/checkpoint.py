@@ -103,6 +103,8 @@ def load_checkpoint(path: str, map_location: Optional[str] = "cpu") -> Dict[str,
 def check_training_state(payload: Dict[str, Any], path: str) -> None:
     """A checkpoint --resume can continue: one that holds a run's place and optimizer, not only a model."""
     missing = [key for key in TRAINING_STATE if key not in payload]
+    if payload["dataset"] is None:
+        missing.append("dataset")
     if missing:
         raise CheckpointError(f"{path}: holds a model but not the state of a training run (it lacks "
                               f"{', '.join(missing)}): --resume continues a run from the last.pt or best.pt "
@@ -197,27 +199,31 @@ def unwrapped_model(model: Any) -> NICE:
 def fitted_preprocess_state(info: data_lib.DatasetInfo, preprocess: Optional[data_lib.Preprocess]
                             ) -> Dict[str, Any]:
     """The state of ``preprocess`` for ``info``'s data (dequantization alone needs none), checked to fit it."""
+    fresh = data_lib.Preprocess(info)
     if preprocess is None:
         if info.whiten:
             raise ValueError(f"{info.name} is whitened: pass the fitted data.Preprocess the model was trained behind "
                              f"as preprocess=")
-        return data_lib.Preprocess(info).state_dict()
+        return fresh.state_dict()
     if not isinstance(preprocess, data_lib.Preprocess):
         raise TypeError(f"preprocess must be a nice_ext.data.Preprocess, got {type(preprocess).__name__}")
+    state = preprocess.state_dict()
     try:
-        data_lib.Preprocess(info).load_state_dict(preprocess.state_dict())
+        fresh.load_state_dict(state)  # the same buffers: whitened or not as info is, of its dimension
     except RuntimeError:
         raise ValueError(f"preprocess is not {info.name}'s: it is the preprocessing of other data") from None
     if preprocess.data_range != info.data_range:
         raise ValueError(f"preprocess dequantizes to {preprocess.data_range}, {info.name} to {info.data_range}")
-    if preprocess.zca is not None and torch.equal(preprocess.zca.matrix.cpu(), torch.eye(info.dim, dtype=torch.float64)):
+    if preprocess.zca is not None and torch.equal(state["zca.matrix"].cpu(), torch.eye(info.dim, dtype=torch.float64)):
+        # a ZCA's matrix is the identity until it is fitted
         raise ValueError("preprocess has not been fitted: call preprocess.fit(train_pixels), as training does")
-    return preprocess.state_dict()
+    return state
 
 
 def load_model(path: str, device: Union[str, torch.device] = "cpu") -> NICE:
     """The model of a checkpoint written by ``python -m nice_ext.train`` (its ``best.pt`` or ``last.pt``) or by
-    ``save_model``, on ``device``, in the dtype it was saved in and in eval mode. A missing, corrupt or foreign file raises ``CheckpointError`` naming it.
+    ``save_model``, on ``device``, in the dtype it was saved in and in eval mode. A missing, corrupt or foreign
+    file raises ``CheckpointError`` naming it.
 
     ``model.log_prob`` of the result is in the model's input space: dequantized pixels for MNIST and
     Fashion-MNIST; for the whitened datasets (CIFAR-10, SVHN) ``python -m nice_ext.evaluate`` adds the

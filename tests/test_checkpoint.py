@@ -132,7 +132,8 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
         assert err == (f"error: {without_data} names no dataset (saved by nice_ext.save_model without dataset=): "
                        f"{tool.__name__.split('.')[-1]} reads the images of the dataset a model was trained on\n")
     assert train.main(["--resume", without_data, "--device", "cpu"]) == 1
-    assert "holds a model but not the state of a training run" in capsys.readouterr().err
+    assert "holds a model but not the state of a training run (it lacks epoch, step, optimizer_state, best_valid, " \
+           "history, rng_state, dataset)" in capsys.readouterr().err
     if data_dir() is None:
         pytest.skip("the MNIST files are not available")
     json_path = str(tmp_path / "score.json")
