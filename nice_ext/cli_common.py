@@ -35,7 +35,8 @@ def tool_parser(prog: str, doc: str) -> argparse.ArgumentParser:
     """The parser of a tool that reads a trained model: its usage from the module's docstring, and the
     checkpoint to read."""
     p = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="a checkpoint written by nice_ext.train (its best.pt or last.pt)")
+    p.add_argument("checkpoint", help="a checkpoint written by nice_ext.train (its best.pt or last.pt) or by "
+                                      "nice_ext.save_model")
     return p
 
 
@@ -78,27 +79,44 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_for_inference(path: str, device: torch.device, reads_data: Optional[str] = None
-                       ) -> Tuple[NICE, Optional[data_lib.Preprocess], dict]:
-    """The model of a checkpoint in eval mode on ``device``, its dataset's preprocessing (None for a model saved
-    without a dataset) and the checkpoint. ``reads_data``: the tool, where it reads the model's dataset."""
+def load_for_inference(path: str, device: torch.device) -> Tuple[NICE, dict]:
+    """The model of checkpoint ``path``, in eval mode on ``device``, and the checkpoint."""
     payload = load_checkpoint(path)
-    model = model_from_checkpoint(payload, path).to(device).eval()
-    if payload["dataset"] is None:
-        if reads_data:
-            raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): "
-                             f"{reads_data} reads the images of the dataset a model was trained on")
-        return model, None, payload
-    info = data_lib.dataset_info(payload["dataset"])
+    return model_from_checkpoint(payload, path).to(device).eval(), payload
+
+
+def add_dataset_argument(group) -> None:
+    """--dataset of the tools that read images for a trained model."""
+    group.add_argument("--dataset", choices=data_lib.DATASETS,
+                       help="the images to read (default: those the model was trained on); another dataset of the "
+                            "same size and range, such as fashion-mnist for an MNIST model, gives data the model "
+                            "never saw")
+
+
+def inference_data(model: NICE, payload: dict, path: str, device: torch.device, dataset: Optional[str] = None
+                   ) -> Tuple[data_lib.DatasetInfo, data_lib.Preprocess]:
+    """The dataset a tool reads for the model of checkpoint ``path``, and its preprocessing: ``dataset`` (the
+    tool's --dataset) where given, else the one the model was trained on, with the preprocessing (the
+    whitening) it was trained behind."""
+    given = dataset is not None
+    name = dataset if given else payload["dataset"]
+    if name is None:
+        raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): pass --dataset, "
+                         f"the images to read")
+    info = data_lib.dataset_info(name)
     mismatch = dataset_mismatch(model, info)
     if mismatch:
-        raise CheckpointError(f"{path}: {mismatch}")
+        raise UsageError(f"--dataset {name}: {mismatch}") if given else CheckpointError(f"{path}: {mismatch}")
     preprocess = data_lib.Preprocess(info)
-    try:
-        preprocess.load_state_dict(payload["preprocess_state"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: its preprocessing does not fit {info.name}: {error}") from None
-    return model, preprocess.to(device), payload
+    if name == payload["dataset"]:
+        try:
+            preprocess.load_state_dict(payload["preprocess_state"])
+        except RuntimeError as error:
+            raise CheckpointError(f"{path}: its preprocessing does not fit {info.name}: {error}") from None
+    elif info.whiten:
+        raise UsageError(f"--dataset {name} is whitened, and {path} holds no whitening fitted to it (its model was "
+                         f"trained on {payload['dataset'] or 'a dataset it does not name'})")
+    return info, preprocess.to(device)
 
 
 def one_line(error: Exception) -> str:

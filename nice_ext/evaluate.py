@@ -1,6 +1,7 @@
 """Test log-likelihood of a checkpoint, averaged over several dequantization draws.
 
     python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --draws 10 [--json score.json]
+    python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --dataset fashion-mnist   # images it never saw
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 
 from . import data as data_lib
 from . import provenance
-from .cli_common import (UsageError, add_data_arguments, add_device_argument, check_out_file, load_for_inference,
-                         pick_device, run_tool, seed_value, tool_parser)
+from .cli_common import (UsageError, add_data_arguments, add_dataset_argument, add_device_argument, check_out_file,
+                         inference_data, load_for_inference, pick_device, run_tool, seed_value, tool_parser)
 from .files import write_bytes
 from .model import NICE
 
@@ -59,6 +60,7 @@ def summary(draws: List[float], dim: int, data_range: Tuple[float, float]) -> st
 def build_parser() -> argparse.ArgumentParser:
     p = tool_parser("python -m nice_ext.evaluate", __doc__)
     add_data_arguments(p)
+    add_dataset_argument(p)
     p.add_argument("--split", choices=["test", "valid", "train"], default="test",
                    help="the images to score: test, valid (those training held out for validation) or train "
                         "(default test)")
@@ -85,16 +87,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     command = "python -m nice_ext.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     commit = provenance.source_commit()  # the code as it is when the measurement begins
     device = pick_device(args.device)
-    model, preprocess, payload = load_for_inference(args.checkpoint, device, reads_data="evaluate")
-    splits = data_lib.load_splits(payload["dataset"], args.data_dir, download=not args.no_download)
+    model, payload = load_for_inference(args.checkpoint, device)
+    info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
+    splits = data_lib.load_splits(info.name, args.data_dir, download=not args.no_download)
     pixels = getattr(splits, args.split).to(device)
     draws = log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
-    print(f"{payload['dataset']} {args.split} ({pixels.shape[0]} images): "
+    print(f"{info.name} {args.split} ({pixels.shape[0]} images): "
           f"{summary(draws, model.data_dim, model.data_range)}")
     if args.json is not None:
         ll = float(np.mean(draws))
-        score = dict(checkpoint=args.checkpoint, epoch=payload.get("epoch"), dataset=payload["dataset"],
-                     split=args.split, images=pixels.shape[0], ll_nats=round(ll, 4),
+        score = dict(checkpoint=args.checkpoint, epoch=payload.get("epoch"), dataset=info.name,
+                     trained_on=payload["dataset"], split=args.split, images=pixels.shape[0], ll_nats=round(ll, 4),
                      bits_per_dim=round(data_lib.bits_per_dim(ll, model.data_dim, model.data_range), 5),
                      draws=len(draws), draw_spread_nats=round(float(np.std(draws)), 4), draw_ll_nats=draws,
                      seed=args.seed, batch_size=args.batch_size,

@@ -15,8 +15,8 @@ import torch
 
 from . import data as data_lib
 from . import plots
-from .cli_common import (UsageError, add_data_arguments, add_device_argument, check_image_out, load_for_inference,
-                         pick_device, run_tool, seed_value, tool_parser)
+from .cli_common import (UsageError, add_data_arguments, add_dataset_argument, add_device_argument, check_image_out,
+                         inference_data, load_for_inference, pick_device, run_tool, seed_value, tool_parser)
 
 MASK_NAMES = ("top", "bottom", "left", "right", "random75", "random90")
 
@@ -53,6 +53,7 @@ def missing_pixel_error(x: torch.Tensor, filled: torch.Tensor, observed: torch.T
 def build_parser() -> argparse.ArgumentParser:
     p = tool_parser("python -m nice_ext.inpaint", __doc__)
     add_data_arguments(p)
+    add_dataset_argument(p)
     p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
     p.add_argument("--n", type=int, default=8, help="test images per mask (default 8)")
     p.add_argument("--steps", type=int, default=1000, help="gradient-ascent steps (default 1000)")
@@ -68,14 +69,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--n must be positive and --steps >= 0, got {args.n}, {args.steps}")
     check_image_out(args.out)
     device = pick_device(args.device)
-    model, preprocess, payload = load_for_inference(args.checkpoint, device, reads_data="inpaint")
+    model, payload = load_for_inference(args.checkpoint, device)
+    info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
     if preprocess.zca is not None:
-        raise UsageError(f"inpainting works in pixel space; {payload['dataset']} is whitened")
+        raise UsageError(f"inpainting works in pixel space; {info.name} is whitened")
     if model.image_shape is None:
         raise UsageError("the checkpoint's model has no image shape")
-    test = data_lib.load_pixels(payload["dataset"], args.data_dir, "test", download=not args.no_download)
+    test = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download)
     if args.n > test.shape[0]:  # (the grid's rows are --n wide)
-        raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {payload['dataset']}")
+        raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {info.name}")
     generator = torch.Generator().manual_seed(args.seed)
     x = preprocess(test[:args.n].to(device), torch.Generator(device=device).manual_seed(args.seed))
     masks = observed_masks(model.image_shape, generator)

@@ -13,8 +13,8 @@ from typing import List, Optional
 import torch
 
 from . import plots
-from .cli_common import (UsageError, add_device_argument, check_image_out, load_for_inference, pick_device, run_tool,
-                         seed_value, tool_parser)
+from .cli_common import (UsageError, add_device_argument, check_image_out, inference_data, load_for_inference,
+                         pick_device, run_tool, seed_value, tool_parser)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,7 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     check_image_out(args.out)
     device = pick_device(args.device)
-    model, preprocess, _ = load_for_inference(args.checkpoint, device)
+    model, payload = load_for_inference(args.checkpoint, device)
+    # the preprocessing maps samples back to pixels (it undoes a whitening); a model saved without a dataset has none
+    preprocess = inference_data(model, payload, args.checkpoint, device)[1] if payload["dataset"] else None
     if model.image_shape is None:  # (a model saved with nice_ext.save_model without image_shape=)
         print(f"note: the model has no image shape: each sample is drawn as one row of its {model.data_dim} values")
     torch.manual_seed(args.seed)

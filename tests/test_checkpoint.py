@@ -1,4 +1,5 @@
 """nice_ext.save_model: a model trained in a loop of one's own, written so that load_model and the tools read it."""
+import json
 import os
 import re
 
@@ -90,7 +91,7 @@ def test_save_model_refuses_what_it_cannot_write_faithfully_and_writes_nothing(t
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt"]
 
 
-def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path):
+def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path, capsys):
     model = NICE(3072, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4, image_shape=(3, 32, 32),
                  data_range=(-1.0, 1.0))
     path = str(tmp_path / "cifar.pt")
@@ -111,6 +112,12 @@ def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path):
     stored = load_checkpoint(path)
     assert stored["dataset"] == "cifar10"
     assert torch.equal(stored["preprocess_state"]["zca.matrix"], preprocess.zca.matrix)
+    # without its whitening, the tools cannot read a whitened dataset for it
+    nice_ext.save_model(model, str(tmp_path / "bare.pt"))
+    assert run_tool(evaluate.main, [str(tmp_path / "bare.pt"), "--dataset", "cifar10", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (f"error: --dataset cifar10 is whitened, and {tmp_path / 'bare.pt'} holds no "
+                                       f"whitening fitted to it (its model was trained on a dataset it does not "
+                                       f"name)\n")
 
 
 def test_the_tools_take_a_saved_model(tmp_path, capsys):
@@ -130,18 +137,22 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
         assert run_tool(tool.main, [without_data, "--device", "cpu", "--data-dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
         assert err == (f"error: {without_data} names no dataset (saved by nice_ext.save_model without dataset=): "
-                       f"{tool.__name__.split('.')[-1]} reads the images of the dataset a model was trained on\n")
+                       f"pass --dataset, the images to read\n")
     assert train.main(["--resume", without_data, "--device", "cpu"]) == 1
     assert "holds a model but not the state of a training run (it lacks epoch, step, optimizer_state, best_valid, " \
            "history, rng_state, dataset)" in capsys.readouterr().err
     if data_dir() is None:
         pytest.skip("the MNIST files are not available")
-    json_path = str(tmp_path / "score.json")
-    assert run_tool(evaluate.main, [with_data, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
-                                    "--draws", "1", "--json", json_path]) == 0
     info = data_lib.dataset_info("mnist")
     test_pixels = data_lib.load_pixels("mnist", data_dir(), "test", download=False)
     expected = evaluate.log_likelihood_draws(model.eval(), data_lib.Preprocess(info), test_pixels, 1)[0]
-    assert f"mnist test (10000 images): {expected:.2f} nats" in capsys.readouterr().out
-    assert run_tool(inpaint.main, [with_data, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
-                                   "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png")]) == 0
+    for path, args in ((with_data, []), (without_data, ["--dataset", "mnist"])):
+        json_path = str(tmp_path / "score.json")
+        assert run_tool(evaluate.main, [path, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
+                                        "--draws", "1", "--json", json_path, *args]) == 0
+        assert f"mnist test (10000 images): {expected:.2f} nats" in capsys.readouterr().out
+        with open(json_path) as f:
+            score = json.load(f)
+        assert (score["dataset"], score["trained_on"], score["epoch"]) == ("mnist", "mnist" if not args else None, None)
+        assert run_tool(inpaint.main, [path, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
+                                       "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png"), *args]) == 0

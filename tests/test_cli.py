@@ -123,6 +123,23 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     assert not os.path.exists(tmp_path / "all.png")
 
 
+def test_evaluate_and_inpaint_read_another_datasets_images_with_dataset(trained, tmp_path, capsys):
+    """--dataset: images the model never saw, of its size and range (Fashion-MNIST for an MNIST model)."""
+    best = os.path.join(trained[0], "best.pt")
+    data = ["--device", "cpu", "--data-dir", data_dir(), "--no-download"]
+    assert run_in_process(evaluate.main, [best, "--dataset", "fashion-mnist", "--draws", "1", *data]) == 0
+    fashion = data_lib.load_pixels("fashion-mnist", data_dir(), "test", download=False)
+    expected = evaluate.log_likelihood_draws(nice_ext.load_model(best), data_lib.Preprocess(
+        data_lib.dataset_info("fashion-mnist")), fashion, 1)[0]
+    assert f"fashion-mnist test (10000 images): {expected:.2f} nats" in capsys.readouterr().out
+    with open(os.path.join(trained[0], "result.json")) as f:
+        assert expected < json.load(f)["test_ll_nats"] - 5  # less likely than the digits it learned
+    assert run_in_process(inpaint.main, [best, "--dataset", "fashion-mnist", "--n", "2", "--steps", "1", "--out",
+                                         str(tmp_path / "i.png"), *data]) == 0
+    assert run_in_process(evaluate.main, [best, "--dataset", "cifar10", *data]) == 2
+    assert capsys.readouterr().err == "error: --dataset cifar10: model has 784 features, cifar10 has 3072\n"
+
+
 def test_the_score_line_says_how_many_draws_it_averages():
     assert evaluate.summary([-1000.0, -1002.0], 784, (0.0, 1.0)) == \
         "-1001.00 nats, 9.8420 bits/dim (mean of 2 dequantization draws, spread 1.000 nats)"
