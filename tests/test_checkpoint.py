@@ -1,4 +1,5 @@
-"""nice_ext.save_model: a model trained in a loop of one's own, written so that load_model and the tools read it."""
+"""nice_ext.save_model: a model trained in a loop of one's own, written so that load_model and the tools read it
+(with the images --dataset names where it was saved without its dataset)."""
 import json
 import os
 import re
@@ -52,7 +53,7 @@ def test_load_model_gives_back_a_saved_model(kind, dtype, device, tmp_path):
     assert torch.equal(loaded.inverse(z), model.inverse(z))
 
 
-def test_save_model_unwraps_a_compiled_model_and_replaces_a_file_atomically(tmp_path):
+def test_save_model_unwraps_a_compiled_model_and_replaces_an_earlier_file(tmp_path):
     model = trained_a_little(NICE(6, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8))
     path = str(tmp_path / "model.pt")
     nice_ext.save_model(torch.compile(model), path)
