@@ -73,20 +73,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
     if preprocess.zca is not None:
         raise UsageError(f"inpainting works in pixel space; {info.name} is whitened")
-    if model.image_shape is None:
-        raise UsageError("the checkpoint's model has no image shape")
+    image_shape = model.image_shape or info.image_shape  # (a model saved without image_shape= has its data's)
     test = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download)
     if args.n > test.shape[0]:  # (the grid's rows are --n wide)
         raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {info.name}")
     generator = torch.Generator().manual_seed(args.seed)
     x = preprocess(test[:args.n].to(device), torch.Generator(device=device).manual_seed(args.seed))
-    masks = observed_masks(model.image_shape, generator)
+    masks = observed_masks(image_shape, generator)
     filled = inpaint_masks(model, x, masks, args.steps, torch.Generator(device=device).manual_seed(args.seed))
     rows, errors = [], []
     for name, observed in masks.items():
         # hidden pixels in mid-grey: black would be indistinguishable from the background
         masked = torch.where(observed.to(device), x, torch.full_like(x, sum(model.data_range) / 2))
-        rows += [plots.to_images(t, model) for t in (x, masked, filled[name])]
+        rows += [plots.to_images(t, model, image_shape=image_shape) for t in (x, masked, filled[name])]
         errors.append(f"{name} {missing_pixel_error(x, filled[name], observed, model.data_range):.1f} "
                       f"(grey {missing_pixel_error(x, masked, observed, model.data_range):.1f})")
     plots.save_grid(torch.cat(rows), args.out, nrow=args.n)

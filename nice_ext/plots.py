@@ -22,12 +22,13 @@ def figure(width: float = 6, height: float = 4):
     return fig, fig.subplots()
 
 
-def to_images(x: torch.Tensor, model: NICE, preprocess=None) -> torch.Tensor:
-    """Model-space rows (N, D) back to images (N, C, H, W) in [0, 1]."""
+def to_images(x: torch.Tensor, model: NICE, preprocess=None, image_shape=None) -> torch.Tensor:
+    """Model-space rows (N, D) back to images (N, C, H, W) in [0, 1]: of ``image_shape``, else the model's, else
+    one row of D values each."""
     if preprocess is not None and preprocess.zca is not None:
         x = x.double() @ torch.linalg.inv(preprocess.zca.matrix.double()) + preprocess.zca.mean.double()
     low, high = model.data_range
-    shape = model.image_shape or (1, 1, model.data_dim)
+    shape = image_shape or model.image_shape or (1, 1, model.data_dim)
     return ((x.float() - low) / (high - low)).clamp(0, 1).reshape(-1, *shape).cpu()
 
 
@@ -50,17 +51,17 @@ def save_figure(fig, path: str) -> None:
 
 
 @torch.no_grad()
-def sample_images(model: NICE, n: int, preprocess=None, temperature: float = 1.0) -> torch.Tensor:
-    """``n`` samples of ``model`` as images (N, C, H, W) in [0, 1], on the host."""
+def sample_images(model: NICE, n: int, preprocess=None, temperature: float = 1.0, image_shape=None) -> torch.Tensor:
+    """``n`` samples of ``model`` as images (N, C, H, W) in [0, 1], on the host (``to_images``)."""
     was_training = model.training
     model.eval()
-    images = to_images(model.sample(n, temperature=temperature), model, preprocess)
+    images = to_images(model.sample(n, temperature=temperature), model, preprocess, image_shape)
     model.train(was_training)
     return images
 
 
-def sample_grid(model: NICE, n: int, path: str, preprocess=None, temperature: float = 1.0) -> None:
-    save_grid(sample_images(model, n, preprocess, temperature), path)
+def sample_grid(model: NICE, n: int, path: str, preprocess=None, temperature: float = 1.0, image_shape=None) -> None:
+    save_grid(sample_images(model, n, preprocess, temperature, image_shape), path)
 
 
 def training_curve(history: List[Dict[str, float]], path: str) -> None:

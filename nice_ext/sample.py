@@ -37,12 +37,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     check_image_out(args.out)
     device = pick_device(args.device)
     model, payload = load_for_inference(args.checkpoint, device)
-    # the preprocessing maps samples back to pixels (it undoes a whitening); a model saved without a dataset has none
-    preprocess = inference_data(model, payload, args.checkpoint, device)[1] if payload["dataset"] else None
-    if model.image_shape is None:  # (a model saved with nice_ext.save_model without image_shape=)
+    # The dataset's preprocessing maps samples back to pixels (it undoes a whitening), and its images have the
+    # shape a model saved without image_shape= lacks. A model saved without a dataset has neither.
+    info, preprocess = inference_data(model, payload, args.checkpoint, device) if payload["dataset"] else (None, None)
+    image_shape = model.image_shape or (info.image_shape if info is not None else None)
+    if image_shape is None:
         print(f"note: the model has no image shape: each sample is drawn as one row of its {model.data_dim} values")
     torch.manual_seed(args.seed)
-    plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature)
+    plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature, image_shape=image_shape)
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 

@@ -6,6 +6,7 @@ import re
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import DEVICES, data_dir
 import nice_ext
@@ -129,11 +130,18 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
     nice_ext.save_model(model, with_data, dataset="mnist")
     assert run_tool(sample.main, [without_data, "--n", "4", "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
     assert os.path.getsize(tmp_path / "s.png") > 0 and "note" not in capsys.readouterr().out
-    flat = str(tmp_path / "flat.pt")
-    nice_ext.save_model(NICE(784, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8), flat)
+    # a model saved without image_shape= is drawn in its dataset's shape, or as rows of values without a dataset
+    shapeless = trained_a_little(NICE(784, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8))
+    flat, flat_mnist = str(tmp_path / "flat.pt"), str(tmp_path / "flat_mnist.pt")
+    nice_ext.save_model(shapeless, flat)
+    nice_ext.save_model(shapeless, flat_mnist, dataset="mnist")
     assert run_tool(sample.main, [flat, "--n", "4", "--out", str(tmp_path / "f.png"), "--device", "cpu"]) == 0
     assert "note: the model has no image shape: each sample is drawn as one row of its 784 values" in \
         capsys.readouterr().out
+    assert run_tool(sample.main, [flat_mnist, "--n", "4", "--out", str(tmp_path / "m.png"), "--device", "cpu"]) == 0
+    assert "note" not in capsys.readouterr().out
+    with Image.open(tmp_path / "m.png") as grid, Image.open(tmp_path / "f.png") as rows:
+        assert grid.size == (2 * 28 + 3 * 2, 2 * 28 + 3 * 2) and rows.size == (2 * 784 + 3 * 2, 2 * 1 + 3 * 2)
     for tool, args in ((evaluate, []), (inpaint, ["--out", str(tmp_path / "i.png")])):
         assert run_tool(tool.main, [without_data, "--device", "cpu", "--data-dir", str(tmp_path), *args]) == 2
         err = capsys.readouterr().err
@@ -157,3 +165,7 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
         assert (score["dataset"], score["trained_on"], score["epoch"]) == ("mnist", "mnist" if not args else None, None)
         assert run_tool(inpaint.main, [path, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
                                        "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png"), *args]) == 0
+    assert run_tool(inpaint.main, [flat_mnist, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
+                                   "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png")]) == 0
+    with Image.open(tmp_path / "i.png") as grid:  # 6 masks x 3 rows of 2 images of 28 x 28
+        assert grid.size == (2 * 28 + 3 * 2, 18 * 28 + 19 * 2)
