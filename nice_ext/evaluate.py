@@ -2,11 +2,13 @@
 
     python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --draws 10 [--json score.json]
     python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --dataset fashion-mnist   # images it never saw
+    python -m nice_ext.evaluate runs/mnist/best.pt --data-dir data --scores mnist_test.npy      # each image's score
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shlex
 import sys
@@ -28,24 +30,39 @@ DRAW_SEED = 777
 
 
 @torch.no_grad()
+def image_log_likelihoods(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, batch_size: int,
+                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Each image's log-likelihood (nats, dequantized pixel space; float64, on the pixels' device, in their
+    order): one dequantization draw. The scores stay on the device: a GPU is not made to wait for the host
+    after every batch."""
+    scores = [(model.log_prob(preprocess(batch, generator)) + preprocess.log_det).double()
+              for batch in data_lib.batches(pixels, batch_size)]
+    return torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64, device=pixels.device)
+
+
 def average_log_likelihood(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, batch_size: int,
                            generator: Optional[torch.Generator] = None) -> float:
-    """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw. The sum
-    stays on the device until the end: a GPU is not made to wait for the host after every batch."""
-    total, count = torch.zeros((), dtype=torch.float64, device=pixels.device), 0
-    for batch in data_lib.batches(pixels, batch_size):
-        log_px = model.log_prob(preprocess(batch, generator)) + preprocess.log_det
-        total += log_px.double().sum()
-        count += batch.shape[0]
-    return total.item() / max(count, 1)
+    """Mean log-likelihood (nats, dequantized pixel space) over ``pixels``: one dequantization draw."""
+    return mean_per_draw(image_log_likelihoods(model, preprocess, pixels, batch_size, generator)[None])[0]
+
+
+def mean_per_draw(scores: torch.Tensor) -> List[float]:
+    """Each draw's mean over the images of (draws, N) image scores (0 for no images)."""
+    return [row.sum().item() / max(row.numel(), 1) for row in scores]
+
+
+def image_log_likelihood_draws(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, draws: int,
+                               batch_size: int = 1000, seed: int = DRAW_SEED) -> torch.Tensor:
+    """image_log_likelihoods for ``draws`` dequantization draws, draw k from seed ``seed + k``: (draws, N)."""
+    return torch.stack([image_log_likelihoods(model, preprocess, pixels, batch_size,
+                                              torch.Generator(device=pixels.device).manual_seed(seed + k))
+                        for k in range(draws)])
 
 
 def log_likelihood_draws(model: NICE, preprocess: data_lib.Preprocess, pixels: torch.Tensor, draws: int,
                          batch_size: int = 1000, seed: int = DRAW_SEED) -> List[float]:
     """average_log_likelihood for ``draws`` dequantization draws, draw k from seed ``seed + k``."""
-    return [average_log_likelihood(model, preprocess, pixels, batch_size,
-                                   torch.Generator(device=pixels.device).manual_seed(seed + k))
-            for k in range(draws)]
+    return mean_per_draw(image_log_likelihood_draws(model, preprocess, pixels, draws, batch_size, seed))
 
 
 def summary(draws: List[float], dim: int, data_range: Tuple[float, float]) -> str:
@@ -73,7 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="FILE",
                    help="also write the score to FILE (.json): the mean and each draw in nats, bits/dim, the "
                         "checkpoint and its epoch, the split, and the device, software, commit, date and command")
+    p.add_argument("--scores", metavar="FILE",
+                   help="also write each image's log-likelihood, in nats and averaged over the draws, in the "
+                        "split's order: FILE.npy holds them as a float64 array, FILE.csv as rows of index, "
+                        "nats and bits/dim")
     return p
+
+
+def scores_file_bytes(path: str, scores: np.ndarray, dim: int, data_range: Tuple[float, float]) -> bytes:
+    """``scores`` (nats per image) as the bytes of a .npy or a .csv file, chosen by the name of ``path``."""
+    buffer = io.BytesIO()
+    if path.lower().endswith(".npy"):
+        np.save(buffer, scores.astype(np.float64))
+    else:
+        table = np.column_stack([np.arange(len(scores)), scores, data_lib.bits_per_dim(scores, dim, data_range)])
+        np.savetxt(buffer, table, fmt=["%d", "%.6f", "%.6f"], delimiter=",", header="index,ll_nats,bits_per_dim",
+                   comments="")
+    return buffer.getvalue()
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -84,6 +117,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.json is not None:
         check_out_file(args.json, "--json", [".json"], "a JSON")
+    if args.scores is not None:
+        check_out_file(args.scores, "--scores", [".npy", ".csv"], "a .npy or .csv")
     command = "python -m nice_ext.evaluate " + shlex.join(sys.argv[1:] if argv is None else argv)
     commit = provenance.source_commit()  # the code as it is when the measurement begins
     device = pick_device(args.device)
@@ -91,7 +126,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
     splits = data_lib.load_splits(info.name, args.data_dir, download=not args.no_download)
     pixels = getattr(splits, args.split).to(device)
-    draws = log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
+    image_scores = image_log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
+    draws = mean_per_draw(image_scores)
     print(f"{info.name} {args.split} ({pixels.shape[0]} images): "
           f"{summary(draws, model.data_dim, model.data_range)}")
     if args.json is not None:
@@ -104,6 +140,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                      **provenance.record(device, command, commit=commit))
         write_bytes((json.dumps(score, indent=1) + "\n").encode(), args.json)
         print(f"wrote {args.json}")
+    if args.scores is not None:
+        per_image = image_scores.mean(0).cpu().numpy()
+        write_bytes(scores_file_bytes(args.scores, per_image, model.data_dim, model.data_range), args.scores)
+        print(f"wrote {args.scores} ({len(per_image)} images)")
     return 0
 
 

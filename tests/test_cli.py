@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,6 +139,37 @@ def test_evaluate_and_inpaint_read_another_datasets_images_with_dataset(trained,
                                          str(tmp_path / "i.png"), *data]) == 0
     assert run_in_process(evaluate.main, [best, "--dataset", "cifar10", *data]) == 2
     assert capsys.readouterr().err == "error: --dataset cifar10: model has 784 features, cifar10 has 3072\n"
+
+
+def test_evaluate_scores_writes_each_images_log_likelihood(trained, tmp_path, capsys):
+    """--scores: each image's log-likelihood, the mean over the draws, in the split's order (.npy and .csv)."""
+    best = os.path.join(trained[0], "best.pt")
+    data = ["--device", "cpu", "--data-dir", data_dir(), "--no-download", "--split", "valid", "--draws", "2"]
+    npy, table = str(tmp_path / "scores.npy"), str(tmp_path / "out" / "scores.csv")  # its folder is made
+    assert run_in_process(evaluate.main, [best, "--scores", npy, *data]) == 0
+    printed = float(re.search(r"\): (-?[\d.]+) nats", capsys.readouterr().out).group(1))
+    scores = np.load(npy)
+    model, info = nice_ext.load_model(best), data_lib.dataset_info("mnist")
+    valid = data_lib.load_splits("mnist", data_dir(), download=False).valid
+    assert scores.dtype == np.float64 and scores.shape == (valid.shape[0],)
+    assert f"{scores.mean():.2f}" == f"{printed:.2f}"
+    per_draw = evaluate.image_log_likelihood_draws(model, data_lib.Preprocess(info), valid, 2)
+    for k in (0, 1):  # draw k: the model's log_prob of the images dequantized with seed DRAW_SEED + k
+        generator = torch.Generator().manual_seed(evaluate.DRAW_SEED + k)
+        draw = torch.cat([model.log_prob(data_lib.Preprocess(info)(batch, generator)).double()
+                          for batch in valid.split(1000)])
+        assert torch.allclose(draw, per_draw[k], rtol=0, atol=1e-9)
+    assert np.allclose(scores, per_draw.mean(0).numpy(), rtol=0, atol=1e-9) and scores.std() > 1  # images differ
+    assert run_in_process(evaluate.main, [best, "--scores", table, *data]) == 0
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["index"]) for r in rows] == list(range(len(scores)))
+    assert np.allclose([float(r["ll_nats"]) for r in rows], scores, rtol=0, atol=1e-6)
+    assert np.allclose([float(r["bits_per_dim"]) for r in rows],
+                       [data_lib.bits_per_dim(s, 784, (0.0, 1.0)) for s in scores], rtol=0, atol=1e-6)
+    assert run_in_process(evaluate.main, [best, "--scores", str(tmp_path / "scores.txt"), *data]) == 2
+    assert "--scores " + str(tmp_path / "scores.txt") + ": not a .npy or .csv file name (use .npy, .csv)" in \
+        capsys.readouterr().err and not os.path.exists(tmp_path / "scores.txt")
 
 
 def test_the_score_line_says_how_many_draws_it_averages():
