@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -211,3 +212,43 @@ def test_kernel_version_comparison_refuses_what_it_cannot_do(args, message):
     result = subprocess.run([sys.executable, "benchmarks/compare_kernel_versions.py", *args],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+def write_scores(path, ll_nats):
+    """A scores file as ``evaluate --scores FILE.csv`` writes it (MNIST's 784 features in [0, 1])."""
+    from nice_ext.data import bits_per_dim
+
+    path.write_text("index,ll_nats,bits_per_dim\n" + "".join(
+        f"{i},{ll:.6f},{bits_per_dim(ll, 784, (0.0, 1.0)):.6f}\n" for i, ll in enumerate(ll_nats)))
+    return str(path)
+
+
+def test_score_comparison_counts_what_it_says(tmp_path):
+    compare = load_script("compare_scores")
+    rng = np.random.default_rng(0)
+    own, other = rng.integers(0, 20, 300).astype(float), rng.integers(5, 30, 200).astype(float)  # many ties
+    pairs = own[:, None] - other[None, :]
+    assert compare.auroc(own, other) == pytest.approx(((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size)
+    assert compare.auroc(np.array([3.0]), np.array([1.0, 2.0])) == 1.0
+    assert compare.auroc(np.array([1.0]), np.array([1.0])) == 0.5
+    own_file, other_file = write_scores(tmp_path / "own.csv", own), write_scores(tmp_path / "other.csv", other)
+    figure, record = tmp_path / "hist.png", tmp_path / "numbers.json"
+    result = subprocess.run([sys.executable, "benchmarks/compare_scores.py", own_file, other_file, "--labels", "A",
+                             "B", "--out", str(figure), "--json", str(record)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert figure.stat().st_size > 0
+    numbers = json.loads(record.read_text())
+    assert numbers["auroc"] == round(compare.auroc(own, other), 4)
+    assert numbers["other_above_own_median"] == round(float((other > np.median(own)).mean()), 4)
+    assert numbers["other_above_own_5th_percentile"] == round(float((other > np.percentile(own, 5)).mean()), 4)
+    assert numbers["A"]["images"] == 300 and numbers["B"]["mean_ll_nats"] == round(other.mean(), 2)
+    assert numbers["A"]["ll_nats_percentiles"]["50"] == round(float(np.median(own)), 2)
+    assert numbers["command"].startswith("python benchmarks/compare_scores.py ") and numbers["commit"]
+    assert f"| A | 300 | {own.mean():.2f} |" in result.stdout
+    (tmp_path / "bad.csv").write_text("index,score\n0,1.0\n")
+    for bad, message in [("bad.csv", "not a scores file of python -m nice_ext.evaluate --scores"),
+                         ("missing.csv", "No such file or directory")]:
+        result = subprocess.run([sys.executable, "benchmarks/compare_scores.py", str(tmp_path / bad), own_file],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
