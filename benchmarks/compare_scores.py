@@ -66,11 +66,13 @@ def auroc(higher: np.ndarray, lower: np.ndarray) -> float:
 
 
 def describe(scores: Dict[str, np.ndarray]) -> Dict[str, object]:
+    """The count, the mean log-likelihood and, at its 5th, 50th and 95th percentiles, the log-likelihood and
+    the bits/dim of that image (bits/dim fall as the log-likelihood rises: its 95th percentile of bits/dim)."""
     ll, bits = scores["ll_nats"], scores["bits_per_dim"]
     return dict(images=len(ll), mean_ll_nats=round(float(ll.mean()), 2),
-                ll_nats_percentiles={str(p): round(float(np.percentile(ll, p)), 2) for p in PERCENTILES},
-                bits_per_dim_percentiles={str(p): round(float(np.percentile(bits, 100 - p)), 4)
-                                          for p in PERCENTILES})
+                percentiles={str(p): dict(ll_nats=round(float(np.percentile(ll, p)), 2),
+                                          bits_per_dim=round(float(np.percentile(bits, 100 - p)), 4))
+                             for p in PERCENTILES})
 
 
 def compare(own: Dict[str, np.ndarray], other: Dict[str, np.ndarray]) -> Dict[str, float]:
@@ -84,8 +86,8 @@ def markdown(labels: List[str], described: List[Dict[str, object]], compared: Di
     lines = ["| images | count | mean nats | nats, 5th / 50th / 95th percentile | bits/dim, the same images |",
              "| --- | --- | --- | --- | --- |"]
     for label, d in zip(labels, described):
-        nats = " / ".join(f"{d['ll_nats_percentiles'][str(p)]:.0f}" for p in PERCENTILES)
-        bits = " / ".join(f"{d['bits_per_dim_percentiles'][str(p)]:.2f}" for p in PERCENTILES)
+        nats = " / ".join(f"{d['percentiles'][str(p)]['ll_nats']:.0f}" for p in PERCENTILES)
+        bits = " / ".join(f"{d['percentiles'][str(p)]['bits_per_dim']:.2f}" for p in PERCENTILES)
         lines.append(f"| {label} | {d['images']} | {d['mean_ll_nats']:.2f} | {nats} | {bits} |")
     lines += ["", f"AUROC, {labels[0]} scored above {labels[1]}: {compared['auroc']:.4f}; "
               f"{labels[1]} above {labels[0]}'s median: {100 * compared['other_above_own_median']:.2f} %, "

@@ -243,7 +243,10 @@ def test_score_comparison_counts_what_it_says(tmp_path):
     assert numbers["other_above_own_median"] == round(float((other > np.median(own)).mean()), 4)
     assert numbers["other_above_own_5th_percentile"] == round(float((other > np.percentile(own, 5)).mean()), 4)
     assert numbers["A"]["images"] == 300 and numbers["B"]["mean_ll_nats"] == round(other.mean(), 2)
-    assert numbers["A"]["ll_nats_percentiles"]["50"] == round(float(np.median(own)), 2)
+    assert numbers["A"]["percentiles"]["50"]["ll_nats"] == round(float(np.median(own)), 2)
+    low = numbers["B"]["percentiles"]["5"]  # the 5th percentile image: the most bits/dim but 5 %
+    assert (low["ll_nats"], low["bits_per_dim"]) == (round(float(np.percentile(other, 5)), 2), round(float(
+        np.percentile([(-ll + 784 * np.log(256)) / (784 * np.log(2)) for ll in other], 95)), 4))
     assert numbers["command"].startswith("python benchmarks/compare_scores.py ") and numbers["commit"]
     assert f"| A | 300 | {own.mean():.2f} |" in result.stdout
     (tmp_path / "bad.csv").write_text("index,score\n0,1.0\n")
