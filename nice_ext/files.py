@@ -6,6 +6,7 @@ the next run clears (``stale_temporaries``)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
 import tempfile
@@ -32,6 +33,8 @@ def file_mode(path: str) -> int:
 @contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[BinaryIO]:
     """``with atomic_file(path) as f: f.write(...)``: ``path`` gets all of it, or stays as it was."""
+    if os.path.isdir(path):  # checked first: the rename at the end would fail only once all is written
+        raise IsADirectoryError(errno.EISDIR, "is a folder: name a file to write", path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp_path = tempfile.mkstemp(prefix=temporary_prefix(path), dir=folder)

@@ -93,6 +93,15 @@ def test_save_model_refuses_what_it_cannot_write_faithfully_and_writes_nothing(t
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["model.pt"]
 
 
+def test_save_model_to_a_folder_names_the_folder_and_writes_nothing(tmp_path):
+    model = NICE(6, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
+    folder = tmp_path / "models"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=r"is a folder: name a file to write: '.*models'$"):
+        nice_ext.save_model(model, str(folder))
+    assert os.listdir(folder) == [] and sorted(os.listdir(tmp_path)) == ["models"]  # no temporary file either
+
+
 def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path, capsys):
     model = NICE(3072, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4, image_shape=(3, 32, 32),
                  data_range=(-1.0, 1.0))
