@@ -193,6 +193,19 @@ def check_data_range(data_range: Tuple[float, float]) -> Tuple[float, float]:
     return low, high
 
 
+def check_generator(generator: Optional[torch.Generator], device: torch.device, what: str) -> None:
+    """``generator``: None (torch's global one) or a torch.Generator of the type of ``device``, where ``what``
+    (named in the error) draws its random numbers."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        kind = type(generator)
+        raise TypeError(f"generator must be a torch.Generator or None, got {kind.__module__}.{kind.__qualname__}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator is a {generator.device.type} generator but {what} is on {device}: pass "
+                         f"torch.Generator(device={torch.device(device).type!r})")
+
+
 def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optional[torch.Generator] = None,
                dtype: torch.dtype = torch.float32) -> Tensor:
     """Uniform dequantization: a fresh u ~ U(0, 1) per example and per feature, mapped to ``data_range``.
@@ -200,6 +213,7 @@ def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optio
     ``pixels`` are the integer levels 0..255 (uint8, or another integer dtype holding them)."""
     check_pixels(pixels)
     low, high = check_data_range(data_range)
+    check_generator(generator, pixels.device, "pixels")
     noise = torch.rand(pixels.shape, device=pixels.device, dtype=dtype, generator=generator)
     return (pixels.to(dtype) + noise) * ((high - low) / 256.0) + low
 

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from .data import check_data_range
+from .data import check_data_range, check_generator
 from .masks import check_image_shape, check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
 
 COUPLINGS = ("additive", "affine")
@@ -275,6 +275,7 @@ class NICE(nn.Module):
     def sample_prior(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
         """n draws of the factorised prior, scaled by ``temperature``."""
         device, dtype = self.log_scale.device, self.log_scale.dtype
+        check_generator(generator, device, "the model")
         if self.prior == "logistic":
             # Inverse CDF of the standard logistic: z = log u - log(1 - u), u ~ U(0, 1). torch.rand's u lies in
             # [0, 1 - eps/2] (1 - eps/2 is the last number below 1), so the upper tail ends at log(2/eps - 1),
@@ -313,6 +314,7 @@ class NICE(nn.Module):
             raise ValueError(f"observed must have shape ({self.data_dim},) or {tuple(x.shape)}, "
                              f"got {tuple(observed.shape)}")
         steps = count_argument(steps, "steps")
+        check_generator(generator, x.device, "x")
         low, high = self.data_range
         observed = observed.to(x.device).expand_as(x)
         if not torch.isfinite(x[observed]).all():

@@ -406,6 +406,28 @@ def test_bad_inputs():
     assert model.log_prob(torch.rand(0, 10)).shape == (0,)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_generator_that_cannot_draw_here_is_one_clear_error(device):
+    """sample, inpaint and dequantize take None or a torch.Generator of their tensors' device type."""
+    from nice_ext.data import dequantize
+
+    model = NICE(10, 2, 1, 4).to(device)
+    x, observed = torch.rand(2, 10, device=device), torch.ones(10, dtype=torch.bool)
+    pixels = torch.zeros(2, 10, dtype=torch.uint8, device=device)
+    calls = {"sample": lambda g: model.sample(2, generator=g),
+             "inpaint": lambda g: model.inpaint(x, observed, steps=1, generator=g),
+             "dequantize": lambda g: dequantize(pixels, (0.0, 1.0), generator=g)}
+    for name, call in calls.items():
+        for generator, kind in ((np.random.default_rng(0), "numpy.random._generator.Generator"), (7, "builtins.int")):
+            with pytest.raises(TypeError, match=f"generator must be a torch.Generator or None, got {kind}$"):
+                call(generator)
+        assert call(torch.Generator(device=device).manual_seed(1)).device.type == device, name
+        if device == "cuda":  # the other device type's generator
+            with pytest.raises(ValueError, match=r"generator is a cpu generator but .* is on cuda(:0)?: pass "
+                                                 r"torch.Generator\(device='cuda'\)"):
+                call(torch.Generator())
+
+
 def test_counts_and_temperatures_from_numpy_or_tensors_are_accepted():
     model = NICE(10, 2, 1, 4)
     torch.manual_seed(0)
