@@ -53,11 +53,13 @@ def add_device_argument(group) -> None:
 
 def check_out_file(path: str, flag: str, extensions, kind: str) -> None:
     """Fail before any work is done when the file a flag names cannot be written as ``kind``: a name without
-    one of ``extensions`` (which also keeps a tool from writing over a checkpoint), or a folder that cannot
-    be made."""
+    one of ``extensions`` (which also keeps a tool from writing over a checkpoint), a folder of that name, or
+    a folder that cannot be made."""
     if os.path.splitext(path)[1].lower() not in extensions:
         names = ", ".join(list(extensions)[:2]) + (", ..." if len(extensions) > 2 else "")
         raise UsageError(f"{flag} {path}: not {kind} file name (use {names})")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder; name a file in it")
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     except OSError as error:

@@ -695,10 +695,14 @@ def test_outputs_that_cannot_be_written_are_one_clear_line(trained, tmp_path, ca
     assert open(best, "rb").read() == best_bytes
     assert run_in_process(sample.main, [best, "--out", str(blocker / "grid.png"), "--device", "cpu"]) == 2
     assert "cannot create its folder" in capsys.readouterr().err
-    (tmp_path / "taken.png").mkdir()  # a folder where the image should go: the write itself fails
-    assert run_in_process(sample.main, [best, "--out", str(tmp_path / "taken.png"), "--device", "cpu"]) == 1
-    err = capsys.readouterr().err
-    assert "taken.png" in err and len(err.strip().splitlines()) == 1
+    for taken in ("taken.png", "taken.json", "taken.csv"):  # a folder where the file should go: refused up front
+        (tmp_path / taken).mkdir()
+    assert run_in_process(sample.main, [best, "--out", str(tmp_path / "taken.png"), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'taken.png'}: is a folder; name a file in it\n"
+    for flag, taken in (("--json", "taken.json"), ("--scores", "taken.csv")):
+        assert run_in_process(evaluate.main, [best, flag, str(tmp_path / taken), "--device", "cpu", "--data-dir",
+                                              data_dir(), "--no-download"]) == 2
+        assert capsys.readouterr() == ("", f"error: {flag} {tmp_path / taken}: is a folder; name a file in it\n")
 
 
 def test_compiled_training_matches_eager(tmp_path):
