@@ -13,12 +13,17 @@ dequantized pixel space, comparable with the paper.
 ``--data-dir DIR`` may hold ``DIR/mnist/`` (or ``DIR/fashion-mnist/``) with the four original IDX .gz
 files, or torchvision's own layout; CIFAR-10 and SVHN use torchvision's layout. Missing files are
 downloaded through torchvision when ``download`` is set; otherwise a clear error names what is missing.
+
+The ``images`` dataset is one's own: ``DIR/train/`` and ``DIR/test/`` hold image files of one size, 8-bit
+grayscale or RGB, in any format the image library reads (found in subfolders too, in the order of their
+paths; other files are passed over). Its pixels are dequantized as MNIST's, to [0, 1], and not whitened.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import math
 import operator
 import os
@@ -29,7 +34,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn")
+from .masks import check_image_shape
+
+IMAGES = "images"  # one's own images, in a folder (module docstring)
+DATASETS = ("mnist", "fashion-mnist", "cifar10", "svhn", IMAGES)
 VALIDATION_SIZE = 10_000
 IDX_FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
              "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -59,9 +67,18 @@ INFO = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def dataset_info(name: str, image_shape: Optional[Tuple[int, int, int]] = None) -> DatasetInfo:
+    """What the tools know of dataset ``name``. The ``images`` dataset's image shape is that of its files
+    (``image_shape``: read from them, or the shape of a model trained on them); the others have their own,
+    which ``image_shape``, when given, must be."""
+    if name == IMAGES:
+        if image_shape is None:
+            raise ValueError("the images dataset has the image shape of its files: pass image_shape=(C, H, W)")
+        return DatasetInfo(IMAGES, check_image_shape(image_shape), (0.0, 1.0), False)
     if name not in INFO:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if image_shape is not None and tuple(image_shape) != INFO[name].image_shape:
+        raise ValueError(f"{name}'s images are {INFO[name].image_shape} (C, H, W), not {tuple(image_shape)}")
     return INFO[name]
 
 
@@ -154,11 +171,65 @@ def _load_torchvision_rgb(name: str, data_dir: str, split: str, download: bool) 
     return images.reshape(images.shape[0], -1).contiguous()
 
 
-def load_pixels(name: str, data_dir: str, split: str, download: bool = True) -> Tensor:
-    """uint8 pixels (N, D) of ``split`` ('train' or 'test'), rows flattened C, H, W."""
-    dataset_info(name)
+IMAGE_MODES = {"L": 1, "RGB": 3}  # 8-bit grayscale and RGB: the channels of each
+
+
+def image_files(folder: str) -> List[str]:
+    """The image files under ``folder`` (subfolders too), by path; files of other kinds are passed over."""
+    from PIL import Image
+
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    return sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                  if os.path.splitext(f)[1].lower() in extensions and not f.startswith("."))
+
+
+def load_image_folder(folder: str, image_shape: Optional[Tuple[int, int, int]] = None,
+                      shape_source: str = "the model's") -> Tuple[Tensor, Tuple[int, int, int]]:
+    """uint8 pixels (N, D) of the image files under ``folder``, rows flattened C, H, W, and their shape
+    (C, H, W): ``image_shape`` (``shape_source``, named in the error) where given, else the first image's. An
+    image of another shape or mode, one the image library cannot read and a folder with none are a DataError
+    naming the file or folder."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isdir(folder):
+        raise DataError(f"images: no folder {folder}/ (the images dataset reads DIR/train/ and DIR/test/ of "
+                        f"--data-dir DIR)")
+    paths = image_files(folder)
+    if not paths:
+        raise DataError(f"images: no image files in {folder}/")
+    rows = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                mode, (width, height) = image.mode, image.size
+                pixels = np.asarray(image, dtype=np.uint8) if mode in IMAGE_MODES else None
+        except (OSError, UnidentifiedImageError, ValueError) as error:
+            raise DataError(f"{path}: cannot be read as an image ({error})") from None
+        if pixels is None:
+            raise DataError(f"{path}: an image of mode {mode}; the images dataset takes 8-bit grayscale (L) or RGB "
+                            f"images (PIL: image.convert('RGB') or image.convert('L'))")
+        shape = (IMAGE_MODES[mode], height, width)
+        if image_shape is None:
+            image_shape, shape_source = shape, f"the first image's ({path})"
+        if shape != tuple(image_shape):
+            raise DataError(f"{path}: a {'x'.join(map(str, shape))} image (channels x height x width), not "
+                            f"{'x'.join(map(str, image_shape))} as {shape_source}; the images must all have one "
+                            f"size and mode")
+        rows.append(pixels.reshape(height, width, -1).transpose(2, 0, 1).reshape(-1))  # H, W, C -> C, H, W
+    return torch.from_numpy(np.stack(rows)), tuple(image_shape)
+
+
+def load_pixels(name: str, data_dir: str, split: str, download: bool = True,
+                image_shape: Optional[Tuple[int, int, int]] = None) -> Tensor:
+    """uint8 pixels (N, D) of ``split`` ('train' or 'test'), rows flattened C, H, W. ``image_shape``: the
+    shape the images dataset's files must have (of the model that reads them)."""
+    if name != IMAGES:
+        dataset_info(name, image_shape)  # an unknown name, or another shape than the dataset's, is refused
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if name == IMAGES:
+        return load_image_folder(os.path.join(data_dir, split), image_shape)[0]
     if name in ("mnist", "fashion-mnist"):
         return _load_idx_dataset(name, data_dir, split, download)
     return _load_torchvision_rgb(name, data_dir, split, download)
@@ -285,22 +356,51 @@ class Splits:
     valid: Tensor
     test: Tensor
     info: DatasetInfo
+    digest: Optional[str] = None  # of the images dataset's files' pixels: a resumed run checks it reads the same
 
 
-def load_splits(name: str, data_dir: str, download: bool = True, subset: Optional[int] = None) -> Splits:
-    """Train / validation / test pixels. Validation is the last 10,000 training images (model selection
-    only, never trained on); ``subset`` keeps the first N training images."""
-    info = dataset_info(name)
-    train_all = load_pixels(name, data_dir, "train", download)
-    test = load_pixels(name, data_dir, "test", download)
-    if train_all.shape[0] <= VALIDATION_SIZE:
-        raise DataError(f"{name}: only {train_all.shape[0]} training images, need more than {VALIDATION_SIZE}")
-    train, valid = train_all[:-VALIDATION_SIZE], train_all[-VALIDATION_SIZE:]
+def pixels_digest(*pixels: Tensor) -> str:
+    """SHA-256 of uint8 pixel tensors, their shapes included."""
+    digest = hashlib.sha256()
+    for part in pixels:
+        digest.update(repr(tuple(part.shape)).encode())
+        digest.update(part.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def validation_size(name: str, train_images: int) -> int:
+    """The last 10,000 training images validate (the paper's MNIST split); of one's own images, the last
+    sixth, at most 10,000 (MNIST's share)."""
+    return min(VALIDATION_SIZE, train_images // 6) if name == IMAGES else VALIDATION_SIZE
+
+
+def load_splits(name: str, data_dir: str, download: bool = True, subset: Optional[int] = None,
+                image_shape: Optional[Tuple[int, int, int]] = None) -> Splits:
+    """Train / validation / test pixels. Validation is the last training images (``validation_size``: model
+    selection only, never trained on); ``subset`` keeps the first N training images. ``image_shape``: the
+    shape the images dataset's files must have (else the first training image's)."""
+    digest = None
+    if name == IMAGES:
+        given = image_shape is not None
+        train_all, image_shape = load_image_folder(os.path.join(data_dir, "train"), image_shape)
+        test = load_image_folder(os.path.join(data_dir, "test"), image_shape,
+                                 "the model's" if given else "the training images'")[0]
+        digest = pixels_digest(train_all, test)
+    else:
+        train_all = load_pixels(name, data_dir, "train", download, image_shape)
+        test = load_pixels(name, data_dir, "test", download)
+    info = dataset_info(name, image_shape)
+    held_out = validation_size(name, train_all.shape[0])
+    if held_out < 1 or train_all.shape[0] <= held_out:
+        need = 6 if name == IMAGES else VALIDATION_SIZE + 1
+        raise DataError(f"{name}: only {train_all.shape[0]} training images, need at least {need} (the last "
+                        f"{'sixth' if name == IMAGES else f'{VALIDATION_SIZE}'} validate)")
+    train, valid = train_all[:-held_out], train_all[-held_out:]
     if subset is not None:
         if subset < 1:
             raise ValueError(f"subset must be positive, got {subset}")
         train = train[:subset]
-    return Splits(train, valid, test, info)
+    return Splits(train, valid, test, info, digest)
 
 
 def batches(pixels: Tensor, batch_size: int, order: Optional[Tensor] = None, first: int = 0):

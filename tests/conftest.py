@@ -100,6 +100,18 @@ def data_dir():
     return None
 
 
+def write_images(folder, images, prefix="img", ext=".png"):
+    """uint8 images (N, C, H, W), C = 1 or 3, as image files ``folder/prefix0000.png``, ... (the images
+    dataset's layout: DIR/train/ and DIR/test/)."""
+    from PIL import Image
+
+    os.makedirs(folder, exist_ok=True)
+    for i, image in enumerate(images):
+        array = image.permute(1, 2, 0).numpy()  # C, H, W -> H, W, C
+        Image.fromarray(array[:, :, 0] if array.shape[2] == 1 else array).save(
+            os.path.join(folder, f"{prefix}{i:04d}{ext}"))
+
+
 def make_first_epoch_unbeatable(checkpoint_path: str) -> None:
     """Rewrite a checkpoint as if its first epoch had scored a validation log-likelihood no later epoch
     can reach: every epoch after it is then one without a gain (to test --patience deterministically)."""

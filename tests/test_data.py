@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import data_dir
+from conftest import data_dir, write_images
 from nice_ext import data as data_lib
 
 needs_mnist = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
@@ -172,3 +172,62 @@ def test_missing_rgb_datasets_name_what_is_expected(tmp_path):
         data_lib.load_pixels("cifar10", str(tmp_path), "train", download=False)
     with pytest.raises(data_lib.DataError, match="train_32x32.mat|needs scipy"):
         data_lib.load_pixels("svhn", str(tmp_path), "train", download=False)
+
+
+def test_images_dataset_reads_ones_own_image_files(tmp_path):
+    """DIR/train/ and DIR/test/ of image files (subfolders too, other files passed over), in the order of
+    their paths, rows flattened C, H, W as the other datasets'; the last sixth of train/ validates."""
+    generator = torch.Generator().manual_seed(0)
+    rgb = torch.randint(0, 256, (14, 3, 5, 4), generator=generator, dtype=torch.uint8)
+    write_images(str(tmp_path / "train" / "b_class"), rgb[6:12])  # read after a_class: the paths' order
+    write_images(str(tmp_path / "train" / "a_class"), rgb[:6], ext=".bmp")  # any format the image library reads
+    write_images(str(tmp_path / "test"), rgb[12:])
+    (tmp_path / "train" / "labels.csv").write_text("not an image\n")
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\1")
+    splits = data_lib.load_splits("images", str(tmp_path))
+    assert splits.info == data_lib.DatasetInfo("images", (3, 5, 4), (0.0, 1.0), False)
+    assert torch.equal(splits.train, rgb[:10].reshape(10, -1)) and torch.equal(splits.valid, rgb[10:12].reshape(2, -1))
+    assert torch.equal(splits.test, rgb[12:].reshape(2, -1))
+    assert torch.equal(data_lib.load_pixels("images", str(tmp_path), "test", image_shape=(3, 5, 4)), splits.test)
+    assert splits.digest == data_lib.load_splits("images", str(tmp_path), subset=3).digest  # the files, not --subset
+    gray = torch.randint(0, 256, (7, 1, 2, 3), generator=generator, dtype=torch.uint8)
+    write_images(str(tmp_path / "gray" / "train"), gray[:6])
+    write_images(str(tmp_path / "gray" / "test"), gray[6:])
+    splits = data_lib.load_splits("images", str(tmp_path / "gray"))
+    assert splits.info.image_shape == (1, 2, 3) and splits.valid.shape == (1, 6) and splits.train.shape == (5, 6)
+    assert splits.digest != data_lib.load_splits("images", str(tmp_path)).digest
+    assert data_lib.validation_size("images", 600_000) == 10_000 and data_lib.validation_size("mnist", 60) == 10_000
+
+
+def test_images_dataset_names_what_it_cannot_read(tmp_path):
+    from PIL import Image
+
+    def refused(message, **kwargs):
+        with pytest.raises(data_lib.DataError, match=message):
+            data_lib.load_splits("images", str(tmp_path), **kwargs)
+
+    refused(r"images: no folder .*train/ \(the images dataset reads DIR/train/ and DIR/test/ of --data-dir DIR\)")
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "notes.txt").write_text("")
+    refused(r"images: no image files in .*train/")
+    write_images(str(tmp_path / "train"), torch.zeros(5, 1, 4, 4, dtype=torch.uint8))
+    write_images(str(tmp_path / "test"), torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
+    refused("images: only 5 training images, need at least 6 \\(the last sixth validate\\)")
+    write_images(str(tmp_path / "train"), torch.zeros(1, 1, 4, 4, dtype=torch.uint8), prefix="more")
+    assert data_lib.load_splits("images", str(tmp_path)).train.shape == (5, 16)
+    refused(r"img0000.png: a 1x4x4 image \(channels x height x width\), not 3x4x4 as the model's",
+            image_shape=(3, 4, 4))
+    Image.new("L", (5, 4)).save(tmp_path / "test" / "wide.png")
+    refused(r"wide.png: a 1x4x5 image \(channels x height x width\), not 1x4x4 as the training images'")
+    os.remove(tmp_path / "test" / "wide.png")
+    Image.new("RGBA", (4, 4)).save(tmp_path / "train" / "zz.png")
+    refused(r"zz.png: an image of mode RGBA; the images dataset takes 8-bit grayscale \(L\) or RGB images")
+    (tmp_path / "train" / "zz.png").write_bytes(b"not a png")
+    refused(r"zz.png: cannot be read as an image")
+    os.remove(tmp_path / "train" / "zz.png")
+    Image.new("L", (4, 5)).save(tmp_path / "train" / "tall.png")
+    refused(r"tall.png: a 1x5x4 image \(channels x height x width\), not 1x4x4 as the first image's \(.*img0000.png\)")
+    with pytest.raises(ValueError, match=r"the images dataset has the image shape of its files"):
+        data_lib.dataset_info("images")
+    with pytest.raises(ValueError, match=r"mnist's images are \(1, 28, 28\) \(C, H, W\), not \(3, 28, 28\)"):
+        data_lib.dataset_info("mnist", (3, 28, 28))

@@ -27,7 +27,7 @@ TINY = ["--mid-dim", "16", "--hidden", "1", "--batch_size", "50", "--sample_size
 @pytest.fixture
 def fake_dataset(monkeypatch):
     """Synthetic uint8 pixels in place of the files: 10,300 'training' and 200 'test' images."""
-    def load_pixels(name, data_dir, split, download=True):
+    def load_pixels(name, data_dir, split, download=True, image_shape=None):
         info = data_lib.dataset_info(name)
         g = torch.Generator().manual_seed(0 if split == "train" else 1)
         n = 10_300 if split == "train" else 200
