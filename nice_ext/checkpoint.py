@@ -111,6 +111,17 @@ def check_training_state(payload: Dict[str, Any], path: str) -> None:
                               f"that python -m nice_ext.train wrote")
 
 
+def model_dataset_info(model: NICE, name: str) -> data_lib.DatasetInfo:
+    """dataset_info of ``name`` as ``model`` reads it: the images dataset (one's own) in the model's image
+    shape, which its files must have. ValueError for a model without an image shape."""
+    if name != data_lib.IMAGES:
+        return data_lib.dataset_info(name)
+    if model.image_shape is None:
+        raise ValueError("the images dataset's files must have the model's image shape, and this model has none "
+                         "(NICE(..., image_shape=(C, H, W)))")
+    return data_lib.dataset_info(name, model.image_shape)
+
+
 def dataset_mismatch(model: NICE, info: data_lib.DatasetInfo) -> Optional[str]:
     """Why ``model`` cannot model ``info``'s images (None when it can): its features and data range must be the
     dataset's, or its likelihoods, bits/dim and images would be of something else."""
@@ -158,7 +169,8 @@ def save_model(model: NICE, path: str, dataset: Optional[str] = None,
     ``dataset`` names the data the model was trained on, one of ``nice_ext.data.DATASETS``, for the tools
     that read that data too (``python -m nice_ext.evaluate`` and ``inpaint``); the model must then have its
     images' features and data range. A whitened dataset (CIFAR-10, SVHN) also needs the fitted
-    ``data.Preprocess`` the model was trained behind, as ``preprocess``.
+    ``data.Preprocess`` the model was trained behind, as ``preprocess``; one's own image files
+    (``"images"``) need a model built with their ``image_shape``.
 
     Raises ``TypeError`` for anything but a NICE model (a ``torch.compile``d one or one wrapped in
     DistributedDataParallel is unwrapped), and ``ValueError`` for a dataset the model does not fit and for
@@ -170,7 +182,7 @@ def save_model(model: NICE, path: str, dataset: Optional[str] = None,
             raise ValueError("preprocess is the preprocessing of a dataset: pass dataset= as well")
         preprocess_state: Dict[str, Any] = {}
     else:
-        info = data_lib.dataset_info(dataset)
+        info = model_dataset_info(model, dataset)
         mismatch = dataset_mismatch(model, info)
         if mismatch:
             raise ValueError(f"the model does not fit {dataset}: {mismatch}")

@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import data as data_lib
-from .checkpoint import CheckpointError, dataset_mismatch, load_checkpoint, model_from_checkpoint
+from .checkpoint import CheckpointError, dataset_mismatch, load_checkpoint, model_dataset_info, model_from_checkpoint
 from .data import DataError
 from .model import NICE
 
@@ -92,7 +92,8 @@ def add_dataset_argument(group) -> None:
     group.add_argument("--dataset", choices=data_lib.DATASETS,
                        help="the images to read (default: those the model was trained on); another dataset of the "
                             "same size and range, such as fashion-mnist for an MNIST model, gives data the model "
-                            "never saw")
+                            "never saw; images: image files of the model's shape in DIR/test/ (DIR/train/ for "
+                            "--split train and valid) of --data-dir DIR")
 
 
 def inference_data(model: NICE, payload: dict, path: str, device: torch.device, dataset: Optional[str] = None
@@ -105,7 +106,10 @@ def inference_data(model: NICE, payload: dict, path: str, device: torch.device, 
     if name is None:
         raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): pass --dataset, "
                          f"the images to read")
-    info = data_lib.dataset_info(name)
+    try:
+        info = model_dataset_info(model, name)
+    except ValueError as error:  # the images dataset for a model without an image shape
+        raise UsageError(f"--dataset {name}: {error}") if given else CheckpointError(f"{path}: {error}") from None
     mismatch = dataset_mismatch(model, info)
     if mismatch:
         raise UsageError(f"--dataset {name}: {mismatch}") if given else CheckpointError(f"{path}: {mismatch}")

@@ -124,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = pick_device(args.device)
     model, payload = load_for_inference(args.checkpoint, device)
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
-    splits = data_lib.load_splits(info.name, args.data_dir, download=not args.no_download)
+    splits = data_lib.load_splits(info.name, args.data_dir, download=not args.no_download,
+                                  image_shape=info.image_shape)
     pixels = getattr(splits, args.split).to(device)
     image_scores = image_log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
     draws = mean_per_draw(image_scores)

@@ -74,7 +74,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if preprocess.zca is not None:
         raise UsageError(f"inpainting works in pixel space; {info.name} is whitened")
     image_shape = model.image_shape or info.image_shape  # (a model saved without image_shape= has its data's)
-    test = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download)
+    test = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download,
+                                image_shape=info.image_shape)
     if args.n > test.shape[0]:  # (the grid's rows are --n wide)
         raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {info.name}")
     generator = torch.Generator().manual_seed(args.seed)

@@ -74,7 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "released-mnist as the authors' released code trains MNIST; flags given too still win")
 
     data = p.add_argument_group("data")
-    data.add_argument("--dataset", default="mnist", help="mnist, fashion-mnist, cifar10 or svhn")
+    data.add_argument("--dataset", default="mnist",
+                      help="mnist, fashion-mnist, cifar10, svhn, or images: one's own image files of one size, "
+                           "8-bit grayscale or RGB, in DIR/train/ and DIR/test/ of --data-dir DIR (the last sixth "
+                           "of train/, at most 10,000, validates)")
     add_data_arguments(data)
     data.add_argument("--subset", type=int, default=None, help="train on the first N training images")
 
@@ -688,9 +691,15 @@ class Trainer:
     def load_data(self) -> None:
         """The splits, on the device (uint8: MNIST is 39 MB), and the dequantization (and whitening) map,
         fitted on the training images or taken from the checkpoint."""
-        args, device = self.args, self.device
-        splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset)
-        self.info = splits.info
+        args, device, resume = self.args, self.device, self.resume
+        # one's own images (the images dataset) must have the shape of the model a resumed run trains
+        image_shape = resume["model_config"].get("image_shape") if resume and args.dataset == data_lib.IMAGES else None
+        splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset,
+                                      image_shape=image_shape)
+        if resume is not None and resume.get("images_digest") not in (None, splits.digest):
+            raise UsageError(f"--data-dir {args.data_dir}: its images (train/ and test/) are not those "
+                             f"{args.resume} was trained on")
+        self.info, self.images_digest = splits.info, splits.digest
         if args.subset is not None and args.subset > splits.train.shape[0] and self.ctx.is_main:
             print(f"note: --subset {args.subset} is more than the {splits.train.shape[0]} training images of "
                   f"{args.dataset}: training on all of them", flush=True)
@@ -763,7 +772,8 @@ class Trainer:
                                optimizer_state=self.optimizer.state_dict(), epoch=epoch, step=self.step,
                                best_valid=self.best_valid, history=self.history, rng_state=rng_state(self.generator),
                                args=vars(self.args), epoch_in_progress=self.in_progress,
-                               lr_plateau=dict(drops=self.plateau_drops, last_drop_epoch=self.last_drop_epoch))
+                               lr_plateau=dict(drops=self.plateau_drops, last_drop_epoch=self.last_drop_epoch),
+                               images_digest=self.images_digest)
 
     def write_files(self, epoch: int, best: bool, outputs: bool) -> None:
         """Write best.pt (``best``) and the outputs (``outputs``: last.pt, metrics.csv, samples.png, curve.png,

@@ -178,3 +178,27 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
                                    "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png")]) == 0
     with Image.open(tmp_path / "i.png") as grid:  # 6 masks x 3 rows of 2 images of 28 x 28
         assert grid.size == (2 * 28 + 3 * 2, 18 * 28 + 19 * 2)
+
+
+def test_a_model_of_ones_own_images_is_saved_with_its_image_shape(tmp_path, capsys):
+    """dataset="images": the tools read DIR/test/ of --data-dir DIR in the model's image shape."""
+    from conftest import write_images
+
+    images = torch.randint(0, 256, (8, 3, 2, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    write_images(str(tmp_path / "own" / "train"), images[:6])
+    write_images(str(tmp_path / "own" / "test"), images[6:])
+    shapeless = NICE(18, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
+    with pytest.raises(ValueError, match=r"the images dataset's files must have the model's image shape, and this "
+                                         r"model has none \(NICE\(..., image_shape=\(C, H, W\)\)\)"):
+        nice_ext.save_model(shapeless, str(tmp_path / "m.pt"), dataset="images")
+    nice_ext.save_model(shapeless, str(tmp_path / "shapeless.pt"))  # saved without a dataset, it is refused later
+    assert run_tool(evaluate.main, [str(tmp_path / "shapeless.pt"), "--dataset", "images", "--data-dir",
+                                    str(tmp_path / "own"), "--device", "cpu"]) == 2
+    assert "--dataset images: the images dataset's files must have the model's image shape" in capsys.readouterr().err
+    model = trained_a_little(NICE(18, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8, image_shape=(3, 2, 3)))
+    path = str(tmp_path / "own.pt")
+    nice_ext.save_model(model, path, dataset="images")
+    assert run_tool(evaluate.main, [path, "--data-dir", str(tmp_path / "own"), "--device", "cpu", "--draws", "1"]) == 0
+    info = data_lib.dataset_info("images", (3, 2, 3))
+    expected = evaluate.log_likelihood_draws(model, data_lib.Preprocess(info), images[6:].reshape(2, -1), 1)[0]
+    assert f"images test (2 images): {expected:.2f} nats" in capsys.readouterr().out

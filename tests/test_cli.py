@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, data_dir, make_first_epoch_unbeatable, signal_mid_run
+from conftest import ROOT, data_dir, make_first_epoch_unbeatable, signal_mid_run, write_images
 import nice_ext
 from nice_ext import data as data_lib
 from nice_ext import evaluate, inpaint, sample, train
@@ -170,6 +170,56 @@ def test_evaluate_scores_writes_each_images_log_likelihood(trained, tmp_path, ca
     assert run_in_process(evaluate.main, [best, "--scores", str(tmp_path / "scores.txt"), *data]) == 2
     assert "--scores " + str(tmp_path / "scores.txt") + ": not a .npy or .csv file name (use .npy, .csv)" in \
         capsys.readouterr().err and not os.path.exists(tmp_path / "scores.txt")
+
+
+def mnist_as_image_files(folder, train_images, test_images):
+    """The first MNIST training and test images as PNG files, in the images dataset's layout."""
+    for split, count in (("train", train_images), ("test", test_images)):
+        pixels = data_lib.load_pixels("mnist", data_dir(), split, download=False)[:count]
+        write_images(os.path.join(folder, split), pixels.reshape(-1, 1, 28, 28))
+    return str(folder)
+
+
+def test_ones_own_images_train_resume_and_every_tool_reads_them(trained, tmp_path, capsys):
+    """--dataset images: a folder of one's own image files (here MNIST's first images, as PNG files) is
+    trained on, resumed, scored, sampled and inpainted as the named datasets are."""
+    own = mnist_as_image_files(tmp_path / "own", 600, 50)
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "images", "--data-dir", own, "--out-dir", out, "--epochs", "2", *TINY]) == 0
+    assert "note: --subset 1000 is more than the 500 training images of images" in capsys.readouterr().out
+    valid = [float(r["valid_ll_nats"]) for r in metrics(out)]
+    assert len(valid) == 2 and valid[1] > valid[0]  # it learns; the last 100 of 600 validate
+    best = os.path.join(out, "best.pt")
+    model = nice_ext.load_model(best)
+    assert model.image_shape == (1, 28, 28) and load_checkpoint(best)["dataset"] == "images"
+    # The files hold MNIST's pixels, in their order: the images dataset's scores are MNIST's first 50 test scores
+    data = ["--device", "cpu", "--draws", "2", "--no-download"]
+    assert run_in_process(evaluate.main, [best, "--data-dir", own, "--scores", str(tmp_path / "own.npy"), *data]) == 0
+    assert "images test (50 images): " in capsys.readouterr().out
+    assert run_in_process(evaluate.main, [best, "--data-dir", data_dir(), "--dataset", "mnist", "--scores",
+                                          str(tmp_path / "mnist.npy"), *data]) == 0
+    assert np.allclose(np.load(tmp_path / "own.npy"), np.load(tmp_path / "mnist.npy")[:50], rtol=0, atol=1e-9)
+    for tool, args in ((sample.main, [best, "--out", str(tmp_path / "s.png")]),
+                       (inpaint.main, [best, "--data-dir", own, "--n", "2", "--steps", "2", "--out",
+                                       str(tmp_path / "i.png")])):
+        assert run_in_process(tool, [*args, "--device", "cpu"]) == 0
+    other = mnist_as_image_files(tmp_path / "other", 601, 50)  # one image more: not the images the run trained on
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--epochs", "3", "--data-dir", other]) == 2
+    assert f"--data-dir {other}: its images (train/ and test/) are not those {out}/last.pt was trained on" in \
+        capsys.readouterr().err
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--epochs", "3", "--data-dir", own]) == 0
+    assert [r["epoch"] for r in metrics(out)] == ["1", "2", "3"]
+    # A model trained on MNIST scores one's own images of its size; images of another size are refused.
+    mnist_best = os.path.join(trained[0], "best.pt")
+    capsys.readouterr()
+    assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", own, *data]) == 0
+    assert "images test (50 images): " in capsys.readouterr().out
+    write_images(str(tmp_path / "rgb" / "train"), torch.zeros(6, 3, 28, 28, dtype=torch.uint8))
+    write_images(str(tmp_path / "rgb" / "test"), torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
+    assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", str(tmp_path / "rgb"),
+                                          *data]) == 1
+    assert "img0000.png: a 3x28x28 image (channels x height x width), not 1x28x28 as the model's" in \
+        capsys.readouterr().err
 
 
 def test_the_score_line_says_how_many_draws_it_averages():
