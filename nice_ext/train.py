@@ -417,6 +417,19 @@ def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optio
     return replaced
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str, made: bool):
+    """The output folder a new run made (``made``) goes again, if still empty, when the run fails to start:
+    a mistyped --data-dir or --device leaves nothing behind."""
+    try:
+        yield
+    except BaseException:
+        if made:
+            with contextlib.suppress(OSError):  # not empty, or gone: it stays as it is
+                os.rmdir(folder)
+        raise
+
+
 def clear_out_dir(out_dir: str, replaced: List[str]) -> None:
     """Remove the old run's outputs that --overwrite replaces, and temporaries left by interrupted writes."""
     for path in [os.path.join(out_dir, name) for name in replaced] + stale_temporaries(out_dir, RUN_OUTPUTS):
@@ -640,27 +653,29 @@ class Trainer:
                 print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                       + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
         check_optimizer_settings(args)
+        made_out_dir = ctx.is_main and not os.path.isdir(args.out_dir)
         replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
-        self.device = device = ctx.device if ctx.enabled else pick_device(args.device)
-        seed_everything(args.seed)
-        if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        if args.precision == "tf32" and device.type == "cpu" and ctx.is_main:
-            print("note: --precision tf32 is a setting of NVIDIA GPUs' matmuls; on the CPU they stay fp32 (--precision "
-                  "bf16 is the CPU's faster one where it has AMX or AVX512-BF16)", flush=True)
-        if args.precision == "bf16" and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
-            print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
-                  "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
-                  flush=True)
-        note = launch_bound_note(args, device, ctx.enabled)
-        if note and ctx.is_main:
-            print(note, flush=True)
-        self.generator = torch.Generator(device=device).manual_seed(args.seed)
-        self.load_data()
-        self.build_model_and_optimizer()
-        self.restore_training_state()
-        self.train_step = self.make_train_step()
+        with removed_if_left_empty(args.out_dir, made_out_dir):  # a run that cannot start leaves no empty folder
+            self.device = device = ctx.device if ctx.enabled else pick_device(args.device)
+            seed_everything(args.seed)
+            if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest
+                torch.backends.cuda.matmul.allow_tf32 = True
+                torch.backends.cudnn.allow_tf32 = True
+            if args.precision == "tf32" and device.type == "cpu" and ctx.is_main:
+                print("note: --precision tf32 is a setting of NVIDIA GPUs' matmuls; on the CPU they stay fp32 "
+                      "(--precision bf16 is the CPU's faster one where it has AMX or AVX512-BF16)", flush=True)
+            if args.precision == "bf16" and device.type == "cpu" and ctx.is_main and not cpu_has_native_bf16():
+                print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
+                      "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
+                      flush=True)
+            note = launch_bound_note(args, device, ctx.enabled)
+            if note and ctx.is_main:
+                print(note, flush=True)
+            self.generator = torch.Generator(device=device).manual_seed(args.seed)
+            self.load_data()
+            self.build_model_and_optimizer()
+            self.restore_training_state()
+            self.train_step = self.make_train_step()
         self.out_dir = args.out_dir
         self.writer = BackgroundWriter()  # rank 0's files: best.pt, last.pt, metrics.csv and the figures
         if ctx.is_main:  # everything is ready to train: only now may the run it replaces go

@@ -858,9 +858,14 @@ def test_bad_cli_values(args, message, tmp_path):
 
 
 def test_missing_data_is_one_clear_line(tmp_path):
-    result = run_tool("train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o"), "--no-download")
+    result = run_tool("train", "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o" / "run"),
+                      "--no-download")
     assert result.returncode == 1 and "train-images-idx3-ubyte.gz" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not os.path.exists(tmp_path / "o" / "run")  # a run that cannot start leaves no empty folder behind
+    (tmp_path / "mine").mkdir()  # a folder that was there before stays
+    assert train.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "mine"), "--no-download"]) == 1
+    assert os.path.isdir(tmp_path / "mine")
 
 
 def test_reproduce_script_runs_in_pieces_and_files_results(tmp_path):
