@@ -15,8 +15,9 @@ files, or torchvision's own layout; CIFAR-10 and SVHN use torchvision's layout. 
 downloaded through torchvision when ``download`` is set; otherwise a clear error names what is missing.
 
 The ``images`` dataset is one's own: ``DIR/train/`` and ``DIR/test/`` hold image files of one size, 8-bit
-grayscale or RGB, in any format the image library reads (found in subfolders too, in the order of their
-paths; other files are passed over). Its pixels are dequantized as MNIST's, to [0, 1], and not whitened.
+grayscale or RGB, in any format the image library reads (found in subfolders too; other files are passed
+over). Its pixels are dequantized as MNIST's, to [0, 1], and not whitened. A sixth of the training images,
+at most 10,000, drawn once with a fixed seed, validates; the test images keep the order of their paths.
 """
 
 from __future__ import annotations
@@ -369,16 +370,24 @@ def pixels_digest(*pixels: Tensor) -> str:
 
 
 def validation_size(name: str, train_images: int) -> int:
-    """The last 10,000 training images validate (the paper's MNIST split); of one's own images, the last
-    sixth, at most 10,000 (MNIST's share)."""
+    """The last 10,000 training images validate (the paper's MNIST split); of one's own images, a sixth, at
+    most 10,000 (MNIST's share)."""
     return min(VALIDATION_SIZE, train_images // 6) if name == IMAGES else VALIDATION_SIZE
+
+
+def shuffled_once(pixels: Tensor) -> Tensor:
+    """``pixels`` in one fixed random order (seed 0), the same on every run and machine: one's own files
+    are in the order of their paths, often one class's folder after another, and the last sixth of that
+    order would validate on the last classes alone."""
+    return pixels[torch.randperm(pixels.shape[0], generator=torch.Generator().manual_seed(0))]
 
 
 def load_splits(name: str, data_dir: str, download: bool = True, subset: Optional[int] = None,
                 image_shape: Optional[Tuple[int, int, int]] = None) -> Splits:
     """Train / validation / test pixels. Validation is the last training images (``validation_size``: model
-    selection only, never trained on); ``subset`` keeps the first N training images. ``image_shape``: the
-    shape the images dataset's files must have (else the first training image's)."""
+    selection only, never trained on), of one's own images after ``shuffled_once``; ``subset`` keeps the first
+    N training images. ``image_shape``: the shape the images dataset's files must have (else the first
+    training image's)."""
     digest = None
     if name == IMAGES:
         given = image_shape is not None
@@ -386,6 +395,7 @@ def load_splits(name: str, data_dir: str, download: bool = True, subset: Optiona
         test = load_image_folder(os.path.join(data_dir, "test"), image_shape,
                                  "the model's" if given else "the training images'")[0]
         digest = pixels_digest(train_all, test)
+        train_all = shuffled_once(train_all)
     else:
         train_all = load_pixels(name, data_dir, "train", download, image_shape)
         test = load_pixels(name, data_dir, "test", download)
@@ -393,8 +403,8 @@ def load_splits(name: str, data_dir: str, download: bool = True, subset: Optiona
     held_out = validation_size(name, train_all.shape[0])
     if held_out < 1 or train_all.shape[0] <= held_out:
         need = 6 if name == IMAGES else VALIDATION_SIZE + 1
-        raise DataError(f"{name}: only {train_all.shape[0]} training images, need at least {need} (the last "
-                        f"{'sixth' if name == IMAGES else f'{VALIDATION_SIZE}'} validate)")
+        raise DataError(f"{name}: only {train_all.shape[0]} training images, need at least {need} ("
+                        f"{'a sixth' if name == IMAGES else f'the last {VALIDATION_SIZE}'} validate)")
     train, valid = train_all[:-held_out], train_all[-held_out:]
     if subset is not None:
         if subset < 1:

@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = p.add_argument_group("data")
     data.add_argument("--dataset", default="mnist",
                       help="mnist, fashion-mnist, cifar10, svhn, or images: one's own image files of one size, "
-                           "8-bit grayscale or RGB, in DIR/train/ and DIR/test/ of --data-dir DIR (the last sixth "
-                           "of train/, at most 10,000, validates)")
+                           "8-bit grayscale or RGB, in DIR/train/ and DIR/test/ of --data-dir DIR (a sixth of "
+                           "train/, at most 10,000, drawn once with a fixed seed, validates)")
     add_data_arguments(data)
     data.add_argument("--subset", type=int, default=None, help="train on the first N training images")
 

@@ -188,7 +188,7 @@ def test_ones_own_images_train_resume_and_every_tool_reads_them(trained, tmp_pat
     assert train.main(["--dataset", "images", "--data-dir", own, "--out-dir", out, "--epochs", "2", *TINY]) == 0
     assert "note: --subset 1000 is more than the 500 training images of images" in capsys.readouterr().out
     valid = [float(r["valid_ll_nats"]) for r in metrics(out)]
-    assert len(valid) == 2 and valid[1] > valid[0]  # it learns; the last 100 of 600 validate
+    assert len(valid) == 2 and valid[1] > valid[0]  # it learns; 100 of the 600 validate
     best = os.path.join(out, "best.pt")
     model = nice_ext.load_model(best)
     assert model.image_shape == (1, 28, 28) and load_checkpoint(best)["dataset"] == "images"

@@ -175,8 +175,8 @@ def test_missing_rgb_datasets_name_what_is_expected(tmp_path):
 
 
 def test_images_dataset_reads_ones_own_image_files(tmp_path):
-    """DIR/train/ and DIR/test/ of image files (subfolders too, other files passed over), in the order of
-    their paths, rows flattened C, H, W as the other datasets'; the last sixth of train/ validates."""
+    """DIR/train/ and DIR/test/ of image files (subfolders too, other files passed over), read in the order
+    of their paths, rows flattened C, H, W as the other datasets'; a fixed random sixth of train/ validates."""
     generator = torch.Generator().manual_seed(0)
     rgb = torch.randint(0, 256, (14, 3, 5, 4), generator=generator, dtype=torch.uint8)
     write_images(str(tmp_path / "train" / "b_class"), rgb[6:12])  # read after a_class: the paths' order
@@ -186,7 +186,10 @@ def test_images_dataset_reads_ones_own_image_files(tmp_path):
     (tmp_path / "train" / ".DS_Store").write_bytes(b"\0\1")
     splits = data_lib.load_splits("images", str(tmp_path))
     assert splits.info == data_lib.DatasetInfo("images", (3, 5, 4), (0.0, 1.0), False)
-    assert torch.equal(splits.train, rgb[:10].reshape(10, -1)) and torch.equal(splits.valid, rgb[10:12].reshape(2, -1))
+    files = rgb[:12].reshape(12, -1)
+    assert torch.equal(data_lib.load_pixels("images", str(tmp_path), "train"), files)
+    once = files[torch.randperm(12, generator=torch.Generator().manual_seed(0))]  # the same order on every run
+    assert torch.equal(splits.train, once[:10]) and torch.equal(splits.valid, once[10:])
     assert torch.equal(splits.test, rgb[12:].reshape(2, -1))
     assert torch.equal(data_lib.load_pixels("images", str(tmp_path), "test", image_shape=(3, 5, 4)), splits.test)
     assert splits.digest == data_lib.load_splits("images", str(tmp_path), subset=3).digest  # the files, not --subset
@@ -197,6 +200,13 @@ def test_images_dataset_reads_ones_own_image_files(tmp_path):
     assert splits.info.image_shape == (1, 2, 3) and splits.valid.shape == (1, 6) and splits.train.shape == (5, 6)
     assert splits.digest != data_lib.load_splits("images", str(tmp_path)).digest
     assert data_lib.validation_size("images", 600_000) == 10_000 and data_lib.validation_size("mnist", 60) == 10_000
+    # one folder per class, read one after the other: every class validates, not the last one alone
+    for label in range(3):
+        write_images(str(tmp_path / "classes" / "train" / f"class{label}"),
+                     torch.full((60, 1, 2, 2), label, dtype=torch.uint8))
+    write_images(str(tmp_path / "classes" / "test"), torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+    valid = data_lib.load_splits("images", str(tmp_path / "classes")).valid
+    assert valid.shape == (30, 4) and all(5 <= int((valid[:, 0] == label).sum()) <= 15 for label in range(3))
 
 
 def test_images_dataset_names_what_it_cannot_read(tmp_path):
@@ -212,7 +222,7 @@ def test_images_dataset_names_what_it_cannot_read(tmp_path):
     refused(r"images: no image files in .*train/")
     write_images(str(tmp_path / "train"), torch.zeros(5, 1, 4, 4, dtype=torch.uint8))
     write_images(str(tmp_path / "test"), torch.zeros(1, 1, 4, 4, dtype=torch.uint8))
-    refused("images: only 5 training images, need at least 6 \\(the last sixth validate\\)")
+    refused("images: only 5 training images, need at least 6 \\(a sixth validate\\)")
     write_images(str(tmp_path / "train"), torch.zeros(1, 1, 4, 4, dtype=torch.uint8), prefix="more")
     assert data_lib.load_splits("images", str(tmp_path)).train.shape == (5, 16)
     refused(r"img0000.png: a 1x4x4 image \(channels x height x width\), not 3x4x4 as the model's",
