@@ -225,12 +225,11 @@ def load_pixels(name: str, data_dir: str, split: str, download: bool = True,
                 image_shape: Optional[Tuple[int, int, int]] = None) -> Tensor:
     """uint8 pixels (N, D) of ``split`` ('train' or 'test'), rows flattened C, H, W. ``image_shape``: the
     shape the images dataset's files must have (of the model that reads them)."""
-    if name != IMAGES:
-        dataset_info(name, image_shape)  # an unknown name, or another shape than the dataset's, is refused
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if name == IMAGES:
         return load_image_folder(os.path.join(data_dir, split), image_shape)[0]
+    dataset_info(name, image_shape)  # an unknown name, or another shape than the dataset's, is refused
     if name in ("mnist", "fashion-mnist"):
         return _load_idx_dataset(name, data_dir, split, download)
     return _load_torchvision_rgb(name, data_dir, split, download)
