@@ -417,14 +417,23 @@ def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optio
     return replaced
 
 
+def missing_folders(path: str) -> List[str]:
+    """The folders of ``path`` that do not exist yet, itself first and then up towards the root."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.exists(folder) and folder != os.path.dirname(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
 @contextlib.contextmanager
-def removed_if_left_empty(folder: str, made: bool):
-    """The output folder a new run made (``made``) goes again, if still empty, when the run fails to start:
-    a mistyped --data-dir or --device leaves nothing behind."""
+def removed_if_left_empty(folders: List[str]):
+    """The output folders a new run made (``folders``, deepest first) go again, if still empty, when the run
+    fails to start: a mistyped --data-dir or --device leaves nothing behind."""
     try:
         yield
     except BaseException:
-        if made:
+        for folder in folders:
             with contextlib.suppress(OSError):  # not empty, or gone: it stays as it is
                 os.rmdir(folder)
         raise
@@ -653,9 +662,9 @@ class Trainer:
                 print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                       + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
         check_optimizer_settings(args)
-        made_out_dir = ctx.is_main and not os.path.isdir(args.out_dir)
+        made_folders = missing_folders(args.out_dir) if ctx.is_main else []
         replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
-        with removed_if_left_empty(args.out_dir, made_out_dir):  # a run that cannot start leaves no empty folder
+        with removed_if_left_empty(made_folders):  # a run that cannot start leaves no empty folder behind
             self.device = device = ctx.device if ctx.enabled else pick_device(args.device)
             seed_everything(args.seed)
             if args.precision in ("tf32", "bf16"):  # bf16 autocast covers the matmuls it can; TF32 the rest

@@ -862,7 +862,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
                       "--no-download")
     assert result.returncode == 1 and "train-images-idx3-ubyte.gz" in result.stderr
     assert "Traceback" not in result.stderr
-    assert not os.path.exists(tmp_path / "o" / "run")  # a run that cannot start leaves no empty folder behind
+    assert not os.path.exists(tmp_path / "o")  # a run that cannot start leaves no empty folder behind
     (tmp_path / "mine").mkdir()  # a folder that was there before stays
     assert train.main(["--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "mine"), "--no-download"]) == 1
     assert os.path.isdir(tmp_path / "mine")
