@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from . import __version__, ops, provenance
+from .cli_common import run_tool
 from .model import NICE
 
 # Small models that between them run every fused op, forward and backward: the additive and the affine
@@ -114,4 +115,4 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -148,10 +148,58 @@ def allocation_size(error: RuntimeError) -> str:
     return one_line(error)[:200]
 
 
-def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None) -> int:
-    """Run a tool's main, turning the errors a user can cause into one line and an exit status."""
+class ClosedPipeGuard:
+    """A tool's sys.stdout or sys.stderr, for when the reader of its pipe leaves (``| head``, a pager that is
+    quit): the BrokenPipeError of the next write is swallowed rather than ending the tool with an error, the
+    stream's file descriptor is pointed at os.devnull (so that nothing later, the interpreter's last flush
+    included, writes to the closed pipe again), and ``on_close`` is called once. The tool goes on, so the
+    files it was asked for are still written (training stops, see ``train.StopSignals.output_closed``)."""
+
+    def __init__(self, stream, on_close: Optional[Callable[[], None]] = None) -> None:
+        self._stream, self._on_close, self._reader_gone = stream, on_close, False
+
+    def write(self, text: str) -> int:
+        if not self._reader_gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._reader_left()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._reader_gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._reader_left()
+
+    def _reader_left(self) -> None:
+        self._reader_gone = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(devnull, self._stream.fileno())
+            finally:
+                os.close(devnull)
+        except (OSError, ValueError):  # a stream without a file descriptor of its own
+            pass
+        if self._on_close is not None:
+            self._on_close()
+
+    def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None,
+             on_output_closed: Optional[Callable[[], None]] = None) -> int:
+    """Run a tool's main, turning the errors a user can cause into one line and an exit status. Its output
+    may go to a reader that leaves early (see ClosedPipeGuard; ``on_output_closed`` is then called)."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (ClosedPipeGuard(stream, on_output_closed) for stream in streams)
     try:
-        return main(argv)
+        status = main(argv)
+        sys.stdout.flush()  # here, where a closed pipe is the guard's to catch, not at the interpreter's exit
+        return status
     except KeyboardInterrupt:  # Ctrl-C: what was written stays (every write is atomic); no traceback
         print("interrupted", file=sys.stderr)
         return 130
@@ -170,3 +218,6 @@ def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str
         print(f"error: out of memory: {allocation_size(error)}; ask for less at once (a smaller --n or "
               "--batch_size)", file=sys.stderr)
         return 1
+    finally:
+        sys.stderr.flush()
+        sys.stdout, sys.stderr = streams

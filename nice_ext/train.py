@@ -507,10 +507,11 @@ class StopSignals:
     next step, as ``--time-limit`` does: last.pt keeps the place and ``--resume`` goes on from there. A
     second signal interrupts training at once; the process ends once the writer has written the files it
     was handed (one epoch's at most, see ``train``). Installed only around the training loop, in the main
-    thread."""
+    thread. A reader of the output that leaves stops the run as the first signal does (``output_closed``)."""
 
     def __init__(self) -> None:
-        self.received: Optional[signal.Signals] = None
+        self.received: Optional[signal.Signals] = None  # what stops the run: the first signal, or SIGPIPE
+        self.signalled = False  # a signal came (the second one interrupts)
         self.previous: Dict[int, object] = {}
 
     def install(self) -> None:
@@ -525,24 +526,35 @@ class StopSignals:
         self.previous.clear()
 
     def _handle(self, number: int, frame) -> None:
-        if self.received is not None:
+        if self.signalled:
             raise KeyboardInterrupt
-        self.received = signal.Signals(number)
-        print(f"\n{self.received.name} received: stopping after this step (again to stop at once)", file=sys.stderr,
-              flush=True)
+        self.signalled = True
+        self.received = self.received or signal.Signals(number)
+        print(f"\n{signal.Signals(number).name} received: stopping after this step (again to stop at once)",
+              file=sys.stderr, flush=True)
+
+    def output_closed(self) -> None:
+        """The reader of the run's output left (``| head``): training stops after this step as on SIGTERM,
+        with the exit status of a process that SIGPIPE ended (141), rather than ending at the next line it
+        prints and losing the epoch in progress."""
+        if self.received is None:
+            self.received = signal.SIGPIPE
+            print("\nthe reader of the output left: stopping after this step", file=sys.stderr, flush=True)
 
     @property
     def reason(self) -> str:
+        if self.received == signal.SIGPIPE:
+            return "the reader of the output left (SIGPIPE)"
         return f"{self.received.name if self.received else 'a stop signal'} received"
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, stop_signals: Optional[StopSignals] = None) -> int:
     from tqdm import tqdm
 
     from . import plots
     from .distributed import Context
 
-    ctx, stop_signals = Context(args.device), StopSignals()
+    ctx, stop_signals = Context(args.device), stop_signals or StopSignals()
     try:
         status = train(args, ctx, tqdm, plots, stop_signals)
         # The ranks leave together: the others wait here while rank 0 evaluates and writes the outputs, so
@@ -1069,7 +1081,8 @@ class Trainer:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    return run_tool(lambda a: run(parse_args(a)), argv)
+    stop_signals = StopSignals()
+    return run_tool(lambda a: run(parse_args(a), stop_signals), argv, on_output_closed=stop_signals.output_closed)
 
 
 if __name__ == "__main__":

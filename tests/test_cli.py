@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ import nice_ext
 from nice_ext import data as data_lib
 from nice_ext import evaluate, inpaint, sample, train
 from nice_ext.checkpoint import load_checkpoint
+from nice_ext.cli_common import ClosedPipeGuard
 from nice_ext.cli_common import run_tool as run_in_process
 
 pytestmark = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
@@ -977,6 +979,35 @@ def test_ctrl_c_in_any_tool_is_one_line_and_status_130(trained, tmp_path, capsys
     assert run_in_process(sample.main, [os.path.join(out, "best.pt"), "--out", str(tmp_path / "s.png"),
                                         "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "interrupted\n" and not os.path.exists(tmp_path / "s.png")
+
+
+def test_a_closed_pipe_is_swallowed_once_and_its_descriptor_then_goes_to_devnull():
+    """The guard of a tool's output: a write to a pipe whose reader left neither raises nor is retried."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    closed = []
+    with os.fdopen(write_end, "w") as stream:
+        guard = ClosedPipeGuard(stream, on_close=lambda: closed.append(True))
+        assert guard.write("a line\n") == len("a line\n")  # buffered: the pipe is not touched yet
+        guard.flush()
+        guard.write("more\n")
+        guard.flush()
+        assert closed == [True]
+        assert stat.S_ISCHR(os.fstat(stream.fileno()).st_mode)  # os.devnull now, not the pipe
+        assert guard.fileno() == stream.fileno() and not guard.isatty()  # the rest is the stream's
+
+
+@pytest.mark.parametrize("merged", [False, True], ids=["stdout", "stdout-and-stderr"])
+def test_a_tool_piped_into_head_ends_quietly(merged):
+    """``python -m nice_ext | head -1``: the report goes on after its reader left, with no traceback and no
+    "Broken pipe" error, and ends with its own exit status."""
+    proc = subprocess.Popen([sys.executable, "-m", "nice_ext"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT if merged else subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("nice_ext ")
+    proc.stdout.close()  # as head does after its line; the report's checks still have lines to print
+    stderr = "" if merged else proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, stderr
+    assert stderr == ""
 
 
 @pytest.mark.parametrize("tool, args, message", [

@@ -286,6 +286,47 @@ def test_sigint_and_sigterm_save_the_place_and_resume_goes_on(tmp_path, stop):
     assert os.path.exists(os.path.join(out, "result.json"))
 
 
+@pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
+def test_training_piped_into_head_stops_as_on_a_signal_and_keeps_its_place(tmp_path):
+    """``train ... | head``: once the reader left, the next line training prints would fail. The run stops
+    after that step instead, as on SIGTERM: last.pt keeps the place, no test evaluation, no traceback, and
+    the exit status of a process that SIGPIPE ended (128 + 13)."""
+    out = str(tmp_path / "run")
+    args = [sys.executable, "-m", "nice_ext.train", "--data-dir", data_dir(), "--out-dir", out, "--subset", "500",
+            "--save-every", "1000", "--epochs", "1000", *TINY]
+    with open(tmp_path / "stderr", "w+") as stderr:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert proc.stdout.readline().startswith("epoch 1:")
+        proc.stdout.close()
+        returncode = proc.wait(timeout=300)
+        stderr.seek(0)
+        said = stderr.read()
+    assert returncode == 128 + signal.SIGPIPE, said
+    assert "the reader of the output left: stopping after this step" in said and "Traceback" not in said, said
+    assert "Broken pipe" not in said and not os.path.exists(os.path.join(out, "result.json"))
+    saved = load_checkpoint(os.path.join(out, "last.pt"))
+    assert saved["epoch"] >= 2 and saved["epoch"] < 1000
+
+
+def test_a_signal_after_the_reader_left_still_stops_gently_the_first_time():
+    stop_signals = train.StopSignals()
+    stop_signals.output_closed()
+    assert stop_signals.received == signal.SIGPIPE
+    assert stop_signals.reason == "the reader of the output left (SIGPIPE)"
+    interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        stop_signals.install()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first signal: no KeyboardInterrupt, the reason stays
+            assert stop_signals.received == signal.SIGPIPE and stop_signals.signalled
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        finally:
+            stop_signals.restore()
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+
+
 def test_a_second_stop_signal_interrupts_at_once():
     interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in an interactive Python
     try:
