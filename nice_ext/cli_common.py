@@ -13,6 +13,7 @@ import torch
 from . import data as data_lib
 from .checkpoint import CheckpointError, dataset_mismatch, load_checkpoint, model_dataset_info, model_from_checkpoint
 from .data import DataError
+from .files import check_can_write_in
 from .model import NICE
 
 
@@ -60,10 +61,15 @@ def check_out_file(path: str, flag: str, extensions, kind: str) -> None:
         raise UsageError(f"{flag} {path}: not {kind} file name (use {names})")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path}: is a folder; name a file in it")
+    folder = os.path.dirname(os.path.abspath(path))
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(folder, exist_ok=True)
     except OSError as error:
         raise UsageError(f"{flag} {path}: cannot create its folder: {error.strerror}") from None
+    try:
+        check_can_write_in(folder, path)
+    except OSError as error:
+        raise UsageError(f"{flag} {path}: cannot write in {folder}: {error.strerror}") from None
 
 
 def check_image_out(path: str) -> None:

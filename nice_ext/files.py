@@ -37,7 +37,10 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
         raise IsADirectoryError(errno.EISDIR, "is a folder: name a file to write", path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(prefix=temporary_prefix(path), dir=folder)
+    try:
+        fd, tmp_path = tempfile.mkstemp(prefix=temporary_prefix(path), dir=folder)
+    except OSError as error:  # a folder one may not write in: name the file asked for, not the temporary one
+        raise OSError(error.errno, error.strerror, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), file_mode(path))
@@ -57,6 +60,18 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def check_can_write_in(folder: str, path: str) -> None:
+    """Make and remove a temporary file in ``folder`` for ``path``, as ``atomic_file`` will: a folder one may
+    not write in (its permissions, a read-only file system) raises the OSError now, naming ``folder``, rather
+    than once the work whose result was to go there is done."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=temporary_prefix(path), dir=folder)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, folder) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def write_bytes(data: bytes, path: str) -> None:

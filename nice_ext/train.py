@@ -43,7 +43,7 @@ from .checkpoint import (CheckpointError, check_training_state, dataset_mismatch
 from .cli_common import UsageError, add_data_arguments, add_device_argument, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .evaluate import average_log_likelihood, log_likelihood_draws, summary
-from .files import BackgroundWriter, stale_temporaries, write_bytes
+from .files import BackgroundWriter, check_can_write_in, stale_temporaries, write_bytes
 from .model import NICE
 from .optim import RMSPropMomentum
 
@@ -414,6 +414,10 @@ def prepare_out_dir(args: argparse.Namespace, is_main: bool, resumed_step: Optio
         os.makedirs(out_dir, exist_ok=True)
     except OSError as error:
         raise UsageError(f"--out-dir {out_dir}: cannot create it: {error.strerror}") from None
+    try:
+        check_can_write_in(out_dir, "last.pt")
+    except OSError as error:
+        raise UsageError(f"--out-dir {out_dir}: cannot write in it: {error.strerror}") from None
     return replaced
 
 

@@ -1,5 +1,6 @@
 """The command-line tools end to end on real MNIST with a tiny model: outputs, learning, resume, errors."""
 import csv
+import errno
 import functools
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -755,6 +757,44 @@ def test_outputs_that_cannot_be_written_are_one_clear_line(trained, tmp_path, ca
         assert run_in_process(evaluate.main, [best, flag, str(tmp_path / taken), "--device", "cpu", "--data-dir",
                                               data_dir(), "--no-download"]) == 2
         assert capsys.readouterr() == ("", f"error: {flag} {tmp_path / taken}: is a folder; name a file in it\n")
+
+
+def test_a_folder_one_cannot_write_in_is_refused_before_the_work(trained, tmp_path, capsys, monkeypatch):
+    """--out, --json, --scores and --out-dir in a folder that takes no new files (its permissions, a
+    read-only file system): one line naming the folder, before a sample is drawn or an epoch trained."""
+    best = os.path.join(trained[0], "best.pt")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:  # permissions do not bind root: the file system's refusal, as mkstemp raises it
+        real_mkstemp = tempfile.mkstemp
+
+        def mkstemp(prefix="", dir=None, **kwargs):
+            if os.path.abspath(dir).startswith(str(locked)):
+                raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x1y2"))
+            return real_mkstemp(prefix=prefix, dir=dir, **kwargs)
+        monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    else:
+        locked.chmod(0o555)
+
+    def drawn(*args, **kwargs):
+        raise AssertionError("the work began")
+    monkeypatch.setattr(sample.plots, "sample_grid", drawn)
+    monkeypatch.setattr(evaluate, "image_log_likelihood_draws", drawn)
+    monkeypatch.setattr(train.Trainer, "fit", drawn)
+    try:
+        assert run_in_process(sample.main, [best, "--out", str(locked / "grid.png"), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (f"error: --out {locked / 'grid.png'}: cannot write in {locked}: "
+                                           "Permission denied\n")
+        for flag, name in (("--json", "score.json"), ("--scores", "scores.csv")):
+            assert run_in_process(evaluate.main, [best, flag, str(locked / name), "--device", "cpu", "--data-dir",
+                                                  data_dir(), "--no-download"]) == 2
+            assert f"error: {flag} {locked / name}: cannot write in {locked}: Permission denied" in \
+                capsys.readouterr().err
+        assert train.main(["--data-dir", data_dir(), "--out-dir", str(locked), *TINY]) == 2
+        assert f"error: --out-dir {locked}: cannot write in it: Permission denied" in capsys.readouterr().err
+        assert os.listdir(locked) == []
+    finally:
+        locked.chmod(0o755)
 
 
 def test_compiled_training_matches_eager(tmp_path):

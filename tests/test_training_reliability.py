@@ -7,6 +7,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -18,7 +19,7 @@ from conftest import ROOT, data_dir, signal_mid_run
 from nice_ext import NICE, train
 from nice_ext import data as data_lib
 from nice_ext.checkpoint import host_copy, load_checkpoint, model_from_checkpoint
-from nice_ext.files import BackgroundWriter, atomic_file, stale_temporaries
+from nice_ext.files import BackgroundWriter, atomic_file, stale_temporaries, write_bytes
 
 TINY = ["--mid-dim", "16", "--hidden", "1", "--batch_size", "50", "--sample_size", "4", "--eval-draws", "1",
         "--device", "cpu", "--no-download"]
@@ -122,6 +123,20 @@ def test_a_failed_write_names_its_file_and_leaves_the_old_one(tmp_path):
             raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk raises it
     assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(target)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_a_folder_one_cannot_write_in_names_the_file_asked_for(tmp_path, monkeypatch):
+    def refused(prefix, dir):
+        raise PermissionError(errno.EACCES, "Permission denied", os.path.join(dir, prefix + "x1y2"))
+    with monkeypatch.context() as patched:
+        patched.setattr(tempfile, "mkstemp", refused)
+        with pytest.raises(PermissionError) as raised:
+            write_bytes(b"new", str(tmp_path / "samples.png"))
+    assert raised.value.filename == str(tmp_path / "samples.png") and ".tmp-" not in str(raised.value)
+    if os.path.isdir("/proc/self"):  # a real one: Linux's /proc takes no new files
+        with pytest.raises(OSError) as raised:
+            write_bytes(b"new", "/proc/samples.png")
+        assert raised.value.filename == "/proc/samples.png"
 
 
 def test_the_writer_keeps_the_order_holds_one_batch_at_a_time_and_reports_failures(capsys):
