@@ -293,9 +293,17 @@ class NICE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> Tensor:
-        """n samples x = f^-1(z), z ~ p_H (times ``temperature``), on the model's device and dtype."""
+        """n samples x = f^-1(z), z ~ p_H (times ``temperature``), on the model's device and dtype. Samples
+        beyond the dtype's range (a temperature of 1e38 in float32) are an OverflowError, not NaN."""
         n, temperature = count_argument(n, "n"), temperature_argument(temperature)
-        return self.inverse(self.sample_prior(n, temperature, generator))
+        x = self.inverse(self.sample_prior(n, temperature, generator))
+        finite = torch.isfinite(x).all(dim=1)
+        if not bool(finite.all()):  # one synchronisation per call: sampling is not a training step
+            weights_finite = all(bool(torch.isfinite(p).all()) for p in self.parameters())
+            why = (f"temperature {temperature} takes the prior's draws beyond what the decoder can map in {x.dtype}; "
+                   "use a smaller one") if weights_finite else "the model's weights are not all finite"
+            raise OverflowError(f"{n - int(finite.sum())} of the {n} samples are not finite: {why}")
+        return x
 
     def inpaint(self, x: Tensor, observed: Tensor, steps: int = 1000, generator: Optional[torch.Generator] = None
                 ) -> Tensor:

@@ -44,7 +44,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if image_shape is None:
         print(f"note: the model has no image shape: each sample is drawn as one row of its {model.data_dim} values")
     torch.manual_seed(args.seed)
-    plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature, image_shape=image_shape)
+    try:
+        plots.sample_grid(model, args.n, args.out, preprocess, temperature=args.temperature, image_shape=image_shape)
+    except OverflowError as error:  # samples beyond the model's dtype
+        raise UsageError(f"--temperature: {error}") from None
     print(f"wrote {args.n} samples to {args.out}")
     return 0
 

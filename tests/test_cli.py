@@ -1056,6 +1056,7 @@ def test_a_tool_piped_into_head_ends_quietly(merged):
     (sample, ["--n", "0"], "--n must be positive"),
     (sample, ["--temperature", "-1"], "--temperature must be a finite number >= 0"),
     (sample, ["--temperature", "nan"], "--temperature must be a finite number >= 0"),
+    (sample, ["--temperature", "1e38", "--n", "4"], "--temperature: 4 of the 4 samples are not finite: temperature 1e+38 takes"),
     (inpaint, ["--n", "0"], "--n must be positive and --steps >= 0"),
     (inpaint, ["--steps", "-1"], "--n must be positive and --steps >= 0"),
 ])

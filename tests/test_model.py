@@ -438,6 +438,19 @@ def test_counts_and_temperatures_from_numpy_or_tensors_are_accepted():
     assert model.inpaint(torch.rand(2, 10), torch.ones(10, dtype=torch.bool), steps=np.int32(1)).shape == (2, 10)
 
 
+def test_samples_beyond_the_dtype_are_an_overflow_error_not_nan():
+    model = NICE(10, 2, 1, 4)
+    with pytest.raises(OverflowError, match=r"^\d+ of the 3 samples are not finite: temperature 1e\+38 takes the "
+                                            r"prior's draws beyond .* torch.float32; use a smaller one$"):
+        model.sample(3, temperature=1e38)
+    assert torch.isfinite(model.sample(3, temperature=1e30)).all()
+    assert torch.isfinite(model.double().sample(3, temperature=1e38)).all()  # within float64's range
+    with torch.no_grad():
+        model.layers[0].net[0].weight[0, 0] = float("nan")
+    with pytest.raises(OverflowError, match="3 of the 3 samples are not finite: the model's weights are not all"):
+        model.sample(3)
+
+
 def test_nan_in_one_row_leaves_the_other_rows_untouched():
     model = small_model(dtype=torch.float32)
     x = torch.rand(4, 6)
