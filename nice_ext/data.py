@@ -198,8 +198,8 @@ def load_image_folder(folder: str, image_shape: Optional[Tuple[int, int, int]] =
     paths = image_files(folder)
     if not paths:
         raise DataError(f"images: no image files in {folder}/")
-    rows = []
-    for path in paths:
+    rows: Optional[np.ndarray] = None  # filled in place: the images are held once, not as a list and a copy
+    for number, path in enumerate(paths):
         try:
             with Image.open(path) as image:
                 image.load()
@@ -217,8 +217,10 @@ def load_image_folder(folder: str, image_shape: Optional[Tuple[int, int, int]] =
             raise DataError(f"{path}: a {'x'.join(map(str, shape))} image (channels x height x width), not "
                             f"{'x'.join(map(str, image_shape))} as {shape_source}; the images must all have one "
                             f"size and mode")
-        rows.append(pixels.reshape(height, width, -1).transpose(2, 0, 1).reshape(-1))  # H, W, C -> C, H, W
-    return torch.from_numpy(np.stack(rows)), tuple(image_shape)
+        if rows is None:
+            rows = np.empty((len(paths), math.prod(shape)), dtype=np.uint8)
+        rows[number] = pixels.reshape(height, width, -1).transpose(2, 0, 1).reshape(-1)  # H, W, C -> C, H, W
+    return torch.from_numpy(rows), tuple(image_shape)
 
 
 def load_pixels(name: str, data_dir: str, split: str, download: bool = True,
