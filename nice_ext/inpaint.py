@@ -1,8 +1,10 @@
 """Inpainting with a trained model (paper §5.2): test images, their masked versions and the filled-in
-results, one row group per mask (top / bottom / left / right half missing, 75 % and 90 % random), and each
-mask's error on the missing pixels, beside that of filling them with mid-grey.
+results, one row group per mask (top / bottom / left / right half missing, 75 % and 90 % random, or
+masks of one's own from image files), and each mask's error on the missing pixels, beside that of filling
+them with mid-grey.
 
     python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out inpaint.png
+    python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out hole.png --mask-file hole.png
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from . import data as data_lib
@@ -31,6 +34,49 @@ def observed_masks(image_shape, generator: torch.Generator) -> Dict[str, torch.T
                "random75": torch.rand(height, width, generator=generator) >= 0.75,
                "random90": torch.rand(height, width, generator=generator) >= 0.90}
     return {name: m.expand(channels, height, width).reshape(-1).clone() for name, m in spatial.items()}
+
+
+def mask_from_file(path: str, image_shape) -> torch.Tensor:
+    """The observed-pixel mask (True = kept, flattened like the images) of an image file of the images'
+    height and width: its light pixels (>= 128 in grayscale) mark what is missing, to be filled, as in
+    OpenCV's and most inpainting tools' masks; a missing pixel is missing in every channel."""
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = image_shape
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise UsageError(f"--mask-file {path}: no such file") from None
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UsageError(f"--mask-file {path}: cannot be read as an image ({error})") from None
+    if gray.shape != (height, width):
+        raise UsageError(f"--mask-file {path}: {gray.shape[1]}x{gray.shape[0]} pixels (width x height); the images "
+                         f"are {width}x{height}")
+    missing = torch.from_numpy(gray >= 128)
+    if not missing.any():
+        raise UsageError(f"--mask-file {path}: marks no pixel to fill (light pixels, >= 128 in grayscale, mark "
+                         f"the missing ones)")
+    return (~missing).expand(channels, height, width).reshape(-1).clone()
+
+
+def chosen_masks(names: Optional[str], mask_files: List[str], image_shape,
+                 generator: torch.Generator) -> Dict[str, torch.Tensor]:
+    """The masks --masks names (default: all of MASK_NAMES, or none when --mask-file is given), then those of
+    the --mask-file files, named by their paths."""
+    if names is None:
+        names = "" if mask_files else ",".join(MASK_NAMES)
+    chosen = [name for name in names.split(",") if name]
+    unknown = [name for name in chosen if name not in MASK_NAMES]
+    if unknown:
+        raise UsageError(f"--masks: unknown mask {unknown[0]!r}; choose among {', '.join(MASK_NAMES)}")
+    built_in = observed_masks(image_shape, generator)  # all drawn, so that a random mask is the same in any choice
+    masks = {name: built_in[name] for name in MASK_NAMES if name in chosen}
+    for path in mask_files:
+        masks[path] = mask_from_file(path, image_shape)
+    if not masks:
+        raise UsageError("no masks: name some with --masks or give --mask-file")
+    return masks
 
 
 def inpaint_masks(model, x: torch.Tensor, masks: Dict[str, torch.Tensor], steps: int,
@@ -57,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="image file to write (.png, .jpg, ...)")
     p.add_argument("--n", type=int, default=8, help="test images per mask (default 8)")
     p.add_argument("--steps", type=int, default=1000, help="gradient-ascent steps (default 1000)")
+    p.add_argument("--masks", metavar="NAMES", default=None,
+                   help=f"comma-separated masks among {', '.join(MASK_NAMES)} (default: all of them, or none "
+                        "with --mask-file)")
+    p.add_argument("--mask-file", metavar="FILE", action="append", default=[],
+                   help="a mask of one's own: an image file of the images' size whose light pixels (>= 128 in "
+                        "grayscale) mark what to fill; may be repeated")
     add_device_argument(p)
     p.add_argument("--seed", type=seed_value, default=0,
                    help="seed of the random masks, the dequantization and the ascent's noise (default 0)")
@@ -74,13 +126,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     if preprocess.zca is not None:
         raise UsageError(f"inpainting works in pixel space; {info.name} is whitened")
     image_shape = model.image_shape or info.image_shape  # (a model saved without image_shape= has its data's)
+    generator = torch.Generator().manual_seed(args.seed)
+    masks = chosen_masks(args.masks, args.mask_file, image_shape, generator)
     test = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download,
                                 image_shape=info.image_shape)
     if args.n > test.shape[0]:  # (the grid's rows are --n wide)
         raise UsageError(f"--n {args.n} is more than the {test.shape[0]} test images of {info.name}")
-    generator = torch.Generator().manual_seed(args.seed)
     x = preprocess(test[:args.n].to(device), torch.Generator(device=device).manual_seed(args.seed))
-    masks = observed_masks(image_shape, generator)
     filled = inpaint_masks(model, x, masks, args.steps, torch.Generator(device=device).manual_seed(args.seed))
     rows, errors = [], []
     for name, observed in masks.items():
@@ -90,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         errors.append(f"{name} {missing_pixel_error(x, filled[name], observed, model.data_range):.1f} "
                       f"(grey {missing_pixel_error(x, masked, observed, model.data_range):.1f})")
     plots.save_grid(torch.cat(rows), args.out, nrow=args.n)
-    print(f"wrote inpainting for masks {', '.join(MASK_NAMES)} to {args.out} "
+    print(f"wrote inpainting for masks {', '.join(masks)} to {args.out} "
           f"(per mask: originals, masked, inpainted)")
     print("error on the missing pixels, root mean square in 8-bit levels (filled with mid-grey instead): "
           + ", ".join(errors))

@@ -232,6 +232,53 @@ def test_the_score_line_says_how_many_draws_it_averages():
     assert evaluate.summary([-1000.0], 784, (0.0, 1.0)) == "-1000.00 nats, 9.8402 bits/dim (1 dequantization draw)"
 
 
+def test_inpaint_takes_a_choice_of_masks_and_masks_of_ones_own(trained, tmp_path, capsys):
+    """--masks picks among the built-in masks; --mask-file adds one's own, whose light pixels mark what to
+    fill. The filled pixels are those the mask marks, the others stay the test image's."""
+    from PIL import Image
+
+    best = os.path.join(trained[0], "best.pt")
+    hole = np.zeros((28, 28), dtype=np.uint8)
+    hole[10:18, 4:24] = 255  # a band across the middle to fill
+    Image.fromarray(hole).save(tmp_path / "hole.png")
+    observed = inpaint.mask_from_file(str(tmp_path / "hole.png"), (1, 28, 28))
+    assert observed.shape == (784,) and int((~observed).sum()) == 8 * 20
+    assert torch.equal(observed.view(28, 28), torch.from_numpy(hole == 0))
+    Image.fromarray(np.stack([hole] * 3, axis=2)).save(tmp_path / "hole_rgb.jpg", quality=95)  # any mode; JPEG noise
+    assert torch.equal(inpaint.mask_from_file(str(tmp_path / "hole_rgb.jpg"), (3, 28, 28)),
+                       observed.view(1, 784).expand(3, 784).reshape(-1))
+
+    base = [best, "--data-dir", data_dir(), "--no-download", "--n", "2", "--steps", "2", "--device", "cpu"]
+    assert run_in_process(inpaint.main, base + ["--out", str(tmp_path / "two.png"), "--masks", "left,random90"]) == 0
+    out = capsys.readouterr().out
+    assert "for masks left, random90 to" in out and re.search(r": left [\d.]+ \(grey [\d.]+\), random90 ", out)
+    assert run_in_process(inpaint.main, base + ["--out", str(tmp_path / "own.png"), "--mask-file",
+                                                str(tmp_path / "hole.png"), "--masks", "top"]) == 0
+    out = capsys.readouterr().out
+    assert f"for masks top, {tmp_path / 'hole.png'} to" in out and os.path.getsize(tmp_path / "own.png") > 0
+    # The tool's own inpainting of this mask keeps the observed pixels and changes the hole alone.
+    model = nice_ext.load_model(best)
+    x = torch.rand(2, 784)
+    filled = inpaint.inpaint_masks(model, x, {"hole": observed}, steps=2, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(filled["hole"][:, observed], x[:, observed])
+    assert (filled["hole"][:, ~observed] != x[:, ~observed]).all()
+
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "none.png")
+    Image.fromarray(hole[:20]).save(tmp_path / "short.png")
+    (tmp_path / "text.png").write_text("not an image")
+    for extra, message in ((["--masks", "middle"], "--masks: unknown mask 'middle'; choose among top, bottom"),
+                           (["--masks", ","], "no masks: name some with --masks or give --mask-file"),
+                           (["--mask-file", str(tmp_path / "gone.png")], "no such file"),
+                           (["--mask-file", str(tmp_path / "none.png")], "marks no pixel to fill"),
+                           (["--mask-file", str(tmp_path / "short.png")], "28x20 pixels (width x height); the "
+                                                                            "images are 28x28"),
+                           (["--mask-file", str(tmp_path / "text.png")], "cannot be read as an image")):
+        assert run_in_process(inpaint.main, base + ["--out", str(tmp_path / "bad.png"), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert not os.path.exists(tmp_path / "bad.png")
+
+
 def test_inpainting_error_counts_the_missing_pixels_alone():
     x = torch.tensor([[0.0, 0.25, 1.0, 0.5]])
     observed = torch.tensor([True, True, False, False])
