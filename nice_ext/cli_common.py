@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -104,30 +105,42 @@ def add_dataset_argument(group) -> None:
 
 def inference_data(model: NICE, payload: dict, path: str, device: torch.device, dataset: Optional[str] = None
                    ) -> Tuple[data_lib.DatasetInfo, data_lib.Preprocess]:
-    """The dataset a tool reads for the model of checkpoint ``path``, and its preprocessing: ``dataset`` (the
-    tool's --dataset) where given, else the one the model was trained on, with the preprocessing (the
-    whitening) it was trained behind."""
+    """The dataset a tool reads for the model of checkpoint ``path``, and the preprocessing that maps its
+    pixels to the model's input: ``dataset`` (the tool's --dataset) where given, else the one the model was
+    trained on. The preprocessing is the model's own, as it was trained (the dequantization to its data
+    range, and the whitening fitted to its training images): its density over 8-bit pixels is then the same
+    whatever images it scores, as a comparison across datasets needs. Another dataset's pixels must have
+    the model's number of features; a model that names no dataset reads them as the dataset's own."""
     given = dataset is not None
     name = dataset if given else payload["dataset"]
     if name is None:
         raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): pass --dataset, "
                          f"the images to read")
     try:
-        info = model_dataset_info(model, name)
+        trained = model_dataset_info(model, payload["dataset"]) if payload["dataset"] is not None else None
     except ValueError as error:  # the images dataset for a model without an image shape
-        raise UsageError(f"--dataset {name}: {error}") if given else CheckpointError(f"{path}: {error}") from None
+        raise CheckpointError(f"{path}: {error}") from None
+    try:
+        info = model_dataset_info(model, name)
+    except ValueError as error:
+        raise UsageError(f"--dataset {name}: {error}") from None
+    if trained is not None:
+        mismatch = dataset_mismatch(model, trained)
+        if mismatch:
+            raise CheckpointError(f"{path}: {mismatch}")
+        info = dataclasses.replace(info, data_range=trained.data_range, whiten=trained.whiten)  # as the model reads
     mismatch = dataset_mismatch(model, info)
     if mismatch:
-        raise UsageError(f"--dataset {name}: {mismatch}") if given else CheckpointError(f"{path}: {mismatch}")
+        raise UsageError(f"--dataset {name}: {mismatch}")
     preprocess = data_lib.Preprocess(info)
-    if name == payload["dataset"]:
+    if trained is not None:
         try:
             preprocess.load_state_dict(payload["preprocess_state"])
         except RuntimeError as error:
-            raise CheckpointError(f"{path}: its preprocessing does not fit {info.name}: {error}") from None
+            raise CheckpointError(f"{path}: its preprocessing does not fit {trained.name}: {error}") from None
     elif info.whiten:
         raise UsageError(f"--dataset {name} is whitened, and {path} holds no whitening fitted to it (its model was "
-                         f"trained on {payload['dataset'] or 'a dataset it does not name'})")
+                         f"trained on a dataset it does not name)")
     return info, preprocess.to(device)
 
 

@@ -124,7 +124,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     model, payload = load_for_inference(args.checkpoint, device)
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
     if preprocess.zca is not None:
-        raise UsageError(f"inpainting works in pixel space; {info.name} is whitened")
+        raise UsageError(f"inpainting works in pixel space, and {args.checkpoint}'s model sees whitened images (it "
+                         f"was trained on {payload['dataset']})")
     image_shape = model.image_shape or info.image_shape  # (a model saved without image_shape= has its data's)
     generator = torch.Generator().manual_seed(args.seed)
     masks = chosen_masks(args.masks, args.mask_file, image_shape, generator)

@@ -4,11 +4,12 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import DEVICES, data_dir
+from conftest import DEVICES, data_dir, write_images
 import nice_ext
 from nice_ext import NICE, data as data_lib, evaluate, inpaint, sample, train
 from nice_ext.checkpoint import load_checkpoint
@@ -129,6 +130,41 @@ def test_a_whitened_dataset_needs_its_fitted_preprocessing(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: --dataset cifar10 is whitened, and {tmp_path / 'bare.pt'} holds no "
                                        f"whitening fitted to it (its model was trained on a dataset it does not "
                                        f"name)\n")
+
+
+def test_other_images_are_scored_through_the_models_own_preprocessing(tmp_path, monkeypatch, capsys):
+    """A model scores another dataset's pixels as it scores its own: dequantized to its data range and
+    through the whitening fitted to its training images. (An SVHN model on one's own 32x32 RGB images had
+    been scored without its whitening; on CIFAR-10, refused for CIFAR-10's range; and a model of unwhitened
+    images, refused on SVHN for having no whitening fitted to it.)"""
+    pixels = {split: torch.randint(0, 256, (n, 3 * 32 * 32), dtype=torch.uint8,
+                                   generator=torch.Generator().manual_seed(n))
+              for split, n in (("train", data_lib.VALIDATION_SIZE + 10), ("test", 40))}
+    monkeypatch.setattr(data_lib, "load_pixels", lambda name, data_dir, split, download=True, image_shape=None:
+                        pixels[split])  # CIFAR-10 and SVHN, here
+    write_images(tmp_path / "own" / "train", pixels["train"][:12].view(-1, 3, 32, 32))
+    write_images(tmp_path / "own" / "test", pixels["test"].view(-1, 3, 32, 32))
+    svhn = data_lib.Preprocess(data_lib.dataset_info("svhn")).fit(pixels["train"][:300],
+                                                                              torch.Generator().manual_seed(0))
+    plain = data_lib.Preprocess(data_lib.dataset_info("images", (3, 32, 32)))
+    model = trained_a_little(NICE(3072, num_coupling_layers=2, num_hidden_layers=0, hidden_dim=4,
+                                  image_shape=(3, 32, 32))).eval()
+    nice_ext.save_model(model, str(tmp_path / "svhn.pt"), dataset="svhn", preprocess=svhn)
+    nice_ext.save_model(model, str(tmp_path / "own.pt"), dataset="images")
+    for checkpoint, dataset, preprocess in (("svhn.pt", "images", svhn), ("svhn.pt", "cifar10", svhn),
+                                            ("own.pt", "svhn", plain)):
+        scores = tmp_path / f"{checkpoint}-{dataset}.npy"
+        assert run_tool(evaluate.main, [str(tmp_path / checkpoint), "--dataset", dataset, "--data-dir",
+                                        str(tmp_path / "own"), "--draws", "1", "--device", "cpu", "--scores",
+                                        str(scores)]) == 0
+        expected = evaluate.image_log_likelihood_draws(model, preprocess, pixels["test"], 1)[0]
+        torch.testing.assert_close(torch.from_numpy(np.load(scores)), expected, rtol=0, atol=1e-6)
+    whitened, unwhitened = (evaluate.image_log_likelihood_draws(model, p, pixels["test"], 1)[0] for p in (svhn, plain))
+    assert (whitened - unwhitened).abs().min() > 100  # the whitening is no detail
+    assert run_tool(inpaint.main, [str(tmp_path / "svhn.pt"), "--dataset", "images", "--data-dir", str(tmp_path / "own"),
+                                   "--device", "cpu", "--out", str(tmp_path / "i.png")]) == 2
+    assert capsys.readouterr().err == (f"error: inpainting works in pixel space, and {tmp_path / 'svhn.pt'}'s model "
+                                       f"sees whitened images (it was trained on svhn)\n")
 
 
 def test_the_tools_take_a_saved_model(tmp_path, capsys):
