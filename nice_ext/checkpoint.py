@@ -111,15 +111,25 @@ def check_training_state(payload: Dict[str, Any], path: str) -> None:
                               f"that python -m nice_ext.train wrote")
 
 
-def model_dataset_info(model: NICE, name: str) -> data_lib.DatasetInfo:
+def model_dataset_info(model: NICE, name: str, whiten: bool = False) -> data_lib.DatasetInfo:
     """dataset_info of ``name`` as ``model`` reads it: the images dataset (one's own) in the model's image
-    shape, which its files must have. ValueError for a model without an image shape."""
+    shape, which its files must have, whitened with ``whiten``. ValueError for a model without an image
+    shape."""
     if name != data_lib.IMAGES:
         return data_lib.dataset_info(name)
     if model.image_shape is None:
         raise ValueError("the images dataset's files must have the model's image shape, and this model has none "
                          "(NICE(..., image_shape=(C, H, W)))")
-    return data_lib.dataset_info(name, model.image_shape)
+    return data_lib.dataset_info(name, model.image_shape, whiten)
+
+
+def trained_dataset_info(model: NICE, payload: Dict[str, Any]) -> Optional[data_lib.DatasetInfo]:
+    """model_dataset_info of the dataset the checkpoint ``payload`` names (None where it names none), whitened
+    as its model was trained: one's own images were whitened when the checkpoint holds their whitening."""
+    if payload["dataset"] is None:
+        return None
+    whitened = payload["dataset"] == data_lib.IMAGES and "zca.matrix" in payload["preprocess_state"]
+    return model_dataset_info(model, payload["dataset"], whitened)
 
 
 def dataset_mismatch(model: NICE, info: data_lib.DatasetInfo) -> Optional[str]:
@@ -170,7 +180,8 @@ def save_model(model: NICE, path: str, dataset: Optional[str] = None,
     that read that data too (``python -m nice_ext.evaluate`` and ``inpaint``); the model must then have its
     images' features and data range. A whitened dataset (CIFAR-10, SVHN) also needs the fitted
     ``data.Preprocess`` the model was trained behind, as ``preprocess``; one's own image files
-    (``"images"``) need a model built with their ``image_shape``.
+    (``"images"``) need a model built with their ``image_shape``, and their fitted ``preprocess`` where the
+    model was trained on them whitened (``data.dataset_info("images", shape, whiten=True)``).
 
     Raises ``TypeError`` for anything but a NICE model (a ``torch.compile``d one or one wrapped in
     DistributedDataParallel is unwrapped), and ``ValueError`` for a dataset the model does not fit and for
@@ -182,7 +193,8 @@ def save_model(model: NICE, path: str, dataset: Optional[str] = None,
             raise ValueError("preprocess is the preprocessing of a dataset: pass dataset= as well")
         preprocess_state: Dict[str, Any] = {}
     else:
-        info = model_dataset_info(model, dataset)
+        info = model_dataset_info(model, dataset, dataset == data_lib.IMAGES and preprocess is not None
+                                  and getattr(preprocess, "zca", None) is not None)
         mismatch = dataset_mismatch(model, info)
         if mismatch:
             raise ValueError(f"the model does not fit {dataset}: {mismatch}")

@@ -12,7 +12,8 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 from . import data as data_lib
-from .checkpoint import CheckpointError, dataset_mismatch, load_checkpoint, model_dataset_info, model_from_checkpoint
+from .checkpoint import (CheckpointError, dataset_mismatch, load_checkpoint, model_dataset_info, model_from_checkpoint,
+                         trained_dataset_info)
 from .data import DataError
 from .files import check_can_write_in
 from .model import NICE
@@ -117,7 +118,7 @@ def inference_data(model: NICE, payload: dict, path: str, device: torch.device, 
         raise UsageError(f"{path} names no dataset (saved by nice_ext.save_model without dataset=): pass --dataset, "
                          f"the images to read")
     try:
-        trained = model_dataset_info(model, payload["dataset"]) if payload["dataset"] is not None else None
+        trained = trained_dataset_info(model, payload)
     except ValueError as error:  # the images dataset for a model without an image shape
         raise CheckpointError(f"{path}: {error}") from None
     try:

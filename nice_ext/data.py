@@ -16,7 +16,8 @@ downloaded through torchvision when ``download`` is set; otherwise a clear error
 
 The ``images`` dataset is one's own: ``DIR/train/`` and ``DIR/test/`` hold image files of one size, 8-bit
 grayscale or RGB, in any format the image library reads (found in subfolders too; other files are passed
-over). Its pixels are dequantized as MNIST's, to [0, 1], and not whitened. A sixth of the training images,
+over). Its pixels are dequantized as MNIST's, to [0, 1], and whitened only when asked (``whiten``, the
+train tool's ``--whiten``). A sixth of the training images,
 at most 10,000, drawn once with a fixed seed, validates; the test images keep the order of their paths.
 """
 
@@ -68,16 +69,20 @@ INFO = {
 }
 
 
-def dataset_info(name: str, image_shape: Optional[Tuple[int, int, int]] = None) -> DatasetInfo:
+def dataset_info(name: str, image_shape: Optional[Tuple[int, int, int]] = None, whiten: bool = False) -> DatasetInfo:
     """What the tools know of dataset ``name``. The ``images`` dataset's image shape is that of its files
     (``image_shape``: read from them, or the shape of a model trained on them); the others have their own,
-    which ``image_shape``, when given, must be."""
+    which ``image_shape``, when given, must be. ``whiten``: the images dataset ZCA-whitened, as the paper
+    whitens CIFAR-10 and SVHN (the named datasets are whitened as the paper does, or not)."""
     if name == IMAGES:
         if image_shape is None:
             raise ValueError("the images dataset has the image shape of its files: pass image_shape=(C, H, W)")
-        return DatasetInfo(IMAGES, check_image_shape(image_shape), (0.0, 1.0), False)
+        return DatasetInfo(IMAGES, check_image_shape(image_shape), (0.0, 1.0), bool(whiten))
     if name not in INFO:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    if whiten:
+        raise ValueError(f"whiten is for the images dataset; {name} is "
+                         f"{'whitened' if INFO[name].whiten else 'not whitened'}, as in the paper")
     if image_shape is not None and tuple(image_shape) != INFO[name].image_shape:
         raise ValueError(f"{name}'s images are {INFO[name].image_shape} (C, H, W), not {tuple(image_shape)}")
     return INFO[name]
@@ -384,11 +389,11 @@ def shuffled_once(pixels: Tensor) -> Tensor:
 
 
 def load_splits(name: str, data_dir: str, download: bool = True, subset: Optional[int] = None,
-                image_shape: Optional[Tuple[int, int, int]] = None) -> Splits:
+                image_shape: Optional[Tuple[int, int, int]] = None, whiten: bool = False) -> Splits:
     """Train / validation / test pixels. Validation is the last training images (``validation_size``: model
     selection only, never trained on), of one's own images after ``shuffled_once``; ``subset`` keeps the first
     N training images. ``image_shape``: the shape the images dataset's files must have (else the first
-    training image's)."""
+    training image's); ``whiten``: see ``dataset_info``."""
     digest = None
     if name == IMAGES:
         given = image_shape is not None
@@ -400,7 +405,7 @@ def load_splits(name: str, data_dir: str, download: bool = True, subset: Optiona
     else:
         train_all = load_pixels(name, data_dir, "train", download, image_shape)
         test = load_pixels(name, data_dir, "test", download)
-    info = dataset_info(name, image_shape)
+    info = dataset_info(name, image_shape, whiten)
     held_out = validation_size(name, train_all.shape[0])
     if held_out < 1 or train_all.shape[0] <= held_out:
         need = 6 if name == IMAGES else VALIDATION_SIZE + 1

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "8-bit grayscale or RGB, in DIR/train/ and DIR/test/ of --data-dir DIR (a sixth of "
                            "train/, at most 10,000, drawn once with a fixed seed, validates)")
     add_data_arguments(data)
+    data.add_argument("--whiten", action="store_true",
+                      help="--dataset images: ZCA-whiten the images with a matrix fitted on the training split, as "
+                           "the paper does for CIFAR-10 and SVHN (likelihoods stay in pixel space)")
     data.add_argument("--subset", type=int, default=None, help="train on the first N training images")
 
     model = p.add_argument_group("model")
@@ -232,6 +235,10 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
     options = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
     if "dataset" in args.explicit and args.dataset != resume["dataset"]:
         raise CheckpointError(f"{path}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
+    whitened = resume["dataset"] == data_lib.IMAGES and "zca.matrix" in resume["preprocess_state"]
+    if "whiten" in args.explicit and resume["dataset"] == data_lib.IMAGES and args.whiten != whitened:
+        raise UsageError(f"--whiten: {path} was trained on images that were not whitened; a resumed run keeps its "
+                         f"preprocessing")
     for dest, key in ARCHITECTURE.items():
         stored = resume["model_config"][key]
         if dest in args.explicit and getattr(args, dest) != stored:
@@ -250,13 +257,20 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
         elif getattr(args, dest) != value and dest in options:
             changed.append(f"{options[dest]} {getattr(args, dest)} (was {value})")
     args.dataset = resume["dataset"]
+    if "whiten" not in args.explicit:  # (an old checkpoint's args lack it: its preprocessing says)
+        args.whiten = whitened
     if "out_dir" not in args.explicit:
         args.out_dir = os.path.dirname(path) or os.curdir  # as given: messages name the path the user typed
     return changed
 
 
-def check_optimizer_settings(args: argparse.Namespace) -> None:
-    """Checks that depend on the optimizer, made once a resumed run has its settings from the checkpoint."""
+def check_resolved_settings(args: argparse.Namespace) -> None:
+    """Checks that depend on the optimizer or the dataset, made once a resumed run has its settings from the
+    checkpoint."""
+    if args.whiten and args.dataset != data_lib.IMAGES:
+        raise UsageError(f"--whiten is for --dataset images; {args.dataset} is "
+                         f"{'whitened' if data_lib.dataset_info(args.dataset).whiten else 'not whitened'}, as in "
+                         f"the paper")
     if args.momentum_warmup and args.optimizer != "rmsprop":
         raise UsageError("--momentum-warmup applies to --optimizer rmsprop (Adam's --momentum is its beta1)")
 
@@ -677,7 +691,7 @@ class Trainer:
             if ctx.is_main:
                 print(f"resuming {args.resume} after epoch {resume['epoch']} (step {resume['step']})"
                       + (f", changing {', '.join(changed)}" if changed else ""), flush=True)
-        check_optimizer_settings(args)
+        check_resolved_settings(args)
         made_folders = missing_folders(args.out_dir) if ctx.is_main else []
         replaced = prepare_out_dir(args, ctx.is_main, resume["step"] if resume is not None else None)
         with removed_if_left_empty(made_folders):  # a run that cannot start leaves no empty folder behind
@@ -735,7 +749,7 @@ class Trainer:
         # one's own images (the images dataset) must have the shape of the model a resumed run trains
         image_shape = resume["model_config"].get("image_shape") if resume and args.dataset == data_lib.IMAGES else None
         splits = data_lib.load_splits(args.dataset, args.data_dir, download=not args.no_download, subset=args.subset,
-                                      image_shape=image_shape)
+                                      image_shape=image_shape, whiten=args.whiten)
         if resume is not None and resume.get("images_digest") not in (None, splits.digest):
             raise UsageError(f"--data-dir {args.data_dir}: its images (train/ and test/) are not those "
                              f"{args.resume} was trained on")

@@ -151,8 +151,12 @@ def test_other_images_are_scored_through_the_models_own_preprocessing(tmp_path, 
                                   image_shape=(3, 32, 32))).eval()
     nice_ext.save_model(model, str(tmp_path / "svhn.pt"), dataset="svhn", preprocess=svhn)
     nice_ext.save_model(model, str(tmp_path / "own.pt"), dataset="images")
+    whitened_own = data_lib.Preprocess(data_lib.dataset_info("images", (3, 32, 32), whiten=True)).fit(
+        pixels["train"][:300], torch.Generator().manual_seed(1))  # one's own images, whitened (train --whiten)
+    nice_ext.save_model(model, str(tmp_path / "own-whitened.pt"), dataset="images", preprocess=whitened_own)
     for checkpoint, dataset, preprocess in (("svhn.pt", "images", svhn), ("svhn.pt", "cifar10", svhn),
-                                            ("own.pt", "svhn", plain)):
+                                            ("own.pt", "svhn", plain), ("own-whitened.pt", "images", whitened_own),
+                                            ("own-whitened.pt", "svhn", whitened_own)):
         scores = tmp_path / f"{checkpoint}-{dataset}.npy"
         assert run_tool(evaluate.main, [str(tmp_path / checkpoint), "--dataset", dataset, "--data-dir",
                                         str(tmp_path / "own"), "--draws", "1", "--device", "cpu", "--scores",

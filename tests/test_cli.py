@@ -226,6 +226,43 @@ def test_ones_own_images_train_resume_and_every_tool_reads_them(trained, tmp_pat
         capsys.readouterr().err
 
 
+def test_ones_own_images_whitened_train_resume_and_score_in_pixel_space(tmp_path, capsys):
+    """--whiten: one's own images ZCA-whitened as the paper whitens CIFAR-10 and SVHN. The whitening is
+    fitted on the training split, kept in the checkpoints, taken by evaluate (which repeats the run's test
+    score), by sample (which undoes it) and by a resume (which cannot drop it), and refused elsewhere."""
+    own = mnist_as_image_files(tmp_path / "own", 600, 50)
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "images", "--whiten", "--data-dir", own, "--out-dir", out, "--epochs", "1",
+                       *TINY]) == 0
+    best = os.path.join(out, "best.pt")
+    state = load_checkpoint(best)["preprocess_state"]
+    splits = data_lib.load_splits("images", own)
+    expected = data_lib.Preprocess(data_lib.dataset_info("images", (1, 28, 28), whiten=True))
+    expected.fit(splits.train, torch.Generator().manual_seed(0))  # the run's --seed 0
+    assert torch.equal(state["zca.matrix"], expected.zca.matrix) and float(state["zca.log_det"]) > 1000
+    with open(os.path.join(out, "result.json")) as f:
+        run_score = json.load(f)["test_ll_nats"]
+    assert run_in_process(evaluate.main, [best, "--data-dir", own, "--draws", "1", "--json", str(tmp_path / "s.json"),
+                                          "--device", "cpu"]) == 0
+    with open(tmp_path / "s.json") as f:
+        assert json.load(f)["ll_nats"] == pytest.approx(run_score, abs=0.006)  # with log|det W|, as training
+    assert run_in_process(sample.main, [best, "--out", str(tmp_path / "s.png"), "--device", "cpu"]) == 0
+    assert train.main(["--resume", os.path.join(out, "last.pt"), "--epochs", "2", "--data-dir", own]) == 0
+    assert torch.equal(load_checkpoint(os.path.join(out, "last.pt"))["preprocess_state"]["zca.matrix"],
+                       state["zca.matrix"])
+    capsys.readouterr()
+    plain = str(tmp_path / "plain")
+    assert train.main(["--dataset", "images", "--data-dir", own, "--out-dir", plain, "--epochs", "1", *TINY]) == 0
+    assert "zca.matrix" not in load_checkpoint(os.path.join(plain, "last.pt"))["preprocess_state"]
+    assert train.main(["--resume", os.path.join(plain, "last.pt"), "--whiten", "--epochs", "2"]) == 2
+    assert (f"--whiten: {plain}/last.pt was trained on images that were not whitened; a resumed run keeps its "
+            f"preprocessing") in capsys.readouterr().err
+    assert train.main(["--dataset", "mnist", "--whiten", "--data-dir", data_dir(), "--out-dir",
+                       str(tmp_path / "m"), *TINY]) == 2
+    assert "--whiten is for --dataset images; mnist is not whitened, as in the paper" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "m")
+
+
 def test_the_score_line_says_how_many_draws_it_averages():
     assert evaluate.summary([-1000.0, -1002.0], 784, (0.0, 1.0)) == \
         "-1001.00 nats, 9.8420 bits/dim (mean of 2 dequantization draws, spread 1.000 nats)"
