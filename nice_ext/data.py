@@ -296,6 +296,17 @@ def dequantize(pixels: Tensor, data_range: Tuple[float, float], generator: Optio
     return (pixels.to(dtype) + noise) * ((high - low) / 256.0) + low
 
 
+def quantize(x: Tensor, data_range: Tuple[float, float]) -> Tensor:
+    """The 8-bit levels (uint8) whose dequantization bins hold ``x``: floor((x - low) * 256 / (high - low)),
+    clamped to 0..255 (a sample may leave the data range). It undoes ``dequantize`` (to within float32's
+    rounding at the very edge of a bin; exactly in float64)."""
+    low, high = check_data_range(data_range)
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    levels = torch.floor((x.double() - low) * (256.0 / (high - low)))
+    return levels.nan_to_num(0.0).clamp(0, 255).to(torch.uint8)
+
+
 def bits_per_dim(log_likelihood_nats: float, dim: int, data_range: Tuple[float, float]) -> float:
     """Bits per dimension of the discrete pixels: (-LL + D ln(256 / width)) / (D ln 2)."""
     try:

@@ -60,10 +60,6 @@ def sample_images(model: NICE, n: int, preprocess=None, temperature: float = 1.0
     return images
 
 
-def sample_grid(model: NICE, n: int, path: str, preprocess=None, temperature: float = 1.0, image_shape=None) -> None:
-    save_grid(sample_images(model, n, preprocess, temperature, image_shape), path)
-
-
 def training_curve(history: List[Dict[str, float]], path: str) -> None:
     fig, ax = figure()
     epochs = [row["epoch"] for row in history]

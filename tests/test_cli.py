@@ -116,6 +116,14 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     assert score["command"].startswith("python -m nice_ext.evaluate ") and score["commit"] and score["date"]
     result = run_tool("sample", best, "--n", "9", "--out", str(tmp_path / "s.png"), "--device", "cpu")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "s.png") > 0, result.stderr
+    result = run_tool("sample", best, "--n", "9", "--out", str(tmp_path / "s.npy"), "--device", "cpu", "--seed", "3")
+    assert result.returncode == 0 and "(uint8 pixels, 9 x 1 x 28 x 28)" in result.stdout, result.stderr
+    pixels = np.load(tmp_path / "s.npy")
+    model = nice_ext.load_model(best)
+    torch.manual_seed(3)  # the tool's draws, quantized by hand: the 8-bit levels whose bins hold them
+    drawn = model.sample(9).double()
+    assert pixels.dtype == np.uint8 and np.array_equal(
+        pixels, torch.floor(drawn * 256).clamp(0, 255).to(torch.uint8).view(9, 1, 28, 28).numpy())
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
                       "--steps", "5", "--device", "cpu", "--no-download")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
@@ -862,7 +870,7 @@ def test_a_folder_one_cannot_write_in_is_refused_before_the_work(trained, tmp_pa
 
     def drawn(*args, **kwargs):
         raise AssertionError("the work began")
-    monkeypatch.setattr(sample.plots, "sample_grid", drawn)
+    monkeypatch.setattr(sample.plots, "sample_images", drawn)
     monkeypatch.setattr(evaluate, "image_log_likelihood_draws", drawn)
     monkeypatch.setattr(train.Trainer, "fit", drawn)
     try:
@@ -1099,7 +1107,7 @@ def test_ctrl_c_in_any_tool_is_one_line_and_status_130(trained, tmp_path, capsys
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(sample.plots, "sample_grid", interrupted)  # Ctrl-C while the grid is drawn
+    monkeypatch.setattr(sample.plots, "sample_images", interrupted)  # Ctrl-C while the grid is drawn
     assert run_in_process(sample.main, [os.path.join(out, "best.pt"), "--out", str(tmp_path / "s.png"),
                                         "--device", "cpu"]) == 130
     assert capsys.readouterr().err == "interrupted\n" and not os.path.exists(tmp_path / "s.png")

@@ -45,6 +45,20 @@ def test_dequantization_takes_integer_levels_and_refuses_scaled_floats():
         data_lib.dequantize([[0, 1]], (0.0, 1.0))
 
 
+@pytest.mark.parametrize("data_range", [(0.0, 1.0), (-1.0, 1.0)])
+def test_quantize_gives_back_the_levels_dequantize_was_given(data_range):
+    pixels = torch.randint(0, 256, (200, 784), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    exact = data_lib.dequantize(pixels, data_range, torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert torch.equal(data_lib.quantize(exact, data_range), pixels)
+    single = data_lib.dequantize(pixels, data_range, torch.Generator().manual_seed(1))  # float32: a bin's very edge
+    assert (data_lib.quantize(single, data_range) == pixels).double().mean() > 0.9999  # may round into the next
+    low, high = data_range
+    outside = torch.tensor([low - 1.0, high + 1.0, high, float("nan"), low])
+    assert data_lib.quantize(outside, data_range).tolist() == [0, 255, 255, 0, 0]  # clamped; NaN as level 0
+    with pytest.raises(TypeError, match="floating-point"):
+        data_lib.quantize(pixels, data_range)
+
+
 @pytest.mark.parametrize("data_range, error", [((1.0, 0.0), ValueError), ((0.0, float("nan")), ValueError),
                                                ((-float("inf"), 1.0), ValueError), (1.0, TypeError)])
 def test_a_data_range_that_is_no_interval_is_refused(data_range, error):
