@@ -4,12 +4,13 @@ masks of one's own from image files), and each mask's error on the missing pixel
 them with mid-grey.
 
     python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out inpaint.png
-    python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out hole.png --mask-file hole.png
+    python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out filled.png --mask-file hole.png
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
@@ -120,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.n < 1 or args.steps < 0:
         raise UsageError(f"--n must be positive and --steps >= 0, got {args.n}, {args.steps}")
     check_image_out(args.out)
+    if any(os.path.realpath(path) == os.path.realpath(args.out) for path in args.mask_file):
+        raise UsageError(f"--out {args.out} is a --mask-file: name another file for the inpainting")
     device = pick_device(args.device)
     model, payload = load_for_inference(args.checkpoint, device)
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)

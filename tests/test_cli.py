@@ -311,6 +311,11 @@ def test_inpaint_takes_a_choice_of_masks_and_masks_of_ones_own(trained, tmp_path
     Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "none.png")
     Image.fromarray(hole[:20]).save(tmp_path / "short.png")
     (tmp_path / "text.png").write_text("not an image")
+    mask_bytes = (tmp_path / "hole.png").read_bytes()
+    assert run_in_process(inpaint.main, base + ["--out", str(tmp_path / "hole.png"), "--mask-file",
+                                                str(tmp_path / "hole.png")]) == 2
+    assert f"--out {tmp_path / 'hole.png'} is a --mask-file: name another file" in capsys.readouterr().err
+    assert (tmp_path / "hole.png").read_bytes() == mask_bytes
     for extra, message in ((["--masks", "middle"], "--masks: unknown mask 'middle'; choose among top, bottom"),
                            (["--masks", ","], "no masks: name some with --masks or give --mask-file"),
                            (["--mask-file", str(tmp_path / "gone.png")], "no such file"),
