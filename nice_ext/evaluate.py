@@ -124,9 +124,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     device = pick_device(args.device)
     model, payload = load_for_inference(args.checkpoint, device)
     info, preprocess = inference_data(model, payload, args.checkpoint, device, args.dataset)
-    splits = data_lib.load_splits(info.name, args.data_dir, download=not args.no_download,
-                                  image_shape=info.image_shape)
-    pixels = getattr(splits, args.split).to(device)
+    if args.split == "test":  # the test images alone: one's own need only DIR/test/
+        pixels = data_lib.load_pixels(info.name, args.data_dir, "test", download=not args.no_download,
+                                      image_shape=info.image_shape)
+    else:
+        pixels = getattr(data_lib.load_splits(info.name, args.data_dir, download=not args.no_download,
+                                              image_shape=info.image_shape), args.split)
+    pixels = pixels.to(device)
     image_scores = image_log_likelihood_draws(model, preprocess, pixels, args.draws, args.batch_size, args.seed)
     draws = mean_per_draw(image_scores)
     print(f"{info.name} {args.split} ({pixels.shape[0]} images): "

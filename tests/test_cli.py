@@ -226,6 +226,12 @@ def test_ones_own_images_train_resume_and_every_tool_reads_them(trained, tmp_pat
     capsys.readouterr()
     assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", own, *data]) == 0
     assert "images test (50 images): " in capsys.readouterr().out
+    shutil.rmtree(os.path.join(own, "train"))  # the test images alone are scored: DIR/test/ is enough
+    assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", own, *data]) == 0
+    assert "images test (50 images): " in capsys.readouterr().out
+    assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", own, "--split", "valid",
+                                          *data]) == 1
+    assert f"images: no folder {own}/train/" in capsys.readouterr().err
     write_images(str(tmp_path / "rgb" / "train"), torch.zeros(6, 3, 28, 28, dtype=torch.uint8))
     write_images(str(tmp_path / "rgb" / "test"), torch.zeros(1, 3, 28, 28, dtype=torch.uint8))
     assert run_in_process(evaluate.main, [mnist_best, "--dataset", "images", "--data-dir", str(tmp_path / "rgb"),
