@@ -1,7 +1,7 @@
 """Inpainting with a trained model (paper §5.2): test images, their masked versions and the filled-in
-results, one row group per mask (top / bottom / left / right half missing, 75 % and 90 % random, or
-masks of one's own from image files), and each mask's error on the missing pixels, beside that of filling
-them with mid-grey.
+results, one row group per mask (the masks of the authors' released demo: top / bottom / left / right half,
+even or odd columns, the middle rows or columns, 75 % and 90 % at random missing; or masks of one's own
+from image files), and each mask's error on the missing pixels, beside that of filling them with mid-grey.
 
     python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out inpaint.png
     python -m nice_ext.inpaint runs/mnist/best.pt --data-dir data --out filled.png --mask-file hole.png
@@ -22,16 +22,26 @@ from . import plots
 from .cli_common import (UsageError, add_data_arguments, add_dataset_argument, add_device_argument, check_image_out,
                          inference_data, load_for_inference, pick_device, run_tool, seed_value, tool_parser)
 
-MASK_NAMES = ("top", "bottom", "left", "right", "random75", "random90")
+# The masks of the authors' released MNIST inpainting demo (laurent-dinh/nice,
+# pylearn2/scripts/reconstruct_mnist_gif.py), each named by what is missing: a half of the image, every
+# other column (its stripes: `m[:, ::2]` of a 28-wide image), the middle half of the rows or of the
+# columns (`m[:, 196:588]`, and columns 7-20 of each row), and 75 % or 90 % of the pixels at random.
+MASK_NAMES = ("top", "bottom", "left", "right", "stripes-even", "stripes-odd", "middle-rows", "middle-columns",
+              "random75", "random90")
 
 
 def observed_masks(image_shape, generator: torch.Generator) -> Dict[str, torch.Tensor]:
-    """Observed-pixel masks (True = kept), flattened like the images."""
+    """Observed-pixel masks (True = kept) of MASK_NAMES, flattened like the images; a pixel missing is missing
+    in every channel."""
     channels, height, width = image_shape
     rows = torch.arange(height).view(height, 1).expand(height, width)
     cols = torch.arange(width).view(1, width).expand(height, width)
+    middle_rows = (rows >= height // 4) & (rows < 3 * height // 4)
+    middle_cols = (cols >= width // 4) & (cols < 3 * width // 4)
     spatial = {"top": rows >= height // 2, "bottom": rows < height // 2,  # "top" = the top half is missing
                "left": cols >= width // 2, "right": cols < width // 2,
+               "stripes-even": cols % 2 == 1, "stripes-odd": cols % 2 == 0,  # the even or the odd columns missing
+               "middle-rows": ~middle_rows, "middle-columns": ~middle_cols,
                "random75": torch.rand(height, width, generator=generator) >= 0.75,
                "random90": torch.rand(height, width, generator=generator) >= 0.90}
     return {name: m.expand(channels, height, width).reshape(-1).clone() for name, m in spatial.items()}

@@ -216,8 +216,9 @@ def test_the_tools_take_a_saved_model(tmp_path, capsys):
                                        "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png"), *args]) == 0
     assert run_tool(inpaint.main, [flat_mnist, "--device", "cpu", "--data-dir", data_dir(), "--no-download",
                                    "--n", "2", "--steps", "1", "--out", str(tmp_path / "i.png")]) == 0
-    with Image.open(tmp_path / "i.png") as grid:  # 6 masks x 3 rows of 2 images of 28 x 28
-        assert grid.size == (2 * 28 + 3 * 2, 18 * 28 + 19 * 2)
+    rows = 3 * len(inpaint.MASK_NAMES)
+    with Image.open(tmp_path / "i.png") as grid:  # 3 rows per mask (originals, masked, filled) of 2 images of 28 x 28
+        assert grid.size == (2 * 28 + 3 * 2, rows * 28 + (rows + 1) * 2)
 
 
 def test_a_model_of_ones_own_images_is_saved_with_its_image_shape(tmp_path, capsys):

@@ -127,7 +127,7 @@ def test_evaluate_sample_inpaint(trained, tmp_path):
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "i.png"), "--n", "2",
                       "--steps", "5", "--device", "cpu", "--no-download")
     assert result.returncode == 0 and os.path.getsize(tmp_path / "i.png") > 0, result.stderr
-    errors = re.findall(r"(\w+) ([\d.]+) \(grey ([\d.]+)\)", result.stdout.splitlines()[-1])
+    errors = re.findall(r"([\w-]+) ([\d.]+) \(grey ([\d.]+)\)", result.stdout.splitlines()[-1])
     assert [name for name, _, _ in errors] == list(inpaint.MASK_NAMES), result.stdout
     assert all(0 < float(filled) < 256 and 0 < float(grey) < 256 for _, filled, grey in errors), errors
     result = run_tool("inpaint", best, "--data-dir", data_dir(), "--out", str(tmp_path / "all.png"), "--n", "10001",

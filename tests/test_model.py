@@ -352,6 +352,31 @@ def test_inpaint_tool_fills_every_mask_in_one_batch():
         assert (filled[name][:, ~observed] != x[:, ~observed]).all(), name
 
 
+def test_inpaint_tools_masks_are_those_of_the_authors_released_demo():
+    """The released MNIST demo (laurent-dinh/nice, pylearn2/scripts/reconstruct_mnist_gif.py) builds its
+    masks on the flattened 28 x 28 image; the tool builds them in two dimensions: the same pixels."""
+    from nice_ext.inpaint import MASK_NAMES, observed_masks
+
+    released = {name: torch.ones(784, dtype=torch.bool) for name in MASK_NAMES[:8]}
+    released["top"][:392] = False
+    released["bottom"][392:] = False
+    released["stripes-even"][::2] = False
+    released["stripes-odd"][1::2] = False
+    released["middle-rows"][196:588] = False
+    for i in range(28):
+        released["left"][i * 28:(2 * i + 1) * 14] = False
+        released["right"][(2 * i + 1) * 14:(i + 1) * 28] = False
+        released["middle-columns"][(4 * i + 1) * 7:(4 * i + 3) * 7] = False
+    masks = observed_masks((1, 28, 28), torch.Generator().manual_seed(0))
+    assert list(masks) == list(MASK_NAMES)
+    for name, observed in released.items():
+        assert torch.equal(masks[name], observed), name
+    for name, kept in (("random75", 0.25), ("random90", 0.10)):  # binomial(p=.25) and (p=.1) kept in the demo
+        assert abs(masks[name].double().mean().item() - kept) < 0.05, name
+    rgb = observed_masks((3, 28, 28), torch.Generator().manual_seed(0))  # a missing pixel, in every channel
+    assert all(torch.equal(rgb[name], masks[name].repeat(3)) for name in MASK_NAMES)
+
+
 def test_inpainting_raises_the_likelihood():
     model = small_model(dim=6, seed=3)
     x = torch.rand(64, 6, dtype=torch.float64)
