@@ -12,7 +12,7 @@
 # finished) and the run's result.json (status, test log-likelihood, device, commit, command, ...) is copied
 # to $RESULTS_DIR/reproduce_mnist_TAG.json with metrics.csv, the PNGs and the log in
 # $RESULTS_DIR/reproduce_mnist_TAG/ (default benchmarks/results). Also: DATA_DIR (default data),
-# PYTHON (default python3), INPAINT_STEPS (default 1000).
+# PYTHON (default python3), INPAINT_STEPS (default 10000, as the inpaint tool's).
 set -euo pipefail
 if [ $# -lt 1 ] || [[ "$1" == -* ]]; then
   sed -n 4p "$0" | sed 's/^# *//' >&2
@@ -69,7 +69,7 @@ else
 fi
 if [ -f "$run_dir/best.pt" ]; then
   "$python" -m nice_ext.inpaint "$run_dir/best.pt" --data-dir "$data_dir" --out "$run_dir/inpaint.png" \
-    --steps "${INPAINT_STEPS:-1000}"
+    --steps "${INPAINT_STEPS:-10000}"
 else
   echo "== no epoch has finished yet, so there is no best.pt to inpaint with"
 fi
