@@ -123,13 +123,18 @@ def model_dataset_info(model: NICE, name: str, whiten: bool = False) -> data_lib
     return data_lib.dataset_info(name, model.image_shape, whiten)
 
 
+def trained_on_whitened_images(payload: Dict[str, Any]) -> bool:
+    """Whether the checkpoint ``payload``'s model was trained on one's own images whitened (``train --whiten``):
+    its preprocessing holds their whitening (the named datasets are whitened or not by name)."""
+    return payload["dataset"] == data_lib.IMAGES and "zca.matrix" in payload["preprocess_state"]
+
+
 def trained_dataset_info(model: NICE, payload: Dict[str, Any]) -> Optional[data_lib.DatasetInfo]:
     """model_dataset_info of the dataset the checkpoint ``payload`` names (None where it names none), whitened
-    as its model was trained: one's own images were whitened when the checkpoint holds their whitening."""
+    as its model was trained."""
     if payload["dataset"] is None:
         return None
-    whitened = payload["dataset"] == data_lib.IMAGES and "zca.matrix" in payload["preprocess_state"]
-    return model_dataset_info(model, payload["dataset"], whitened)
+    return model_dataset_info(model, payload["dataset"], trained_on_whitened_images(payload))
 
 
 def dataset_mismatch(model: NICE, info: data_lib.DatasetInfo) -> Optional[str]:

@@ -39,7 +39,7 @@ import torch
 from . import data as data_lib
 from . import provenance
 from .checkpoint import (CheckpointError, check_training_state, dataset_mismatch, host_copy, load_checkpoint,
-                         make_checkpoint, model_from_checkpoint, save_atomic)
+                         make_checkpoint, model_from_checkpoint, save_atomic, trained_on_whitened_images)
 from .cli_common import UsageError, add_data_arguments, add_device_argument, pick_device, run_tool, seed_value
 from .cuda_graph import GraphedTrainStep, optimizer_step
 from .evaluate import average_log_likelihood, log_likelihood_draws, summary
@@ -235,7 +235,7 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
     options = {action.dest: action.option_strings[0] for action in build_parser()._actions if action.option_strings}
     if "dataset" in args.explicit and args.dataset != resume["dataset"]:
         raise CheckpointError(f"{path}: trained on {resume['dataset']}, but --dataset is {args.dataset}")
-    whitened = resume["dataset"] == data_lib.IMAGES and "zca.matrix" in resume["preprocess_state"]
+    whitened = trained_on_whitened_images(resume)
     if "whiten" in args.explicit and resume["dataset"] == data_lib.IMAGES and args.whiten != whitened:
         raise UsageError(f"--whiten: {path} was trained on images that were not whitened; a resumed run keeps its "
                          f"preprocessing")
