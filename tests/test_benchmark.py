@@ -145,7 +145,7 @@ def test_provenance_records_the_cuda_kernel_versions_on_cuda(device):
         assert "cuda_kernels" not in fields  # the CPU kernels have one generation
 
 
-def test_kernel_version_comparison_times_each_version_in_turns(monkeypatch, tmp_path):
+def test_kernel_version_comparison_times_each_version_in_turns(monkeypatch, tmp_path, capsys):
     """benchmarks/compare_kernel_versions.py with its timer replaced by one that notes which version each op
     runs at each call and answers a time per version: the turns alternate, every entry's passes are timed
     under both versions, and the speed-ups and the verdicts follow from the times."""
@@ -176,6 +176,9 @@ def test_kernel_version_comparison_times_each_version_in_turns(monkeypatch, tmp_
     result = compare.main(["--device", "cpu", "--sizes", "3x10,2x7", "--dtypes", "float32,float64", "--rounds", "3",
                            "--min-run-time", "0.01", "--out", str(tmp_path)])
     assert ops.cuda_kernel_versions() == before
+    # each entry's times are logged as it is done (a run stopped short still tells them)
+    assert ("  coupling float32 3x10: fwd v1 2.0000 ms, v2 1.0000 ms (2.00x); bwd v1 2.0000 ms, v2 1.0000 ms (2.00x)"
+            in capsys.readouterr().err.splitlines())
     # per entry and pass: 1 2, 2 1, 1 2
     entries = 3 * 2 * 2 * 2
     assert [v for _, v in seen] == [1, 2, 2, 1, 1, 2] * entries
