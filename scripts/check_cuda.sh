@@ -7,7 +7,9 @@
 #                 the reference on the CPU and on each GPU (a quick first look at a new machine or build)
 #     bad-input   scripts/repro_bad_input.py: do bad arguments with CUDA tensors raise, or crash the process?
 #     cuda-tests  the tests whose names say cuda (the CUDA variants of the op, model and training tests),
-#                 with each op's default CUDA row kernels (nice_ext.ops.default_cuda_kernel_versions)
+#                 with each op's default CUDA row kernels (nice_ext.ops.default_cuda_kernel_versions); not
+#                 tests/test_cuda_emulation.py, which runs the kernels compiled for the host on CPU tensors
+#                 (minutes of compiling and CPU work that CI does anyway)
 #     cuda-tests-v1 cuda-tests-v2
 #                 the same with version 1 or version 2 of the row kernels for both ops
 #                 (NICE_EXT_CUDA_KERNELS=1 or 2; set it for the whole script and every stage runs those
@@ -16,7 +18,8 @@
 #     memcheck racecheck initcheck synccheck
 #                 scripts/sanitize_kernels.py (every path of every CUDA kernel, both versions, compared with
 #                 the CPU kernels) under compute-sanitizer, without PyTorch's caching allocator so that
-#                 memcheck sees past the end of each tensor; SANITIZE_ARGS=--quick for a shorter run
+#                 memcheck sees past the end of each tensor; SANITIZE_ARGS=--quick for a shorter run, and
+#                 SANITIZE_ARGS="--quick --versions 1" (or 2) for one generation of the kernels
 #     memcheck-tests  the CUDA op tests under memcheck (SANITIZE_K: their pytest -k expression; long)
 #     ncu         benchmarks/profile_kernels.py under Nsight Compute: time, DRAM bytes, L1/L2 hit rates and
 #                 occupancy of each CUDA kernel at 65536 rows, both versions (ncu.csv, and ncu.md summarised)
@@ -30,6 +33,13 @@
 #
 # Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests with either version
 # about 180-195 s (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
+# On an H200 machine (16 cores, 2026-12-04): bench 200 s; versions about 3.5 minutes (19 of its 36 entries
+# in 110 s); report and bad-input under 15 s. With the four sanitizers and cuda-tests (then with the
+# emulation tests) side by side, none finished in 240 s: cuda-tests had run 70 % of its tests, and the
+# sanitizers 1460 of the 3888 calls of --quick (synccheck in 29 s, initcheck 71 s, memcheck 92 s,
+# racecheck 162 s), so give each sanitizer a call of its own or one version per process.
+# The test stages log one line per test (pytest -v), so that a stage stopped by a time limit still names
+# the tests that failed before it stopped.
 #
 # Every stage after build needs the in-place build (run build first, in the same call or an earlier one on
 # the same machine). One log per stage goes to LOG_DIR (default: runs/cuda-check).
@@ -48,6 +58,17 @@ status=0
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
 parallel=()
 "$PYTHON" -c "import xdist" 2>/dev/null && parallel=(-n "${PYTEST_WORKERS:-8}")
+
+# run_pytest LOG [ARGS...]: the suite with ARGS, one line per test in LOG_DIR/LOG; shows the failures so
+# far and the summary.
+run_pytest() {
+  local log=$LOG_DIR/$1 rc=0
+  shift
+  "$PYTHON" -m pytest tests -v -rfE -p no:cacheprovider "${parallel[@]}" "$@" > "$log" 2>&1 || rc=$?
+  grep -E "(FAILED|ERROR) tests/" "$log" | sort -u | head -20
+  tail -3 "$log"
+  return "$rc"
+}
 
 run_stage() {
   local stage=$1 rc=0
@@ -70,18 +91,13 @@ run_stage() {
       cat "$LOG_DIR/bad_input.log"
       ;;
     cuda-tests)
-      "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda > "$LOG_DIR/pytest_cuda.log" 2>&1 || rc=$?
-      tail -15 "$LOG_DIR/pytest_cuda.log"
+      run_pytest pytest_cuda.log -k "cuda and not emulation" || rc=$?
       ;;
     cuda-tests-v1|cuda-tests-v2)
-      local version=${stage#cuda-tests-v}
-      NICE_EXT_CUDA_KERNELS=$version "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" -k cuda \
-        > "$LOG_DIR/pytest_cuda_v$version.log" 2>&1 || rc=$?
-      tail -15 "$LOG_DIR/pytest_cuda_v$version.log"
+      NICE_EXT_CUDA_KERNELS=${stage#cuda-tests-v} run_pytest "pytest_cuda_v${stage#cuda-tests-v}.log" -k "cuda and not emulation" || rc=$?
       ;;
     tests)
-      "$PYTHON" -m pytest tests -q -p no:cacheprovider "${parallel[@]}" > "$LOG_DIR/pytest.log" 2>&1 || rc=$?
-      tail -15 "$LOG_DIR/pytest.log"
+      run_pytest pytest.log || rc=$?
       ;;
     memcheck|racecheck|initcheck|synccheck)
       # shellcheck disable=SC2086  # SANITIZE_ARGS: words for the script

@@ -1,6 +1,6 @@
 """Every path of every CUDA kernel, launched a few times each: the workload for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--quick]
+    compute-sanitizer --tool memcheck python scripts/sanitize_kernels.py [--quick] [--versions 1,2]
     (scripts/check_cuda.sh runs it for the memcheck, racecheck, initcheck and synccheck stages)
 
 The op tests check values, but under a sanitizer they take too long for a limited call on a GPU machine
@@ -167,9 +167,9 @@ def gather_with_repeats(check, device, tag):
             check.mismatches.append(f"{name} {tag} with a repeated gather_index: gathered is not y[:, gather_index]")
 
 
-def run(device, sizes, dtypes, layouts, started):
+def run(device, sizes, dtypes, layouts, started, versions=ops.CUDA_KERNEL_VERSIONS):
     check = Checker(device)
-    for version in ops.CUDA_KERNEL_VERSIONS:
+    for version in versions:
         with ops.use_cuda_kernels(version):
             gather_with_repeats(check, device, f"v{version}")
             for batch, features in sizes:
@@ -195,17 +195,27 @@ def run(device, sizes, dtypes, layouts, started):
     return check
 
 
+def versions_argument(text):
+    versions = tuple(dict.fromkeys(item.strip() for item in text.split(",")))
+    if not versions or any(v not in {str(k) for k in ops.CUDA_KERNEL_VERSIONS} for v in versions):
+        raise argparse.ArgumentTypeError(f"the versions are 1, 2 or 1,2, got {text!r}")
+    return tuple(int(v) for v in versions)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--quick", action="store_true", help="fewer sizes, float32 and bfloat16 only")
+    # A slow tool (racecheck) can then run as one process per version, side by side.
+    p.add_argument("--versions", type=versions_argument, default=ops.CUDA_KERNEL_VERSIONS, metavar="1,2",
+                   help="the generations of row kernels to launch (default: 1,2)")
     args = p.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda" and not (torch.cuda.is_available() and ops.cuda_kernels_built()):
         sys.exit("error: --device cuda needs a CUDA GPU and a build of nice_ext with its CUDA kernels")
     started = time.time()
     check = run(device, QUICK_SIZES if args.quick else SIZES,
-                [torch.float32, torch.bfloat16] if args.quick else DTYPES, LAYOUTS, started)
+                [torch.float32, torch.bfloat16] if args.quick else DTYPES, LAYOUTS, started, args.versions)
     print(f"{check.calls} calls on {args.device} in {time.time() - started:.1f} s, "
           f"{len(check.mismatches)} mismatches with the CPU kernels")
     for line in check.mismatches[:50]:

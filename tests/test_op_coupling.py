@@ -273,3 +273,22 @@ def test_sanitizer_workload_runs_and_matches_the_cpu_kernels(device):
     # on a GPU, a gather_index with repeats per coupling op and version
     calls = 3888 + (4 if device == "cuda" else 0)
     assert f"{calls} calls on {device}" in result.stdout and ", 0 mismatches" in result.stdout
+
+
+@pytest.mark.skipif(CUDA_KERNELS_EMULATED, reason="the emulated copy of the package has no scripts/")
+def test_sanitizer_workload_takes_one_version_at_a_time():
+    """--versions 2 launches version 2's kernels alone (half the calls), so that a slow sanitizer can run
+    as one process per version; a version that does not exist is refused."""
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "sanitize_kernels.py")
+    result = subprocess.run([sys.executable, script, "--quick", "--device", "cpu", "--versions", "2"],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "1944 calls on cpu" in result.stdout and "version 1," not in result.stdout
+    assert "version 2, 5 x 9000: done" in result.stdout
+    refused = subprocess.run([sys.executable, script, "--device", "cpu", "--versions", "1,3"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "the versions are 1, 2 or 1,2, got '1,3'" in refused.stderr
