@@ -135,6 +135,10 @@ def bench_ops(device, quick, dtypes, min_run_time):
                 case = op_cases(op, batch, dim, dtype, device)
                 fused, ref, _, _ = case
                 leaves, grads = check_against_reference(case, (op, dtype, batch, dim))
+                # A compilation of its own for each entry: dynamo compiles the reference's code once per
+                # shape and dtype, and past its recompile limit (8) runs it eagerly, which had made the
+                # "compiled" column of every later entry (the bfloat16 ones at the full sizes) the eager time.
+                torch._dynamo.reset()
                 compiled = torch.compile(ref, dynamic=False)
                 for impl_name, fn in (("fused", fused), ("reference", ref), ("compiled", compiled)):
                     for pass_name, call in pass_calls(fn, leaves, grads).items():
