@@ -20,6 +20,8 @@
 #                 the CPU kernels) under compute-sanitizer, without PyTorch's caching allocator so that
 #                 memcheck sees past the end of each tensor; SANITIZE_ARGS=--quick for a shorter run, and
 #                 SANITIZE_ARGS="--quick --versions 1" (or 2) for one generation of the kernels
+#     sanitizers  the four side by side, each version of the kernels in a process of its own (8 processes;
+#                 logs sanitizer_TOOL_vN.log), for a call with a time limit; SANITIZE_ARGS as above
 #     memcheck-tests  the CUDA op tests under memcheck (SANITIZE_K: their pytest -k expression; long)
 #     ncu         benchmarks/profile_kernels.py under Nsight Compute: time, DRAM bytes, L1/L2 hit rates and
 #                 occupancy of each CUDA kernel at 65536 rows, both versions (ncu.csv, and ncu.md summarised)
@@ -53,6 +55,7 @@ SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
 ALL_STAGES=(build report bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
             memcheck-tests ncu versions bench bench-v1 bench-v2)
+# not in ALL_STAGES (it repeats the four above): sanitizers
 status=0
 
 # pytest-xdist, where installed, spreads the (non-sanitizer) tests over the machine's cores.
@@ -67,6 +70,17 @@ run_pytest() {
   "$PYTHON" -m pytest tests -v -rfE -p no:cacheprovider "${parallel[@]}" "$@" > "$log" 2>&1 || rc=$?
   grep -E "(FAILED|ERROR) tests/" "$log" | sort -u | head -20
   tail -3 "$log"
+  return "$rc"
+}
+
+# sanitize TOOL LOG [ARGS...]: scripts/sanitize_kernels.py ARGS under compute-sanitizer's TOOL, into
+# LOG_DIR/LOG; shows the error summary and the script's verdict.
+sanitize() {
+  local tool=$1 log=$LOG_DIR/$2 rc=0
+  shift 2
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
+    "$PYTHON" scripts/sanitize_kernels.py "$@" > "$log" 2>&1 || rc=$?
+  echo "$tool ${log##*/}: $(grep -E "ERROR SUMMARY|calls on|mismatch|error" "$log" | tail -3 | tr '\n' ' ')"
   return "$rc"
 }
 
@@ -101,9 +115,18 @@ run_stage() {
       ;;
     memcheck|racecheck|initcheck|synccheck)
       # shellcheck disable=SC2086  # SANITIZE_ARGS: words for the script
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool "$stage" --error-exitcode 99 --print-limit 20 \
-        "$PYTHON" scripts/sanitize_kernels.py ${SANITIZE_ARGS:-} > "$LOG_DIR/sanitizer_$stage.log" 2>&1 || rc=$?
-      grep -E "ERROR SUMMARY|calls on|mismatch|error" "$LOG_DIR/sanitizer_$stage.log" | tail -4
+      sanitize "$stage" "sanitizer_$stage.log" ${SANITIZE_ARGS:-} || rc=$?
+      ;;
+    sanitizers)
+      local pids=() tool version
+      for tool in memcheck racecheck initcheck synccheck; do
+        for version in 1 2; do
+          # shellcheck disable=SC2086
+          sanitize "$tool" "sanitizer_${tool}_v$version.log" ${SANITIZE_ARGS:-} --versions "$version" &
+          pids+=($!)
+        done
+      done
+      for pid in "${pids[@]}"; do wait "$pid" || rc=$?; done
       ;;
     memcheck-tests)
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
