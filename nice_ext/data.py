@@ -330,10 +330,20 @@ class ZCA(torch.nn.Module):
         self.register_buffer("log_det", torch.zeros((), dtype=torch.float64))
 
     @torch.no_grad()
-    def fit(self, x: Tensor, eps: float = 1e-5) -> "ZCA":
-        x = x.double()
-        mean = x.mean(dim=0)
-        cov = torch.cov((x - mean).T)
+    def fit(self, x: Tensor, eps: float = 1e-5, rows_per_chunk: int = 4096) -> "ZCA":
+        """Fit to the rows of ``x`` (N, D). The mean and the covariance are summed in float64 over chunks
+        of rows, so the fit holds one chunk and the D x D matrix in float64, not a float64 copy of all of
+        ``x`` and its centred copy (CIFAR-10's training split: 1 GB each)."""
+        n = x.shape[0]
+        if n < 2:
+            raise DataError(f"whitening fits a covariance of the training images: it needs at least 2, got {n}")
+        chunks = x.split(rows_per_chunk)
+        mean = torch.stack([chunk.double().sum(dim=0) for chunk in chunks]).sum(dim=0) / n
+        cov = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for chunk in chunks:
+            centred = chunk.double() - mean
+            cov.addmm_(centred.T, centred)
+        cov /= n - 1  # the unbiased estimate, as torch.cov gives
         eigenvalues, eigenvectors = torch.linalg.eigh(cov)
         eigenvalues = eigenvalues.clamp_min(0) + eps
         self.mean.copy_(mean)

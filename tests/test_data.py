@@ -1,11 +1,13 @@
 """Dequantization, splits, whitening and file handling."""
 import gzip
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import data_dir, write_images
+from conftest import ROOT, data_dir, write_images
 from nice_ext import data as data_lib
 
 needs_mnist = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
@@ -87,6 +89,38 @@ def test_zca_whitens_and_reports_its_log_det():
     w = zca(x)
     assert torch.allclose(torch.cov(w.T), torch.eye(5, dtype=torch.float64), atol=1e-6)
     assert abs(zca.log_det.item() - torch.linalg.slogdet(zca.matrix)[1].item()) < 1e-9
+
+
+def test_zca_fit_in_chunks_is_the_covariance_of_all_rows():
+    # float32 rows far from the origin, as dequantized pixels are: the chunks' sums must centre them exactly
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(5000, 7, generator=g) @ torch.randn(7, 7, generator=g) + 100.0).float()
+    whole = data_lib.ZCA(7).fit(x, rows_per_chunk=len(x))
+    chunked = data_lib.ZCA(7).fit(x, rows_per_chunk=333)
+    centred = x.double() - x.double().mean(dim=0)
+    expected = torch.linalg.eigh(torch.cov(centred.T))
+    for zca in (whole, chunked):
+        assert torch.allclose(zca.mean, x.double().mean(dim=0), rtol=1e-14, atol=0)
+        cov = torch.linalg.inv(zca.matrix @ zca.matrix)  # W = C_eps^-1/2, so (W W)^-1 = C + eps I
+        assert torch.allclose(cov - 1e-5 * torch.eye(7, dtype=torch.float64), torch.cov(centred.T), rtol=1e-9)
+        assert abs(zca.log_det.item() - (-0.5 * (expected.eigenvalues + 1e-5).log().sum().item())) < 1e-9
+    with pytest.raises(data_lib.DataError, match="needs at least 2, got 1"):
+        data_lib.ZCA(7).fit(x[:1])
+
+
+def test_zca_fit_needs_no_float64_copy_of_the_images():
+    """Fitting 20000 float32 rows of 1024 features (80 MB) took 515 MB more memory while the fit summed a
+    float64 copy and its centred copy of all rows; in chunks it takes about 125 MB (the D x D matrices and
+    one chunk)."""
+    code = ("import resource, torch\n"
+            "from nice_ext.data import ZCA\n"
+            "x = torch.rand(20000, 1024, generator=torch.Generator().manual_seed(0))\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "ZCA(1024).fit(x)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 240, f"the fit took {float(done.stdout):.0f} MB more"
 
 
 def test_idx_reader_rejects_bad_files(tmp_path):
