@@ -1,6 +1,7 @@
 """Training that survives: the NaN/Inf guard, whitened datasets end to end, atomic writes, SIGINT/SIGTERM and
 SIGKILL at random moments."""
 import collections
+import csv
 import errno
 import os
 import random
@@ -38,7 +39,10 @@ def fake_dataset(monkeypatch):
     monkeypatch.setattr(data_lib, "load_pixels", load_pixels)
 
 
-def test_a_nan_loss_stops_training_and_names_epoch_and_step(fake_dataset, monkeypatch, tmp_path, capsys):
+@pytest.mark.parametrize("save_interval", [[], ["--save-interval", "3600"]])
+def test_a_nan_loss_stops_training_and_names_epoch_and_step(fake_dataset, monkeypatch, tmp_path, capsys,
+                                                           save_interval):
+    # with --save-interval, epoch 2's best state is still on the host when the loss fails: the stop writes it
     real_log_prob, calls = NICE.log_prob, {"n": 0}
 
     def log_prob(self, x):
@@ -50,7 +54,7 @@ def test_a_nan_loss_stops_training_and_names_epoch_and_step(fake_dataset, monkey
 
     monkeypatch.setattr(NICE, "log_prob", log_prob)
     code = train.main(["--dataset", "mnist", "--out-dir", str(tmp_path), "--epochs", "3", "--subset", "200",
-                       "--data-dir", str(tmp_path), *TINY])
+                       "--data-dir", str(tmp_path), *save_interval, *TINY])
     err = capsys.readouterr().err
     assert code == 3
     assert "epoch 3, step 9" in err  # 4 steps per epoch: the 9th step is the first of epoch 3
@@ -223,6 +227,31 @@ def test_training_goes_on_while_its_files_are_written(fake_dataset, monkeypatch,
     assert sorted(os.listdir(out)) == sorted(["best.pt", "last.pt", "metrics.csv", "samples.png", "curve.png",
                                               "spectrum.png", "result.json"])
     assert len(open(os.path.join(out, "metrics.csv")).read().splitlines()) == 1 + 3
+
+
+def test_save_interval_keeps_the_best_state_on_the_host_and_skips_outputs_until_the_end(fake_dataset, monkeypatch,
+                                                                                     tmp_path):
+    """--save-interval 3600: after the first epoch's files, validation gains wait on the host and the outputs
+    due every epoch are skipped; the end writes the best state (of its own epoch) and the last one."""
+    real_save, written = train.save_atomic, []
+
+    def recording_save(payload, path):
+        written.append((os.path.basename(path), payload["epoch"]))
+        real_save(payload, path)
+
+    monkeypatch.setattr(train, "save_atomic", recording_save)
+    out = str(tmp_path / "run")
+    assert train.main(["--dataset", "mnist", "--out-dir", out, "--epochs", "4", "--subset", "200",
+                       "--save-every", "1", "--save-interval", "3600", "--data-dir", str(tmp_path), *TINY]) == 0
+    rows = list(csv.DictReader(open(os.path.join(out, "metrics.csv"))))
+    valid = [float(row["valid_ll_nats"]) for row in rows]
+    best_epoch = 1 + valid.index(max(valid))
+    assert [epoch for name, epoch in written if name == "last.pt"] == [1, 4]
+    assert [epoch for name, epoch in written if name == "best.pt"] == sorted({1, best_epoch})
+    assert load_checkpoint(os.path.join(out, "best.pt"))["epoch"] == best_epoch and len(rows) == 4
+    refused = subprocess.run([sys.executable, "-m", "nice_ext.train", "--save-interval", "-1"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--save-interval must be a finite number of seconds >= 0" in refused.stderr
 
 
 def test_a_write_that_fails_during_training_stops_the_run_with_its_file_named(fake_dataset, monkeypatch, tmp_path,
