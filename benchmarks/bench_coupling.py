@@ -140,21 +140,27 @@ def bench_ops(device, quick, dtypes, min_run_time):
                 # "compiled" column of every later entry (the bfloat16 ones at the full sizes) the eager time.
                 torch._dynamo.reset()
                 compiled = torch.compile(ref, dynamic=False)
+                entry_rows = []  # one per pass
                 for impl_name, fn in (("fused", fused), ("reference", ref), ("compiled", compiled)):
                     for pass_name, call in pass_calls(fn, leaves, grads).items():
                         median, p20, p80 = timeit(call, min_run_time)
                         key = dict(op=op, dtype=str(dtype).replace("torch.", ""), batch=batch, dim=dim)
                         key["pass"] = pass_name
-                        row = next((r for r in rows if all(r[k] == v for k, v in key.items())), None)
+                        row = next((r for r in entry_rows if all(r[k] == v for k, v in key.items())), None)
                         if row is None:
                             row = dict(key)
-                            rows.append(row)
+                            entry_rows.append(row)
                         row[f"{impl_name}_ms"] = median
                         row[f"{impl_name}_p20_ms"] = p20
                         row[f"{impl_name}_p80_ms"] = p80
                         if impl_name == "fused":
                             row["fused_gbps"] = pass_gbps(case, pass_name, median)
-                print(f"  {op} {dtype} {batch}x{dim} done", file=sys.stderr, flush=True)
+                # each entry's times as soon as it is done, for a run that a time limit stops short
+                times = "; ".join(f"{r['pass']} {r['fused_ms']:.4f} / {r['reference_ms']:.4f} / {r['compiled_ms']:.4f} ms"
+                                  for r in entry_rows)
+                print(f"  {op} {str(dtype).replace('torch.', '')} {batch}x{dim} (fused / reference / compiled): {times}",
+                      file=sys.stderr, flush=True)
+                rows += entry_rows
     return rows
 
 

@@ -45,7 +45,7 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
     assert "| one call at batch 1 (host cost) |" in markdown
 
 
-def test_every_entry_times_a_compiled_reference(monkeypatch):
+def test_every_entry_times_a_compiled_reference(monkeypatch, capsys):
     """Each per-op entry compiles the reference afresh: with one compilation allowed per code object, as
     dynamo's recompile limit allows 8, every entry still compiles once (the full benchmark has 12 entries
     per op; past the limit its compiled column had been the eager reference's time)."""
@@ -69,6 +69,9 @@ def test_every_entry_times_a_compiled_reference(monkeypatch):
     entries = 3 * 3  # ops x sizes
     assert len(rows) == entries * 3 and all(r["compiled_ms"] == 1.0 for r in rows)
     assert len(compiled_graphs) >= entries
+    # each entry's times are logged as it is done (a run stopped short still tells them)
+    assert ("  scale_prior float32 7x14 (fused / reference / compiled): fwd 1.0000 / 1.0000 / 1.0000 ms; "
+            "bwd 1.0000 / 1.0000 / 1.0000 ms; fwd+bwd 1.0000 / 1.0000 / 1.0000 ms") in capsys.readouterr().err.splitlines()
 
 
 def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypatch):
