@@ -25,6 +25,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nice_ext import NICE, ops, provenance, reference  # noqa: E402
+from nice_ext.cli_common import run_script  # noqa: E402
 from nice_ext.cuda_graph import GraphedTrainStep  # noqa: E402
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 from nice_ext.seed_model import SeedMaskedNICE  # noqa: E402
@@ -413,4 +414,4 @@ def run(args):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -37,6 +37,7 @@ from bench_coupling import (check_against_reference, copy_bandwidth, dtypes_argu
                             pass_calls, pass_gbps, results_stem, timeit)
 
 from nice_ext import ops, provenance  # noqa: E402  (bench_coupling put the checkout first on sys.path)
+from nice_ext.cli_common import run_script  # noqa: E402
 
 PASSES = ("fwd", "bwd")
 VERSIONS = (1, 2)
@@ -205,4 +206,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nice_ext import provenance  # noqa: E402
+from nice_ext.cli_common import run_tool  # noqa: E402
 from nice_ext.files import write_bytes  # noqa: E402
 from nice_ext.plots import figure, save_figure  # noqa: E402
 
@@ -143,4 +144,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_tool(main))

@@ -21,6 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from nice_ext import ops  # noqa: E402
+from nice_ext.cli_common import run_script  # noqa: E402
 from nice_ext.masks import coupling_maps, odd_even_mask  # noqa: E402
 
 BATCH = 65536
@@ -147,4 +148,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

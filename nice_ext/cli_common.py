@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -208,6 +208,15 @@ class ClosedPipeGuard:
 
     def __getattr__(self, name: str):  # isatty, fileno, encoding, ...: the stream's own
         return getattr(self._stream, name)
+
+
+def run_script(main: Callable[[], Any]) -> int:
+    """run_tool for a script (``benchmarks/``) whose main() reads sys.argv itself and returns its results
+    rather than an exit status: its results files are written even when its reader left early."""
+    def status(argv: Optional[List[str]]) -> int:
+        main()
+        return 0
+    return run_tool(status)
 
 
 def run_tool(main: Callable[[Optional[List[str]]], int], argv: Optional[List[str]] = None,
