@@ -83,6 +83,18 @@ def test_every_entry_times_a_compiled_reference(monkeypatch, capsys):
             "bwd 1.0000 / 1.0000 / 1.0000 ms; fwd+bwd 1.0000 / 1.0000 / 1.0000 ms") in capsys.readouterr().err.splitlines()
 
 
+def test_figures_against_steps_runs_and_says_what_it_measured():
+    result = subprocess.run([sys.executable, "benchmarks/figures_vs_steps.py", "--steps", "20", "--rounds", "1"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("figures alone: ") and " s; steps alone: " in lines[0]
+    assert lines[1].startswith("steps while the figures are drawn: ") and "(a tenth of it)" in lines[1]
+    refused = subprocess.run([sys.executable, "benchmarks/figures_vs_steps.py", "--steps", "0"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--steps and --rounds must be positive" in refused.stderr
+
+
 def test_provenance_names_this_checkouts_commit_and_no_other(tmp_path, monkeypatch):
     from nice_ext import provenance
 
