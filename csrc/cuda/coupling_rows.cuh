@@ -9,9 +9,9 @@
 namespace nice_ext {
 
 // slot[j] = k where gather_index[k] = j, else -1, for every feature j. Returns whether gather_index
-// names a feature twice (slot then keeps one of its k): the forward allows it, and then recomputes the
-// gathered copy in a second pass; the backward's schema forbids it (a device assert). Ends with a block
-// barrier.
+// names a feature twice (slot then keeps the largest of its k): the forward allows it, and then
+// recomputes the gathered copy in a second pass; the backward's schema forbids it (a device assert).
+// Ends with a block barrier.
 __device__ inline bool inverse_gather_map(const int32_t* __restrict__ gather_index, int64_t gathered_n,
                                           int64_t features, int32_t* slot) {
   __shared__ int repeats;
@@ -21,7 +21,9 @@ __device__ inline bool inverse_gather_map(const int32_t* __restrict__ gather_ind
   for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {
     const int32_t j = gather_index[k];
     CUDA_KERNEL_ASSERT(j >= 0 && j < features && "gather_index out of range");
-    slot[j] = static_cast<int32_t>(k);
+    // atomicMax, not a store: two threads writing one slot (a repeated feature) would be a data race
+    // (compute-sanitizer's racecheck reports it), and the kept k would depend on the schedule.
+    atomicMax(&slot[j], static_cast<int32_t>(k));
   }
   __syncthreads();
   for (int64_t k = threadIdx.x; k < gathered_n; k += blockDim.x) {

@@ -139,6 +139,12 @@ inline int atomicOr(int* address, int value) {
   return old;
 }
 
+inline int atomicMax(int* address, int value) {
+  const int old = *address;
+  *address = old > value ? old : value;
+  return old;
+}
+
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   ::cuda_emulation::check_full_mask(mask, "__syncwarp");
   ::cuda_emulation::warp_barrier(::cuda_emulation::WarpOp::Sync);
