@@ -254,11 +254,19 @@ def test_affine_coupling_versions_agree(batch, features, layout, dtype, mask_kin
     y2, gathered2, log_det2 = with_version(2, forward, x, raw, shift, shift_col, gather_index, law, inverse)
     assert torch.equal(y1, y2) and torch.equal(gathered1, gathered2)  # the same operations per element
     # log|det| is summed over the row in another order: version 2 must be as close to float64 as version 1
-    # is, up to rounding, deterministic, and the same for every layout of the inputs.
+    # is, up to rounding, deterministic, and the same for every layout of the inputs. Rounding is judged
+    # against the sum of |a| over the row, not |log_det|: with the tanh law the terms nearly cancel (one
+    # row of 392 sums to -2.3 while its |a| sum to about 230), and there any order of a float32 sum can
+    # be 100 times further from float64, relative to |log_det|, than a few roundings.
     *_, log_det64 = reference.affine_coupling_update(x.double().cpu(), raw.double().cpu(), shift.double().cpu(),
                                                      shift_col.cpu(), gather_index.cpu(), law, inverse)
-    floor = 1e-12 if dtype == torch.float64 else 1e-6
-    assert rel_error(log_det2, log_det64) <= max(2 * rel_error(log_det1, log_det64), floor)
+    log_scale64 = raw.double().cpu().tanh() if law == "tanh" else raw.double().cpu()
+    rounding = (1e-15 if dtype == torch.float64 else 5e-7) * float(log_scale64.abs().sum(dim=1).norm())
+
+    def error(log_det):
+        return float((log_det.double().cpu() - log_det64).norm())
+
+    assert error(log_det2) <= max(2 * error(log_det1), rounding)
     contiguous = [t.contiguous() for t in (x, raw, shift)]
     for args in ((x, raw, shift), contiguous):
         assert torch.equal(with_version(2, forward, *args, shift_col, gather_index, law, inverse)[2], log_det2)
