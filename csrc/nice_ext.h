@@ -301,17 +301,19 @@ enum class Backend { CPU, CUDA };
 // Which generation of the CUDA row kernels runs (csrc/cuda/*.cu), per op: 1, the first correct kernels
 // (a block per row, one element per thread and access), or 2, the bandwidth-tuned ones of
 // benchmarks/NOTES.md (a warp per row, 16-byte accesses where the layout allows; they fall back to
-// version 1 where they do not apply). Each op has its own setting because neither version wins for both:
-// on an H100, version 2's scaling + prior forward is 1.6-2.2x faster, while its coupling kernels are
-// slower at 3072 features. Process-wide, read at each launch; set from Python
+// version 1 where they do not apply). Each op has its own setting because the versions were timed one
+// op at a time: on an H100 (2026-11), version 2's coupling kernels of then were slower at 3072 features.
+// Process-wide, read at each launch; set from Python
 // (nice_ext.ops.use_cuda_kernels) so that the tests and the benchmark can run both. The CPU kernels
 // ignore it.
 enum class RowKernelOp { Coupling = 0, ScalePrior = 1, AffineCoupling = 2 };
 constexpr int kRowKernelOps = 3;
-// The versions a process starts with, indexed by RowKernelOp: each op's faster one as measured
-// (benchmarks/results/NVIDIA_H100_80GB_HBM3_kernels_v*.md). The affine coupling's version 2 has not yet
-// been timed on a GPU, so it keeps version 1 until it has.
-constexpr int kDefaultCudaKernelVersion[kRowKernelOps] = {1, 2, 1};
+// The versions a process starts with, indexed by RowKernelOp: each op's faster one as measured. Version 2
+// for all three: the scaling + prior's 1.6-2.2x at 65536 rows on an H100
+// (benchmarks/results/NVIDIA_H100_80GB_HBM3_kernels_v*.md); on an H200, the coupling's one pass 1.25x
+// and the affine coupling's 1.38x (geometric means; 1.5-2.4x on the backward at 65536 rows, no entry
+// slower than 0.97x: benchmarks/results/NVIDIA_H200_kernel_versions.md).
+constexpr int kDefaultCudaKernelVersion[kRowKernelOps] = {2, 2, 2};
 int cuda_kernel_version(RowKernelOp op);
 void set_cuda_kernel_version(RowKernelOp op, int version);
 

@@ -133,9 +133,9 @@ def test_results_of_other_cuda_kernels_than_the_defaults_get_their_own_files():
         return {**device, "cuda_kernels": dict(coupling=coupling, scale_prior=scale_prior,
                                                affine_coupling=affine_coupling)}
 
-    assert bench.results_stem("out", versions(1, 2, 1)) == stem
+    assert bench.results_stem("out", versions(2, 2, 2)) == stem  # the defaults
     assert bench.results_stem("out", versions(1, 1, 1)) == stem + "_kernels_v1"
-    assert bench.results_stem("out", versions(2, 2, 2)) == stem + "_kernels_v2"
+    assert bench.results_stem("out", versions(1, 2, 1)) == stem + "_kernels_coupling_v1_scale_prior_v2_affine_coupling_v1"
     assert bench.results_stem("out", versions(2, 1, 1)) == stem + "_kernels_coupling_v2_scale_prior_v1_affine_coupling_v1"
     assert bench.kernel_versions_text({"coupling": 1, "scale_prior": 2}) == "coupling version 1, scale_prior version 2"
     assert bench.kernel_versions_text(2) == "version 2"  # results written before the per-op switch
