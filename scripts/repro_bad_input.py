@@ -20,6 +20,7 @@ usage: python scripts/repro_bad_input.py [--case NAME]   (exit 0 when every case
 tests/test_op_coupling.py runs it)
 """
 import argparse
+import concurrent.futures
 import os
 import subprocess
 import sys
@@ -127,14 +128,18 @@ def main():
     args = parser.parse_args()
     if args.case:
         return run_case(args.case)
-    failures = 0
     available = {None: True, "kernels": nice_ext.cuda_kernels_built(), "gpu": torch.cuda.is_available()}
+    runnable = [name for name, (_, needs) in CASES.items() if available[needs]]
+    # The children run side by side: each spends seconds importing torch and starting CUDA, and one after
+    # another they took over a minute on a GPU machine whose cores were busy with the test suite.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
+        results = dict(zip(runnable, pool.map(run_child, runnable)))
+    failures = 0
     for name, (_, needs) in CASES.items():
-        if not available[needs]:
+        if name not in results:
             print(f"{name}: skipped (needs {'the CUDA kernels built' if needs == 'kernels' else 'a CUDA GPU'})")
             continue
-        result = subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--case", name],
-                                capture_output=True, text=True, timeout=300)
+        result = results[name]
         if result.returncode < 0 or result.returncode > 1:
             print(f"{name}: crashed (exit status {result.returncode}); its stderr ends with:\n"
                   + "\n".join(result.stderr.strip().splitlines()[-8:]))
@@ -142,6 +147,11 @@ def main():
             print(result.stdout.strip())
         failures += result.returncode != 0
     return 1 if failures else 0
+
+
+def run_child(name):
+    return subprocess.run([sys.executable, "-X", "faulthandler", os.path.abspath(__file__), "--case", name],
+                          capture_output=True, text=True, timeout=300)
 
 
 if __name__ == "__main__":
