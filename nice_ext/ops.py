@@ -68,7 +68,7 @@ def cuda_kernel_version(op: str) -> int:
 
 
 def cuda_kernel_versions() -> Dict[str, int]:
-    """Each op's generation of CUDA row kernels, e.g. ``{'coupling': 1, 'scale_prior': 2, 'affine_coupling': 1}``."""
+    """Each op's generation of CUDA row kernels, e.g. ``{'coupling': 2, 'scale_prior': 2, 'affine_coupling': 1}``."""
     return {op: cuda_kernel_version(op) for op in CUDA_KERNEL_OPS}
 
 
@@ -88,10 +88,10 @@ def use_cuda_kernels(version: Optional[int] = None, *, coupling: Optional[int] =
     bandwidth-tuned design of ``benchmarks/NOTES.md``) gives a row to a warp and moves 16 bytes per access
     where the layout allows it. Both compute the same values (version 2 may sum a row's log-density, or
     an affine layer's log|det|, in another order). The setting is process-wide and read at each launch (a CUDA graph keeps the kernels
-    it captured); ``NICE_EXT_CUDA_KERNELS`` sets it at import. CPU kernels are unaffected. By default each
-    op runs its faster version on an H100 (``benchmarks/NOTES.md``): version 2 for the scaling + prior,
-    whose forward is 1.6-2.2x faster there, and version 1 for the coupling, whose version 2 is slower at
-    3072 features. The affine coupling runs version 1 until its version 2 has been timed on a GPU.
+    it captured); ``NICE_EXT_CUDA_KERNELS`` sets it at import. CPU kernels are unaffected. By default every
+    op runs version 2, the faster where timed (``benchmarks/NOTES.md``): the scaling + prior's forward
+    1.6-2.2x on an H100, the coupling's and the affine coupling's one pass 1.25x and 1.38x on an H200
+    (geometric means over their benchmark entries).
     """
     wanted = {op: version for op in CUDA_KERNEL_OPS} if version is not None else {}
     per_op = (("coupling", coupling), ("scale_prior", scale_prior), ("affine_coupling", affine_coupling))

@@ -39,7 +39,10 @@
 # in 110 s); report and bad-input under 15 s. With the four sanitizers and cuda-tests (then with the
 # emulation tests) side by side, none finished in 240 s: cuda-tests had run 70 % of its tests, and the
 # sanitizers 1460 of the 3888 calls of --quick (synccheck in 29 s, initcheck 71 s, memcheck 92 s,
-# racecheck 162 s), so give each sanitizer a call of its own or one version per process.
+# racecheck 162 s), so give each sanitizer a call of its own or one version per process. Alone, later that
+# day: cuda-tests reached 99 % in 210 s (14 workers; what was left: the tests that start child processes);
+# sanitizers with --quick did the first 1460 calls of each version in 42-145 s and had not finished its
+# last size at 170 s; versions --ops coupling,affine_coupling with four sizes took 72 s; ncu 20 s.
 # The test stages log one line per test (pytest -v), so that a stage stopped by a time limit still names
 # the tests that failed before it stopped.
 #
