@@ -131,7 +131,8 @@ def main():
     available = {None: True, "kernels": nice_ext.cuda_kernels_built(), "gpu": torch.cuda.is_available()}
     runnable = [name for name, (_, needs) in CASES.items() if available[needs]]
     # The children run side by side: each spends seconds importing torch and starting CUDA, and one after
-    # another they took over a minute on a GPU machine whose cores were busy with the test suite.
+    # another they were still going a minute after they started on a GPU machine whose cores were busy
+    # with the test suite.
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(runnable))) as pool:
         results = dict(zip(runnable, pool.map(run_child, runnable)))
     failures = 0
