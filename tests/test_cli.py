@@ -76,6 +76,26 @@ def test_train_writes_everything_and_learns(trained):
         assert result[key], key
 
 
+def test_eval_batch_size_changes_the_batches_not_the_scores_on_the_cpu(trained, tmp_path, monkeypatch):
+    """--eval-batch-size 7 (batches that do not divide the validation set) scores epoch 1 as the default
+    batches of 1000 do: on the CPU the noise of a set is one stream whatever its batches, and each image's
+    score depends on its own pixels alone. Validation and the test score both take it."""
+    batch_sizes = []
+    score = evaluate.image_log_likelihoods
+
+    def spy(model, preprocess, pixels, batch_size, generator=None):
+        batch_sizes.append(batch_size)
+        return score(model, preprocess, pixels, batch_size, generator)
+
+    monkeypatch.setattr(evaluate, "image_log_likelihoods", spy)
+    out = str(tmp_path / "run")
+    args = ["--data-dir", data_dir(), "--out-dir", out, "--epochs", "1", "--eval-batch-size", "7", *TINY]
+    assert run_in_process(train.main, args) == 0
+    assert batch_sizes == [7, 7]  # epoch 1's validation, the final test score's one draw
+    default_epoch_1 = metrics(trained[0])[0]
+    assert abs(float(metrics(out)[0]["valid_ll_nats"]) - float(default_epoch_1["valid_ll_nats"])) < 0.01
+
+
 def test_time_limit_stops_cleanly_and_says_so(tmp_path):
     out = str(tmp_path / "run")
     result = run_tool("train", "--data-dir", data_dir(), "--out-dir", out, "--epochs", "500", "--time-limit", "1",
@@ -982,6 +1002,7 @@ def test_every_flag_is_explained_in_help(tool):
     (["--seed", "-1"], "argument --seed: must be in [0, 2**32)"),
     (["--time-limit", "0"], "--time-limit must be positive"),
     (["--patience", "0"], "--patience must be >= 1"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be >= 1"),
     (["--lr-decay", "0.5"], "--lr-decay must be a number >= 1"),
     (["--lr-decay", "inf"], "--lr-decay must be a number >= 1"),
     (["--min-lr", "0.1"], "--min-lr must be in [0, --lr]"),
