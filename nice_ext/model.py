@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .data import check_data_range, check_generator
 from .masks import check_image_shape, check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
+from .mlp import CouplingMLP
 
 COUPLINGS = ("additive", "affine")
 # How an affine coupling turns its network's output r into the log-scale a of y_I2 = x_I2 * exp(a) + b.
@@ -63,21 +64,6 @@ def temperature_argument(value) -> float:
     return temperature
 
 
-def coupling_mlp(in_features: int, out_features: int, hidden_dim: int, num_hidden_layers: int) -> nn.Sequential:
-    """The coupling function m: a ReLU MLP with linear output units (paper §5.1), from the kept features
-    to the updated ones. Its last layer starts at zero, so every coupling layer starts as the identity."""
-    layers: List[nn.Module] = []
-    width = in_features
-    for _ in range(num_hidden_layers):
-        layers += [nn.Linear(width, hidden_dim), nn.ReLU()]
-        width = hidden_dim
-    out = nn.Linear(width, out_features)
-    nn.init.zeros_(out.weight)
-    nn.init.zeros_(out.bias)
-    layers.append(out)
-    return nn.Sequential(*layers)
-
-
 class CouplingLayer(nn.Module):
     """One coupling layer: y_I1 = x_I1, y_I2 = g(x_I2; m(x_I1)) with the kept part I1 given by ``mask``.
 
@@ -95,7 +81,7 @@ class CouplingLayer(nn.Module):
         kept = int(mask.sum())
         updated = mask.numel() - kept
         out_features = updated if coupling == "additive" else 2 * updated
-        self.net = coupling_mlp(kept, out_features, hidden_dim, num_hidden_layers)
+        self.net = CouplingMLP(kept, out_features, hidden_dim, num_hidden_layers)
         shift_col, next_gather = coupling_maps(mask, next_mask)
         _, prev_gather = coupling_maps(mask, prev_mask)
         self.register_buffer("mask", mask.clone(), persistent=False)
@@ -157,13 +143,15 @@ class NICE(nn.Module):
 
     ``coupling="affine"`` uses the law y_I2 = x_I2 * exp(a) + b with a = tanh(r) by default
     (``affine_log_scale="tanh"``); ``"unbounded"`` takes a = r (see ``AFFINE_LOG_SCALES``).
+    ``overlap_weight_grads=True`` computes the coupling networks' weight gradients on a second CUDA stream
+    (see ``nice_ext.mlp``); a speed setting that can also be changed later, never saved with the model.
     """
 
     def __init__(self, data_dim: int, num_coupling_layers: int = 4, num_hidden_layers: int = 5,
                  hidden_dim: int = 1000, prior: str = "logistic", coupling: str = "additive",
                  mask: Union[str, Tensor] = "odd-even", image_shape: Optional[Sequence[int]] = None,
                  data_range: Tuple[float, float] = (0.0, 1.0), fused: bool = True,
-                 affine_log_scale: str = "tanh"):
+                 affine_log_scale: str = "tanh", overlap_weight_grads: bool = False):
         super().__init__()
         for name, value in (("data_dim", data_dim), ("num_coupling_layers", num_coupling_layers),
                             ("num_hidden_layers", num_hidden_layers), ("hidden_dim", hidden_dim)):
@@ -196,6 +184,7 @@ class NICE(nn.Module):
                           masks[i + 1] if i + 1 < len(masks) else None, hidden_dim, num_hidden_layers, coupling,
                           fused, affine_log_scale)
             for i in range(num_coupling_layers))
+        self.overlap_weight_grads = overlap_weight_grads
         # s of the scaling layer h = exp(s) * h^(L) (paper §3.3); exp(s) starts at 1.
         self.log_scale = nn.Parameter(torch.zeros(data_dim))
         self.config = dict(data_dim=data_dim, num_coupling_layers=num_coupling_layers,
@@ -203,6 +192,20 @@ class NICE(nn.Module):
                            coupling=coupling, mask=mask if isinstance(mask, str) else mask.tolist(),
                            image_shape=self.image_shape, data_range=self.data_range,
                            affine_log_scale=affine_log_scale)
+
+    @property
+    def overlap_weight_grads(self) -> bool:
+        """Whether the coupling networks compute their weight gradients on a second CUDA stream, beside the
+        chain of input gradients (see ``nice_ext.mlp``): the same gradients, a shorter critical path at small
+        batch sizes. A speed setting, not part of the model: it is not saved with it."""
+        return all(layer.net.overlap_weight_grads for layer in self.layers)
+
+    @overlap_weight_grads.setter
+    def overlap_weight_grads(self, enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"overlap_weight_grads must be a bool, got {type(enabled).__name__}")
+        for layer in self.layers:
+            layer.net.overlap_weight_grads = enabled
 
     @torch.no_grad()
     def init_uniform_(self, weight_range: float) -> "NICE":

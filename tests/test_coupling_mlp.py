@@ -1,0 +1,175 @@
+"""The coupling network m (nice_ext.mlp): with ``overlap_weight_grads`` its backward, which computes the
+weight and bias gradients on a second CUDA stream, gives the plain nn.Sequential's output and gradients."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import DEVICES, sliced
+from nice_ext import NICE
+from nice_ext.mlp import CouplingMLP
+
+OVERLAPPED_NODE = "_ReluMLPOverlappedBackwardBackward"  # the autograd node of the overlapped backward
+
+
+def twin_networks(in_features, out_features, hidden_layers, dtype, device, hidden_dim=16):
+    """(plain, overlapped): the same weights; the output layer is given weights too (it starts at zero)."""
+    plain = CouplingMLP(in_features, out_features, hidden_dim, hidden_layers).to(device, dtype)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.5)
+    overlapped = copy.deepcopy(plain)
+    overlapped.overlap_weight_grads = True
+    return plain, overlapped
+
+
+def forward_backward(net, x, grad_out):
+    x = x.detach().clone().requires_grad_(x.requires_grad)
+    out = net(x)
+    out.backward(grad_out)
+    return out, x.grad, [p.grad for p in net.parameters()]
+
+
+def assert_same(actual, expected, device):
+    # On a CPU the same operators on the same operands give the same bits; on a GPU cuBLAS may choose
+    # another algorithm for a stream of its own.
+    tolerance = dict(rtol=0, atol=0) if device == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(actual, expected, **tolerance)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("hidden_layers", [0, 1, 5])
+@pytest.mark.parametrize("batch", [1, 3, 257])
+@pytest.mark.parametrize("input_needs_grad", [False, True], ids=["data-input", "input-needs-grad"])
+def test_same_output_and_gradients_as_the_plain_network(device, dtype, hidden_layers, batch, input_needs_grad):
+    plain, overlapped = twin_networks(7, 5, hidden_layers, dtype, device)
+    x = sliced(torch.randn(batch, 7, dtype=dtype, device=device)).requires_grad_(input_needs_grad)
+    grad_out = sliced(torch.randn(batch, 5, dtype=dtype, device=device))  # as a chunk of a wider gradient
+    out, x_grad, grads = forward_backward(overlapped, x, grad_out)
+    assert type(out.grad_fn).__name__ == OVERLAPPED_NODE
+    expected_out, expected_x_grad, expected_grads = forward_backward(plain, x, grad_out)
+    assert_same(out, expected_out, device)
+    if input_needs_grad:
+        assert_same(x_grad, expected_x_grad, device)
+    else:
+        assert x_grad is None
+    assert len(grads) == len(expected_grads) == 2 * (hidden_layers + 1)
+    for grad, expected in zip(grads, expected_grads):
+        assert_same(grad, expected, device)
+
+
+def test_gradcheck_in_float64():
+    _, overlapped = twin_networks(4, 3, 2, torch.float64, "cpu", hidden_dim=6)
+    names = [name for name, _ in overlapped.named_parameters()]
+
+    def network(x, *weights_and_biases):  # the network as a function of its input and parameters
+        return torch.func.functional_call(overlapped, dict(zip(names, weights_and_biases)), (x,))
+
+    inputs = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
+              *[p.detach().clone().requires_grad_() for p in overlapped.parameters()])
+    assert type(network(*inputs).grad_fn).__name__ == OVERLAPPED_NODE
+    assert torch.autograd.gradcheck(network, inputs)
+
+
+def test_parameters_without_gradients_get_none():
+    plain, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
+    for net in (plain, overlapped):
+        net[0].weight.requires_grad_(False)
+        net[2].bias.requires_grad_(False)
+    x, grad_out = torch.randn(9, 6), torch.randn(9, 4)
+    _, _, grads = forward_backward(overlapped, x, grad_out)
+    _, _, expected = forward_backward(plain, x, grad_out)
+    assert grads[0] is None and grads[3] is None
+    for grad, want in zip(grads, expected):
+        assert (grad is None) == (want is None)
+        if grad is not None:
+            assert torch.equal(grad, want)
+
+
+def test_plain_path_where_the_overlap_does_not_apply():
+    """Without gradients, under autocast, inside torch.func and forward-mode AD the network runs as a plain
+    nn.Sequential: the same values, the autograd of its modules."""
+    plain, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        assert overlapped(x).grad_fn is None and torch.equal(overlapped(x), plain(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = overlapped(x.requires_grad_())
+        assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ != OVERLAPPED_NODE
+        assert torch.equal(out, plain(x))
+    x = x.detach()
+    grad_of_sum = torch.func.grad(lambda x: overlapped(x).sum())(x)
+    torch.testing.assert_close(grad_of_sum, torch.func.grad(lambda x: plain(x).sum())(x), rtol=0, atol=0)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        tangent = torch.autograd.forward_ad.unpack_dual(overlapped(dual)).tangent
+        expected = torch.autograd.forward_ad.unpack_dual(plain(dual)).tangent
+    torch.testing.assert_close(tangent, expected, rtol=0, atol=0)
+
+
+def test_a_second_derivative_is_refused_clearly():
+    _, overlapped = twin_networks(6, 4, 2, torch.float64, "cpu")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="cannot be differentiated again .*overlap_weight_grads to False"):
+        torch.autograd.grad(overlapped(x).sum(), x, create_graph=True)
+    (first,) = torch.autograd.grad(overlapped(x).sum(), x)  # a first derivative, as ever
+    assert first.shape == x.shape
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("coupling", ["additive", "affine"])
+def test_nice_log_prob_gradients_are_unchanged(device, coupling):
+    torch.manual_seed(0)
+    plain = NICE(20, num_coupling_layers=3, num_hidden_layers=2, hidden_dim=16, coupling=coupling).to(device)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0.0, 0.2)
+    overlapped = copy.deepcopy(plain)
+    overlapped.overlap_weight_grads = True
+    x = torch.rand(11, 20, device=device)
+    plain.log_prob(x).mean().backward()
+    overlapped.log_prob(x).mean().backward()
+    for p, q in zip(overlapped.parameters(), plain.parameters()):
+        assert_same(p.grad, q.grad, device)
+
+
+def test_a_speed_setting_not_part_of_the_model():
+    model = NICE(12, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
+    assert model.overlap_weight_grads is False
+    keys = set(model.state_dict())
+    model.overlap_weight_grads = True
+    assert all(layer.net.overlap_weight_grads for layer in model.layers)
+    assert set(model.state_dict()) == keys and "layers.0.net.0.weight" in keys  # the names of nn.Sequential's
+    assert "overlap_weight_grads" not in model.config
+    assert NICE(12, 2, 1, 8, overlap_weight_grads=True).overlap_weight_grads is True
+    with pytest.raises(TypeError, match="overlap_weight_grads must be a bool"):
+        model.overlap_weight_grads = "yes"
+    assert isinstance(model.layers[0].net, nn.Sequential)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_paper_sized_network_on_cuda_over_several_steps():
+    """The paper's coupling network at its batch size (200 rows, 392 -> 5 x 1000 -> 392), where the two
+    streams' GEMMs run side by side; steps one after another with other allocations in between, so that
+    memory freed too early would be reused while the side stream still reads it."""
+    plain, overlapped = twin_networks(392, 392, 5, torch.float32, "cuda", hidden_dim=1000)
+    with torch.no_grad():
+        for net in (plain, overlapped):
+            for p in net.parameters():
+                p.mul_(0.1)
+    for step in range(4):
+        x = torch.randn(200, 392, device="cuda", requires_grad=step % 2 == 1)
+        grad_out = torch.randn(200, 392, device="cuda")
+        for net in (plain, overlapped):
+            net.zero_grad(set_to_none=True)
+        out, x_grad, grads = forward_backward(overlapped, x, grad_out)
+        scratch = [torch.full((200, 1000), float("nan"), device="cuda") for _ in range(8)]  # reuse freed blocks
+        expected_out, expected_x_grad, expected_grads = forward_backward(plain, x, grad_out)
+        del scratch
+        assert_same(out, expected_out, "cuda")
+        if x.requires_grad:
+            assert_same(x_grad, expected_x_grad, "cuda")
+        for grad, expected in zip(grads, expected_grads):
+            assert_same(grad, expected, "cuda")
