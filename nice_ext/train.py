@@ -166,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--cuda-graph", action="store_true",
                        help="capture the whole training step (forward, backward, optimizer) in one CUDA graph and "
                             "replay it: the fastest way to train at small batch sizes on a GPU")
+    speed.add_argument("--overlap-weight-grads", action="store_true",
+                       help="compute the coupling networks' weight gradients on a second CUDA stream, beside the "
+                            "chain of input gradients (the same gradients; for small batches, with --cuda-graph). "
+                            "Not with --compile/--compile-mode or --precision bf16, where it would do nothing")
     return p
 
 
@@ -233,8 +237,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # Flags that say where and how one invocation runs, never taken from the checkpoint by --resume.
 # The output folder is not inherited either: a resumed run continues in the checkpoint's own folder
 # (wherever the run was moved or copied) unless --out-dir says otherwise.
-NOT_INHERITED = ("resume", "overwrite", "device", "compile", "compile_mode", "cuda_graph", "time_limit", "no_download",
-                 "out_dir", "explicit", "command")
+NOT_INHERITED = ("resume", "overwrite", "device", "compile", "compile_mode", "cuda_graph", "overlap_weight_grads",
+                 "time_limit", "no_download", "out_dir", "explicit", "command")
 # Architecture flags and the model-config entries they set: a resumed run cannot change them.
 ARCHITECTURE = {"coupling": "num_coupling_layers", "hidden": "num_hidden_layers", "mid_dim": "hidden_dim",
                 "latent": "prior", "coup_type": "coupling", "mask": "mask"}
@@ -278,14 +282,19 @@ def inherit_settings(args: argparse.Namespace, resume: Dict[str, object], path: 
 
 
 def check_resolved_settings(args: argparse.Namespace) -> None:
-    """Checks that depend on the optimizer or the dataset, made once a resumed run has its settings from the
-    checkpoint."""
+    """Checks that depend on the optimizer, the dataset or the precision, made once a resumed run has its
+    settings from the checkpoint."""
     if args.whiten and args.dataset != data_lib.IMAGES:
         raise UsageError(f"--whiten is for --dataset images; {args.dataset} is "
                          f"{'whitened' if data_lib.dataset_info(args.dataset).whiten else 'not whitened'}, as in "
                          f"the paper")
     if args.momentum_warmup and args.optimizer != "rmsprop":
         raise UsageError("--momentum-warmup applies to --optimizer rmsprop (Adam's --momentum is its beta1)")
+    if args.overlap_weight_grads and (args.compile or args.compile_mode or args.precision == "bf16"):
+        # (--precision may come from the checkpoint a run resumes)
+        raise UsageError(f"--overlap-weight-grads does nothing with "
+                         f"{'--compile/--compile-mode' if args.compile or args.compile_mode else '--precision bf16'} "
+                         f"(the coupling networks then run as compiled or autocast code); leave it out")
 
 
 def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -790,6 +799,7 @@ class Trainer:
         if mismatch:
             raise CheckpointError(f"{args.resume}: {mismatch}")
         self.model.to(self.device)
+        self.model.overlap_weight_grads = args.overlap_weight_grads  # a speed setting, not saved with the model
         if args.cuda_graph and (self.device.type != "cuda" or self.ctx.enabled):
             raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")
         self.log_prob_module = self.ctx.wrap(self.model)  # DistributedDataParallel under torchrun

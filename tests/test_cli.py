@@ -929,6 +929,31 @@ def test_compiled_training_matches_eager(tmp_path):
     assert float(a["train_ll_nats"]) == pytest.approx(float(b["train_ll_nats"]), abs=0.05)
 
 
+def test_overlap_weight_grads_trains_as_without_it(tmp_path, capsys, monkeypatch):
+    """On the CPU the overlapped backward is the same computation on one stream: the same metrics to the last
+    digit. The flag is a speed setting: a resumed run takes it from its own command line only, and refuses it
+    where the precision it inherits (bf16 autocast) would leave it doing nothing."""
+    from nice_ext import mlp
+
+    calls = []
+    overlapped_apply = mlp._ReluMLPOverlappedBackward.apply
+    monkeypatch.setattr(mlp._ReluMLPOverlappedBackward, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
+    plain, overlapped = str(tmp_path / "plain"), str(tmp_path / "overlapped")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", plain, "--epochs", "1", *TINY]) == 0
+    assert not calls
+    assert train.main(["--data-dir", data_dir(), "--out-dir", overlapped, "--epochs", "1", "--overlap-weight-grads",
+                       *TINY]) == 0
+    assert len(calls) == 4 * 10  # every coupling network (TINY: 4 layers) in each of the epoch's 10 steps
+    untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
+    assert untimed(metrics(plain)) == untimed(metrics(overlapped))
+    bf16 = str(tmp_path / "bf16")
+    assert train.main(["--data-dir", data_dir(), "--out-dir", bf16, "--epochs", "1", "--precision", "bf16",
+                       *TINY]) == 0
+    capsys.readouterr()
+    assert train.main(["--resume", os.path.join(bf16, "last.pt"), "--epochs", "2", "--overlap-weight-grads"]) == 2
+    assert "--overlap-weight-grads does nothing with --precision bf16" in capsys.readouterr().err
+
+
 def test_cuda_graph_needs_a_cuda_device(tmp_path):
     result = run_tool("train", "--data-dir", data_dir(), "--out-dir", str(tmp_path), "--epochs", "1", "--cuda-graph",
                       *TINY)
@@ -1017,6 +1042,8 @@ def test_every_flag_is_explained_in_help(tool):
     (["--coup-type", "multiplicative"], "--coup-type must be additive or affine"),
     (["--mask", "stripes"], "--mask must be odd-even or checkerboard"),
     (["--clip-grad", "nan"], "--clip-grad must be positive"),
+    (["--overlap-weight-grads", "--precision", "bf16"], "--overlap-weight-grads does nothing with --precision bf16"),
+    (["--overlap-weight-grads", "--compile"], "--overlap-weight-grads does nothing with --compile/--compile-mode"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)
