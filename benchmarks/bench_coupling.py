@@ -165,8 +165,9 @@ def bench_ops(device, quick, dtypes, min_run_time):
     return rows
 
 
-def train_step_variants(device, batch, quick, min_run_time):
-    """ms per optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) in several variants."""
+def train_step_variants(device, batch, quick, min_run_time, failures):
+    """ms per optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) in several variants. A variant
+    that fails is appended to ``failures`` (variant, batch, error) and the others still run."""
     hidden, width = (5, 1000)
     rows = []
     pixels = torch.rand(batch, 784, device=device)
@@ -177,7 +178,8 @@ def train_step_variants(device, batch, quick, min_run_time):
             model = SeedMaskedNICE(784, 4, hidden, width).to(device)
         else:
             model = NICE(784, 4, hidden, width, coupling="affine" if "affine" in variant else "additive",
-                         fused=not variant.startswith("reference")).to(device)
+                         fused=not variant.startswith("reference"),
+                         overlap_weight_grads=variant.endswith("-overlap")).to(device)
         graphed = "graphed" in variant
         # Every variant steps with fused Adam, as training does, except the one that shows what torch's
         # default Adam (a loop over parameters on a CPU, foreach on a GPU) costs.
@@ -205,26 +207,32 @@ def train_step_variants(device, batch, quick, min_run_time):
         return step
 
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
-    # bf16 -> one CUDA graph.
+    # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph).
     # The affine variants: the same model with affine couplings (paper §3.2.2), reference ops vs fused.
     variants = ["seed-masked-eager-default-adam", "seed-masked-eager", "reference-eager", "fused-eager",
                 "fused-eager-bf16", "reference-eager-affine", "fused-eager-affine"]
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
-                     "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16"]
+                     "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16", "fused-graphed-tf32-overlap"]
     elif not quick:
         variants += ["fused-compiled"]
     # A CPU step takes a few hundred ms: time several, so that p20 and p80 mean something.
     step_run_time = max(min_run_time, 2.0) if device.type == "cpu" else min_run_time
     for variant in variants:
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
-        step = make(variant)
-        for _ in range(5):  # warm-up (and, for graphed variants, the capture)
-            step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        median, p20, p80 = timeit(step, step_run_time)
+        try:
+            step = make(variant)
+            for _ in range(5):  # warm-up (and, for graphed variants, the capture)
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            median, p20, p80 = timeit(step, step_run_time)
+        except Exception as error:  # noqa: BLE001 (one variant's failure is a result, not the end of the run)
+            failures.append(dict(variant=variant, batch=batch, error=f"{type(error).__name__}: {error}"))
+            print(f"  train step {variant} batch {batch}: FAILED ({failures[-1]['error']})", file=sys.stderr,
+                  flush=True)
+            continue
         peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else float("nan")
         rows.append(dict(variant=variant, batch=batch, ms_per_step=median, p20_ms=p20, p80_ms=p80,
                          samples_per_s=batch / (median * 1e-3), peak_mem_mb=peak))
@@ -272,10 +280,13 @@ def markdown(result):
     lines += ["", "| train step variant | batch | ms/step (p20-p80) | samples/s | peak MB | speed-up vs seed |",
               "|---|---|---|---|---|---|"]
     for r in result["train_step"]:
-        seed = next(s for s in result["train_step"] if s["variant"] == "seed-masked-eager" and s["batch"] == r["batch"])
+        seed = next((s for s in result["train_step"] if s["variant"] == "seed-masked-eager" and s["batch"] == r["batch"]),
+                    None)  # (None where that variant failed)
+        speedup = f"{seed['ms_per_step'] / r['ms_per_step']:.2f}x" if seed else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) "
-                     f"| {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.0f} "
-                     f"| {seed['ms_per_step'] / r['ms_per_step']:.2f}x |")
+                     f"| {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {speedup} |")
+    for r in result.get("train_step_failures", []):
+        lines.append(f"| {r['variant']} | {r['batch']} | failed: {r['error'][:200]} | | | |")
     lines += ["", "| one call at batch 1 (host cost) | fused fwd us | fused fwd+bwd us | reference fwd us "
               "| reference fwd+bwd us |", "|---|---|---|---|---|"]
     for r in result.get("call_cost", []):
@@ -390,9 +401,10 @@ def run(args):
                   copy_gbps=copy_bandwidth(device, min_run_time, max(b * d for b, d in op_sizes(args.quick))))
     result["ops"] = bench_ops(device, args.quick, dtypes, min_run_time)
     result["call_cost"] = bench_call_cost(device, min_run_time)
+    result["train_step_failures"] = []
     result["train_step"] = [] if args.no_train_step else [
         row for batch in ((200,) if args.quick else (200, 2048))
-        for row in train_step_variants(device, batch, args.quick, min_run_time)]
+        for row in train_step_variants(device, batch, args.quick, min_run_time, result["train_step_failures"])]
     largest = max(r["batch"] for r in result["ops"])
     result["summary"] = dict(
         median_speedup_vs_reference=float(np.median([r["reference_ms"] / r["fused_ms"] for r in result["ops"]])),

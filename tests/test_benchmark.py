@@ -54,6 +54,34 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
     assert "| one call at batch 1 (host cost) |" in markdown
 
 
+def test_a_failing_train_step_variant_is_reported_and_the_others_still_run(monkeypatch):
+    """A variant that fails (on a GPU: a capture that a driver refuses, say) is a result of the run, in the
+    JSON and in the table, not the end of a run that has already timed the ops."""
+    bench = load_script("bench_coupling")
+    small_nice = bench.NICE
+
+    def broken_seed_model(*args, **kwargs):
+        raise RuntimeError("the seed-style model could not be built")
+
+    monkeypatch.setattr(bench, "SeedMaskedNICE", broken_seed_model)
+    monkeypatch.setattr(bench, "NICE", lambda dim, layers, hidden, width, **kw: small_nice(dim, 2, 1, 8, **kw))
+    monkeypatch.setattr(bench, "timeit", lambda fn, min_run_time: (fn(), (1.0, 0.9, 1.1))[1])
+    failures = []
+    rows = bench.train_step_variants(torch.device("cpu"), 4, True, 0.01, failures)
+    assert [(f["variant"], f["batch"]) for f in failures] == [("seed-masked-eager-default-adam", 4),
+                                                              ("seed-masked-eager", 4)]
+    assert failures[0]["error"] == "RuntimeError: the seed-style model could not be built"
+    assert [r["variant"] for r in rows] == ["reference-eager", "fused-eager", "fused-eager-bf16",
+                                            "reference-eager-affine", "fused-eager-affine"]
+    result = dict(device="cpu", torch="", cuda=None, commit="", date="", command="", copy_gbps=1.0, ops=[],
+                  call_cost=[], train_step=rows, train_step_failures=failures,
+                  summary=dict(median_speedup_vs_reference=1.0, median_speedup_vs_compiled=1.0,
+                               largest_batch_median_pct_of_copy=1.0))
+    table = bench.markdown(result)
+    assert "| fused-eager | 4 | 1.00 (0.90-1.10) |" in table and table.count("| - |") == len(rows)
+    assert "| seed-masked-eager | 4 | failed: RuntimeError: the seed-style model could not be built |" in table
+
+
 def test_every_entry_times_a_compiled_reference(monkeypatch, capsys):
     """Each per-op entry compiles the reference afresh: with one compilation allowed per code object, as
     dynamo's recompile limit allows 8, every entry still compiles once (the full benchmark has 12 entries
