@@ -15,7 +15,7 @@ computation on one stream.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,9 @@ class CouplingMLP(nn.Sequential):
 
     ``overlap_weight_grads``: compute the weight and bias gradients on a second CUDA stream (see the module
     docstring). Used when gradients are recorded, outside torch.compile, autocast, torch.func transforms and
-    forward-mode AD; elsewhere the network runs as a plain ``nn.Sequential``. Its backward cannot itself be
-    differentiated."""
+    forward-mode AD; elsewhere the network runs as a plain ``nn.Sequential``. A backward with
+    ``create_graph=True`` runs the network's forward a second time, so that its gradients can be
+    differentiated again."""
 
     def __init__(self, in_features: int, out_features: int, hidden_dim: int, num_hidden_layers: int,
                  overlap_weight_grads: bool = False):
@@ -77,33 +78,41 @@ def _side_stream(device: torch.device) -> "torch.cuda.Stream":
     return _side_streams[device]
 
 
+def _relu_mlp(x: Tensor, params: Sequence[Tensor], activations: Optional[List[Tensor]] = None) -> Tensor:
+    """h_0 = x, h_{l+1} = relu(h_l W_l^T + b_l), the output h_L W_L^T + b_L (params: W_0, b_0, W_1, b_1, ...);
+    appends h_1 .. h_L to ``activations`` when given."""
+    weights, biases = params[0::2], params[1::2]
+    h = x
+    for i, (weight, bias) in enumerate(zip(weights, biases)):
+        h = torch.nn.functional.linear(h, weight, bias)
+        if i + 1 < len(weights):
+            h = torch.relu_(h)  # (linear's output: nothing else reads it)
+            if activations is not None:
+                activations.append(h)
+    return h
+
+
 class _ReluMLPOverlappedBackward(torch.autograd.Function):
-    """h_0 = x, h_{l+1} = relu(h_l W_l^T + b_l), output h_L W_L^T + b_L; the backward computes W_l's and b_l's
-    gradients on a side stream (CUDA) while the main stream goes on down the chain of input gradients."""
+    """The coupling network (``_relu_mlp``) whose backward computes W_l's and b_l's gradients on a side
+    stream (CUDA) while the main stream goes on down the chain of input gradients."""
 
     @staticmethod
     def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
-        weights, biases = params[0::2], params[1::2]
-        inputs = [x]  # the input of each linear layer
-        h = x
-        for i, (weight, bias) in enumerate(zip(weights, biases)):
-            h = torch.nn.functional.linear(h, weight, bias)
-            if i + 1 < len(weights):
-                h = torch.relu_(h)
-                inputs.append(h)
-        ctx.save_for_backward(*inputs, *weights)
-        return h
+        activations: List[Tensor] = []
+        out = _relu_mlp(x, params, activations)
+        ctx.layers = len(params) // 2
+        ctx.save_for_backward(x, *params, *activations)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        if torch.is_grad_enabled():  # create_graph=True: the graph of this backward would miss the forward's
-            raise RuntimeError("the coupling network's backward with overlap_weight_grads=True cannot be "
-                               "differentiated again (create_graph=True); set the model's overlap_weight_grads "
-                               "to False for higher-order gradients")
         saved = ctx.saved_tensors
-        count = len(saved) // 2
-        inputs, weights = saved[:count], saved[count:]
+        count = ctx.layers
+        x, params, activations = saved[0], saved[1:1 + 2 * count], saved[1 + 2 * count:]
         needs = ctx.needs_input_grad  # (x, W_0, b_0, W_1, b_1, ...)
+        if torch.is_grad_enabled():  # create_graph=True
+            return _differentiable_backward(x, params, grad_out, needs)
+        inputs, weights = (x, *activations), params[0::2]  # the input of each linear layer, and its weight
         main = torch.cuda.current_stream(grad_out.device) if grad_out.is_cuda else None
         side = _side_stream(grad_out.device) if main is not None else None
         grads: List[Optional[Tensor]] = [None] * (2 * count)
@@ -134,4 +143,16 @@ class _ReluMLPOverlappedBackward(torch.autograd.Function):
             main.wait_stream(side)
         del side_reads
         return (g if needs[0] else None, *grads)
+
+
+def _differentiable_backward(x: Tensor, params: Sequence[Tensor], grad_out: Tensor, needs: Sequence[bool]):
+    """The gradients as a graph that can be differentiated again (create_graph=True), as the fused ops'
+    backwards give them. The activations the forward saved carry no history, so the network is run again
+    from its input and parameters (saved inputs, which do) and autograd differentiates that: a second
+    forward, only for higher-order gradients."""
+    with torch.enable_grad():
+        out = _relu_mlp(x, params)
+        wanted = [t for t, need in zip((x, *params), needs) if need]
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True))
+    return tuple(next(found) if need else None for need in needs)
 

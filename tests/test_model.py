@@ -143,10 +143,12 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
-def test_second_order_gradients_match_the_pure_pytorch_model(device, coupling, prior):
+@pytest.mark.parametrize("overlap_weight_grads", [False, True], ids=["", "overlap-weight-grads"])
+def test_second_order_gradients_match_the_pure_pytorch_model(device, coupling, prior, overlap_weight_grads):
     # A gradient penalty: the parameters' gradient of |d log p / dx|^2 needs the backward of the backward.
     # (Before the backward ops had autograd, the fused model's came out wrong, with only a warning.)
     fused = small_model(prior, coupling, dim=6, device=device)
+    fused.overlap_weight_grads = overlap_weight_grads  # (its create_graph backward runs the networks again)
     plain = small_model(prior, coupling, fused=False, dim=6, device=device, seed=1)
     plain.load_state_dict(fused.state_dict())
     x = torch.rand(5, 6, dtype=torch.float64, device=device)
