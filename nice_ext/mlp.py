@@ -70,12 +70,20 @@ class CouplingMLP(nn.Sequential):
 _side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}
 
 
-def _side_stream(device: torch.device) -> "torch.cuda.Stream":
-    """One stream per device for the weight gradients, made once: a CUDA graph's warm-up steps and its
-    capture then use the same stream (and the cuBLAS workspace made for it on the first use)."""
+def _weight_grad_streams(device: torch.device):
+    """(main, side): the stream the backward runs on and the one for the weight gradients, or (None, None)
+    off CUDA. The side stream is made once per device, so that a CUDA graph's warm-up steps and its capture
+    use the same one (and the cuBLAS workspace made for it on its first use)."""
+    if device.type != "cuda":
+        return None, None
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
-    return _side_streams[device]
+    return torch.cuda.current_stream(device), _side_streams[device]
+
+
+def _on_stream(stream):
+    """Launches in the ``with`` block go to ``stream`` (None: where they would go anyway)."""
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
 
 def _relu_mlp(x: Tensor, params: Sequence[Tensor], activations: Optional[List[Tensor]] = None) -> Tensor:
@@ -113,8 +121,7 @@ class _ReluMLPOverlappedBackward(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True
             return _differentiable_backward(x, params, grad_out, needs)
         inputs, weights = (x, *activations), params[0::2]  # the input of each linear layer, and its weight
-        main = torch.cuda.current_stream(grad_out.device) if grad_out.is_cuda else None
-        side = _side_stream(grad_out.device) if main is not None else None
+        main, side = _weight_grad_streams(grad_out.device)
         grads: List[Optional[Tensor]] = [None] * (2 * count)
         # Tensors the side stream reads, held until the streams join: freed earlier, the main stream could
         # reuse their memory while the side stream still reads it.
@@ -131,7 +138,7 @@ class _ReluMLPOverlappedBackward(torch.autograd.Function):
                 if side is not None:
                     side.wait_stream(main)
                     side_reads += [g, inputs[i]]
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                with _on_stream(side):
                     if need_weight:  # as autograd's mm backward computes it: g^T h, row-major
                         torch.mm(g.t(), inputs[i], out=grad_weight)
                     if need_bias:

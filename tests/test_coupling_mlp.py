@@ -1,10 +1,12 @@
 """The coupling network m (nice_ext.mlp): with ``overlap_weight_grads`` its backward, which computes the
 weight and bias gradients on a second CUDA stream, gives the plain nn.Sequential's output and gradients."""
+import contextlib
 import copy
 
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import DEVICES, sliced
 from nice_ext import NICE
@@ -127,6 +129,81 @@ def test_second_derivatives_in_float64():
     (without,) = torch.autograd.grad(plain(x).square().sum(), x)
     assert with_graph.grad_fn is not None
     torch.testing.assert_close(with_graph, without, rtol=0, atol=0)
+
+
+class StreamLog(TorchDispatchMode):
+    """Stands in for the two CUDA streams of the overlapped backward on the CPU: logs each stream wait, and
+    each ATen operator that computes (views and allocations left out) with the stream it would have been
+    launched on. (A dispatch mode, unlike a torch-function mode, sees into autograd's backward.)"""
+
+    NOT_LAUNCHES = {"t", "transpose", "empty_like", "new_empty", "empty", "detach", "alias", "view"}
+
+    def __init__(self):
+        super().__init__()
+        self.entries, self.current = [], "main"
+
+    def stream(self, name):
+        log = self
+
+        class FakeStream:
+            def wait_stream(self, other):
+                log.entries.append(("wait", name, other.name))
+
+        fake = FakeStream()
+        fake.name = name
+        return fake
+
+    @contextlib.contextmanager
+    def on_stream(self, stream):
+        before, self.current = self.current, stream.name
+        try:
+            yield
+        finally:
+            self.current = before
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in self.NOT_LAUNCHES:
+            self.entries.append(("op", self.current, name))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("input_needs_grad", [False, True], ids=["data-input", "input-needs-grad"])
+def test_the_backward_launches_weight_gradients_on_the_side_stream_after_a_wait(monkeypatch, input_needs_grad):
+    """The two streams' choreography, checked without a GPU: each layer's weight and bias gradients go to
+    the side stream, which first waits for the main stream (where the layer's gradient g was made); nothing
+    else runs there; and the main stream waits for the side stream before the backward returns, as the
+    autograd engine and the optimizer read the gradients on the main stream."""
+    from nice_ext import mlp
+
+    layers = 3
+    _, overlapped = twin_networks(6, 4, layers - 1, torch.float32, "cpu")
+    log = StreamLog()
+    monkeypatch.setattr(mlp, "_weight_grad_streams", lambda device: (log.stream("main"), log.stream("side")))
+    monkeypatch.setattr(mlp, "_on_stream", log.on_stream)
+    x = torch.randn(5, 6, requires_grad=input_needs_grad)
+    out = overlapped(x)
+    grad_out = torch.randn_like(out)
+    with log:
+        out.backward(grad_out)
+    entries = log.entries
+    side_ops = [e for e in entries if e[:2] == ("op", "side")]
+    assert [e[2] for e in side_ops] == ["mm", "sum"] * layers  # weight and bias gradients, a layer each
+    for i, entry in enumerate(entries):
+        if entry[:2] == ("op", "side") and entries[i - 1][:2] != ("op", "side"):  # a run of side launches
+            assert entries[i - 1] == ("wait", "side", "main"), entries[i - 3:i + 1]
+    assert entries[-1] == ("wait", "main", "side") and entries.count(("wait", "main", "side")) == 1
+    main_ops = [e[2] for e in entries if e[:2] == ("op", "main")]
+    # on the main stream: the ReLU backwards and the input gradients (g W) of the chain, nothing else
+    assert sorted(set(main_ops)) == ["mm", "threshold_backward"]
+    assert main_ops.count("mm") == layers - (0 if input_needs_grad else 1)
+    # and the gradients are right (the plain network's, as in the tests above)
+    plain = copy.deepcopy(overlapped)
+    plain.overlap_weight_grads = False
+    x_plain = x.detach().clone().requires_grad_(input_needs_grad)
+    plain(x_plain).backward(grad_out)
+    for p, q in zip(overlapped.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
 
 
 @pytest.mark.parametrize("device", DEVICES)
