@@ -29,6 +29,18 @@ def seeded_global_random_state():
     torch.manual_seed(0)
 
 
+def run_python(code: str, cwd: str = ROOT, pythonpath: str = None, env: dict = None,
+               timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter, its output captured as text: for what only a process's
+    start shows (an import, a library's state at load, environment variables read then, a memory peak).
+    ``env`` adds to this process's environment; ``pythonpath`` sets PYTHONPATH."""
+    env = dict(os.environ, **(env or {}))
+    if pythonpath is not None:
+        env["PYTHONPATH"] = pythonpath
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def needed_shared_libraries(path: str):
     """The NEEDED entries of an ELF shared object (readelf -d), or None where readelf is not installed."""
     import shutil

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import nice_ext
-from conftest import needed_shared_libraries
+from conftest import needed_shared_libraries, run_python
 
 
 def test_cuda_kernels_are_compiled_whenever_they_can_be():
@@ -191,8 +191,7 @@ def test_a_checkout_whose_kernels_are_missing_or_do_not_load_says_what_to_do(tmp
             ".startswith('__editable__') and not type(f).__module__.startswith('__editable__')]; import nice_ext")
 
     def import_error():
-        done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+        done = run_python(code, cwd=tmp_path, pythonpath=str(tmp_path))
         assert done.returncode == 1
         return done.stderr.strip().splitlines()[-1]
 
@@ -217,8 +216,7 @@ def test_importing_a_checkout_whose_kernels_are_older_than_its_sources_warns(tmp
     built = os.path.getmtime(nice_ext._C.__file__)
 
     def import_stderr():
-        done = subprocess.run([sys.executable, "-c", "import nice_ext"], cwd=tmp_path, capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(tmp_path)), timeout=300)
+        done = run_python("import nice_ext", cwd=tmp_path, pythonpath=str(tmp_path))
         assert done.returncode == 0, done.stderr
         return done.stderr
 
@@ -262,7 +260,7 @@ def test_the_installation_report_checks_second_derivatives():
         "    warnings.simplefilter('ignore')  # overriding a previously registered kernel\n"
         "    override.impl('scale_prior_backward_composite', wrong, 'CompositeImplicitAutograd')\n"
         "print('\\n'.join(report.check(torch.device('cpu'))))\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_python(script)
     assert done.returncode == 0, done.stderr
     problems = done.stdout.splitlines()
     assert len(problems) == 2 and all("the second derivative differs from the reference" in p for p in problems), \

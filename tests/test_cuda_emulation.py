@@ -17,7 +17,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, needed_shared_libraries
+from conftest import ROOT, needed_shared_libraries, run_python
 
 BUILD_SCRIPT = os.path.join(ROOT, "tests", "cuda_emulation", "build.py")
 _spec = importlib.util.spec_from_file_location("cuda_emulation_build", BUILD_SCRIPT)
@@ -66,8 +66,7 @@ def test_emulated_tree_loads_the_emulated_library(emulated_tree):
     code = ("import nice_ext, torch; print(nice_ext._C.__file__); print(nice_ext.cuda_kernels_built()); "
             "print(torch._C._dispatch_has_kernel_for_dispatch_key('nice_ext::scale_inverse', 'CUDA')); "
             "torch.ops.nice_ext.scale_inverse(torch.ones(2, 3), torch.zeros(3))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=emulated_tree, capture_output=True, text=True,
-                            timeout=300, env=dict(os.environ, PYTHONPATH=emulated_tree))
+    result = run_python(code, cwd=emulated_tree, pythonpath=emulated_tree)
     assert result.returncode == 0, result.stderr[-3000:]
     library, built, cuda_key = result.stdout.split()
     assert os.path.dirname(library) == os.path.join(emulated_tree, "nice_ext") and built == "True"

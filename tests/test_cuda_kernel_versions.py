@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import CUDA_KERNEL_DEVICE as DEVICE
-from conftest import CUDA_KERNELS_EMULATED, ROOT, coupling_masks, needs_cuda_kernels, rel_error, sliced
+from conftest import CUDA_KERNELS_EMULATED, ROOT, coupling_masks, needs_cuda_kernels, rel_error, run_python, sliced
 from nice_ext import ops, reference
 from nice_ext.masks import coupling_maps
 
@@ -50,9 +50,8 @@ def with_version(version, fn, *args):
 
 
 def versions_at_import(value):
-    env = dict(os.environ, NICE_EXT_CUDA_KERNELS=value)
-    return subprocess.run([sys.executable, "-c", "from nice_ext import ops; print(ops.cuda_kernel_versions())"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return run_python("from nice_ext import ops; print(ops.cuda_kernel_versions())",
+                      env=dict(NICE_EXT_CUDA_KERNELS=value), timeout=120)
 
 
 # What this process started with: the defaults, changed by what scripts/check_cuda.sh may have asked for.

@@ -1,13 +1,11 @@
 """Dequantization, splits, whitening and file handling."""
 import gzip
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, data_dir, write_images
+from conftest import data_dir, run_python, write_images
 from nice_ext import data as data_lib
 
 needs_mnist = pytest.mark.skipif(data_dir() is None, reason="the MNIST files are not available")
@@ -118,7 +116,7 @@ def test_zca_fit_needs_no_float64_copy_of_the_images():
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "ZCA(1024).fit(x)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = run_python(code)
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) < 240, f"the fit took {float(done.stdout):.0f} MB more"
 
