@@ -27,7 +27,8 @@ def twin_networks(in_features, out_features, hidden_layers, dtype, device, hidde
 
 
 def forward_backward(net, x, grad_out):
-    x = x.detach().clone().requires_grad_(x.requires_grad)
+    x = sliced(x.detach()).requires_grad_(x.requires_grad)  # a view into a larger buffer, a leaf of its own
+    assert x._base is not None and x.storage_offset() > 0
     out = net(x)
     out.backward(grad_out)
     return out, x.grad, [p.grad for p in net.parameters()]
