@@ -209,8 +209,10 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
     # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph).
     # The affine variants: the same model with affine couplings (paper §3.2.2), reference ops vs fused.
+    # fused-eager-overlap: the coupling networks' own backward (weight gradients on a second stream on a GPU,
+    # the same work on one on a CPU), eagerly: what it costs where it cannot overlap anything.
     variants = ["seed-masked-eager-default-adam", "seed-masked-eager", "reference-eager", "fused-eager",
-                "fused-eager-bf16", "reference-eager-affine", "fused-eager-affine"]
+                "fused-eager-overlap", "fused-eager-bf16", "reference-eager-affine", "fused-eager-affine"]
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
                      "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16", "fused-graphed-tf32-overlap"]

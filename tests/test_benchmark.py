@@ -44,7 +44,7 @@ def test_quick_cpu_benchmark_writes_its_results(tmp_path):
         assert all(row[f"{impl}_{what}_us"] > 0 for impl in ("fused", "reference") for what in ("fwd", "fwd_bwd"))
     steps = {r["variant"]: r for r in written["train_step"]}
     assert {"seed-masked-eager", "seed-masked-eager-default-adam", "reference-eager", "fused-eager",
-            "reference-eager-affine", "fused-eager-affine"} <= set(steps)
+            "fused-eager-overlap", "reference-eager-affine", "fused-eager-affine"} <= set(steps)
     for row in steps.values():
         assert STEP_KEYS <= set(row) and row["ms_per_step"] > 0
     markdown = (tmp_path / "CPU_{}_cores.md".format(os.cpu_count())).read_text()
@@ -71,7 +71,7 @@ def test_a_failing_train_step_variant_is_reported_and_the_others_still_run(monke
     assert [(f["variant"], f["batch"]) for f in failures] == [("seed-masked-eager-default-adam", 4),
                                                               ("seed-masked-eager", 4)]
     assert failures[0]["error"] == "RuntimeError: the seed-style model could not be built"
-    assert [r["variant"] for r in rows] == ["reference-eager", "fused-eager", "fused-eager-bf16",
+    assert [r["variant"] for r in rows] == ["reference-eager", "fused-eager", "fused-eager-overlap", "fused-eager-bf16",
                                             "reference-eager-affine", "fused-eager-affine"]
     result = dict(device="cpu", torch="", cuda=None, commit="", date="", command="", copy_gbps=1.0, ops=[],
                   call_cost=[], train_step=rows, train_step_failures=failures,
