@@ -729,6 +729,9 @@ class Trainer:
                 print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
                       "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
                       flush=True)
+            if args.overlap_weight_grads and device.type == "cpu" and ctx.is_main:
+                print("note: --overlap-weight-grads overlaps work on a GPU's second stream; on the CPU the backward "
+                      "is the same computation on one stream, as fast as without it", flush=True)
             note = launch_bound_note(args, device, ctx.enabled)
             if note and ctx.is_main:
                 print(note, flush=True)

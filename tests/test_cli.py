@@ -944,6 +944,8 @@ def test_overlap_weight_grads_trains_as_without_it(tmp_path, capsys, monkeypatch
     assert train.main(["--data-dir", data_dir(), "--out-dir", overlapped, "--epochs", "1", "--overlap-weight-grads",
                        *TINY]) == 0
     assert len(calls) == 4 * 10  # every coupling network (TINY: 4 layers) in each of the epoch's 10 steps
+    # (the note once: the run with the flag has it, the one before without it does not)
+    assert capsys.readouterr().out.count("note: --overlap-weight-grads overlaps work on a GPU's second stream") == 1
     untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert untimed(metrics(plain)) == untimed(metrics(overlapped))
     bf16 = str(tmp_path / "bf16")
