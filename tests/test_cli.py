@@ -948,6 +948,9 @@ def test_overlap_weight_grads_trains_as_without_it(tmp_path, capsys, monkeypatch
     assert capsys.readouterr().out.count("note: --overlap-weight-grads overlaps work on a GPU's second stream") == 1
     untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert untimed(metrics(plain)) == untimed(metrics(overlapped))
+    calls.clear()
+    assert train.main(["--resume", os.path.join(overlapped, "last.pt"), "--epochs", "2"]) == 0
+    assert not calls  # not taken over from the run it resumes
     bf16 = str(tmp_path / "bf16")
     assert train.main(["--data-dir", data_dir(), "--out-dir", bf16, "--epochs", "1", "--precision", "bf16",
                        *TINY]) == 0

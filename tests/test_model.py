@@ -143,7 +143,7 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
-@pytest.mark.parametrize("overlap_weight_grads", [False, True], ids=["", "overlap-weight-grads"])
+@pytest.mark.parametrize("overlap_weight_grads", [False, True], ids=["one-stream", "overlap-weight-grads"])
 def test_second_order_gradients_match_the_pure_pytorch_model(device, coupling, prior, overlap_weight_grads):
     # A gradient penalty: the parameters' gradient of |d log p / dx|^2 needs the backward of the backward.
     # (Before the backward ops had autograd, the fused model's came out wrong, with only a warning.)
