@@ -15,6 +15,7 @@ computation on one stream.
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -29,8 +30,8 @@ class CouplingMLP(nn.Sequential):
     equivalent ``nn.Sequential``.
 
     ``overlap_weight_grads``: compute the weight and bias gradients on a second CUDA stream (see the module
-    docstring). Used when gradients are recorded, outside torch.compile, autocast, torch.func transforms and
-    forward-mode AD; elsewhere the network runs as a plain ``nn.Sequential``. A backward with
+    docstring). Used when gradients are recorded, outside torch.compile, autocast, torch.func transforms,
+    forward-mode AD and ``input_grads_only()``; elsewhere the network runs as a plain ``nn.Sequential``. A backward with
     ``create_graph=True`` runs the network's forward a second time, so that its gradients can be
     differentiated again."""
 
@@ -52,7 +53,8 @@ class CouplingMLP(nn.Sequential):
         return [module for module in self if isinstance(module, nn.Linear)]
 
     def _overlap_applies(self, x: Tensor) -> bool:
-        return (self.overlap_weight_grads and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        return (self.overlap_weight_grads and torch.is_grad_enabled() and not _local.input_grads_only
+                and not torch.compiler.is_compiling()
                 and not torch.is_autocast_enabled(x.device.type) and not ops.functorch_transform_active()
                 and not ops.forward_ad_active()
                 and (x.requires_grad or any(p.requires_grad for p in self.parameters())))
@@ -65,6 +67,26 @@ class CouplingMLP(nn.Sequential):
 
     def extra_repr(self) -> str:
         return "overlap_weight_grads=True" if self.overlap_weight_grads else ""
+
+
+class _Local(threading.local):
+    input_grads_only = False
+
+
+_local = _Local()
+
+
+@contextlib.contextmanager
+def input_grads_only():
+    """For a backward that asks for the input's gradient alone (``torch.autograd.grad(log_p, x)``, as
+    inpainting does): within the block the coupling networks run as plain ``nn.Sequential`` even with
+    ``overlap_weight_grads``, so that autograd leaves out the weight gradients, which the overlapped
+    backward would compute whatever was asked. Per thread."""
+    before, _local.input_grads_only = _local.input_grads_only, True
+    try:
+        yield
+    finally:
+        _local.input_grads_only = before
 
 
 _side_streams: Dict[torch.device, "torch.cuda.Stream"] = {}

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import ops, reference
 from .data import check_data_range, check_generator
 from .masks import check_image_shape, check_mask, checkerboard_mask, coupling_maps, kept_index, odd_even_mask
-from .mlp import CouplingMLP
+from .mlp import CouplingMLP, input_grads_only
 
 COUPLINGS = ("additive", "affine")
 # How an affine coupling turns its network's output r into the log-scale a of y_I2 = x_I2 * exp(a) + b.
@@ -337,7 +337,7 @@ class NICE(nn.Module):
         current = torch.where(observed, x, noise_init).detach()
         for i in range(steps):
             current.requires_grad_(True)
-            with torch.enable_grad():
+            with torch.enable_grad(), input_grads_only():
                 grad, = torch.autograd.grad(self.log_prob(current).sum(), current)
             step = 10.0 / (100.0 + i)
             eps = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)

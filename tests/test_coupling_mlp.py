@@ -2,6 +2,7 @@
 weight and bias gradients on a second CUDA stream, gives the plain nn.Sequential's output and gradients."""
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -110,6 +111,44 @@ def test_plain_path_where_the_overlap_does_not_apply():
         tangent = torch.autograd.forward_ad.unpack_dual(overlapped(dual)).tangent
         expected = torch.autograd.forward_ad.unpack_dual(plain(dual)).tangent
     torch.testing.assert_close(tangent, expected, rtol=0, atol=0)
+
+
+def test_input_grads_only_runs_the_plain_network_in_its_thread_alone():
+    from nice_ext.mlp import input_grads_only
+
+    _, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
+    x = torch.randn(5, 6, requires_grad=True)
+    node = lambda: type(overlapped(x).grad_fn).__name__  # noqa: E731
+    seen_in_other_thread = []
+    with input_grads_only():
+        with input_grads_only():
+            assert node() != OVERLAPPED_NODE
+        assert node() != OVERLAPPED_NODE  # the inner block left the outer one's setting
+        thread = threading.Thread(target=lambda: seen_in_other_thread.append(node()))
+        thread.start()
+        thread.join()
+    assert node() == OVERLAPPED_NODE and seen_in_other_thread == [OVERLAPPED_NODE]
+
+
+def test_inpainting_asks_for_the_input_gradient_alone(monkeypatch):
+    """Inpainting needs d log p / dx only: with overlap_weight_grads its networks run plain (no weight
+    gradients computed), and it fills in what it fills in without it."""
+    from nice_ext import mlp
+
+    calls = []
+    overlapped_apply = mlp._ReluMLPOverlappedBackward.apply
+    monkeypatch.setattr(mlp._ReluMLPOverlappedBackward, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
+    model = NICE(12, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2)
+    x, observed = torch.rand(3, 12), torch.arange(12) % 3 == 0
+    plain = model.inpaint(x, observed, steps=5, generator=torch.Generator().manual_seed(1))
+    model.overlap_weight_grads = True
+    filled = model.inpaint(x, observed, steps=5, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(filled, plain) and not calls
+    model.log_prob(x).sum().backward()  # (the spy sees the overlapped path where it applies)
+    assert len(calls) == 2
 
 
 def test_second_derivatives_in_float64():
