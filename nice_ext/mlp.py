@@ -31,9 +31,9 @@ class CouplingMLP(nn.Sequential):
 
     ``overlap_weight_grads``: compute the weight and bias gradients on a second CUDA stream (see the module
     docstring). Used when gradients are recorded, outside torch.compile, autocast, torch.func transforms,
-    forward-mode AD and ``input_grads_only()``; elsewhere the network runs as a plain ``nn.Sequential``. A backward with
-    ``create_graph=True`` runs the network's forward a second time, so that its gradients can be
-    differentiated again."""
+    forward-mode AD and ``input_grads_only()``; elsewhere the network runs as a plain ``nn.Sequential``.
+    A backward with ``create_graph=True`` runs the network's forward a second time, so that its gradients
+    can be differentiated again."""
 
     def __init__(self, in_features: int, out_features: int, hidden_dim: int, num_hidden_layers: int,
                  overlap_weight_grads: bool = False):
