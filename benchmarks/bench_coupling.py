@@ -282,8 +282,8 @@ def markdown(result):
     lines += ["", "| train step variant | batch | ms/step (p20-p80) | samples/s | peak MB | speed-up vs seed |",
               "|---|---|---|---|---|---|"]
     for r in result["train_step"]:
-        seed = next((s for s in result["train_step"] if s["variant"] == "seed-masked-eager" and s["batch"] == r["batch"]),
-                    None)  # (None where that variant failed)
+        seed = next((s for s in result["train_step"]  # (None where that variant failed)
+                     if s["variant"] == "seed-masked-eager" and s["batch"] == r["batch"]), None)
         speedup = f"{seed['ms_per_step'] / r['ms_per_step']:.2f}x" if seed else "-"
         lines.append(f"| {r['variant']} | {r['batch']} | {r['ms_per_step']:.2f} ({r['p20_ms']:.2f}-{r['p80_ms']:.2f}) "
                      f"| {r['samples_per_s']:.0f} | {r['peak_mem_mb']:.0f} | {speedup} |")
