@@ -133,6 +133,22 @@ def _build_masks(data_dim: int, num_layers: int, mask: Union[str, Tensor],
     return [first if layer % 2 == 0 else ~first for layer in range(num_layers)]
 
 
+def coupling_network_setting(name: str, doc: str) -> property:
+    """A model-wide speed setting of the coupling networks (a bool attribute of each ``CouplingMLP``): true
+    when every network has it; setting it sets it in all of them."""
+
+    def get(model: "NICE") -> bool:
+        return all(getattr(layer.net, name) for layer in model.layers)
+
+    def set_(model: "NICE", enabled: bool) -> None:
+        if not isinstance(enabled, bool):
+            raise TypeError(f"{name} must be a bool, got {type(enabled).__name__}")
+        for layer in model.layers:
+            setattr(layer.net, name, enabled)
+
+    return property(get, set_, doc=doc)
+
+
 class NICE(nn.Module):
     """NICE: a stack of coupling layers, a diagonal scaling and a factorised prior.
 
@@ -143,15 +159,17 @@ class NICE(nn.Module):
 
     ``coupling="affine"`` uses the law y_I2 = x_I2 * exp(a) + b with a = tanh(r) by default
     (``affine_log_scale="tanh"``); ``"unbounded"`` takes a = r (see ``AFFINE_LOG_SCALES``).
-    ``overlap_weight_grads=True`` computes the coupling networks' weight gradients on a second CUDA stream
-    (see ``nice_ext.mlp``); a speed setting that can also be changed later, never saved with the model.
+    ``overlap_weight_grads=True`` computes the coupling networks' weight gradients on a second CUDA stream,
+    ``fuse_bias_relu=True`` their hidden layers as GEMMs with the bias and ReLU in the epilogue (see
+    ``nice_ext.mlp``): speed settings that can also be changed later, never saved with the model.
     """
 
     def __init__(self, data_dim: int, num_coupling_layers: int = 4, num_hidden_layers: int = 5,
                  hidden_dim: int = 1000, prior: str = "logistic", coupling: str = "additive",
                  mask: Union[str, Tensor] = "odd-even", image_shape: Optional[Sequence[int]] = None,
                  data_range: Tuple[float, float] = (0.0, 1.0), fused: bool = True,
-                 affine_log_scale: str = "tanh", overlap_weight_grads: bool = False):
+                 affine_log_scale: str = "tanh", overlap_weight_grads: bool = False,
+                 fuse_bias_relu: bool = False):
         super().__init__()
         for name, value in (("data_dim", data_dim), ("num_coupling_layers", num_coupling_layers),
                             ("num_hidden_layers", num_hidden_layers), ("hidden_dim", hidden_dim)):
@@ -185,6 +203,7 @@ class NICE(nn.Module):
                           fused, affine_log_scale)
             for i in range(num_coupling_layers))
         self.overlap_weight_grads = overlap_weight_grads
+        self.fuse_bias_relu = fuse_bias_relu
         # s of the scaling layer h = exp(s) * h^(L) (paper §3.3); exp(s) starts at 1.
         self.log_scale = nn.Parameter(torch.zeros(data_dim))
         self.config = dict(data_dim=data_dim, num_coupling_layers=num_coupling_layers,
@@ -193,19 +212,16 @@ class NICE(nn.Module):
                            image_shape=self.image_shape, data_range=self.data_range,
                            affine_log_scale=affine_log_scale)
 
-    @property
-    def overlap_weight_grads(self) -> bool:
+    overlap_weight_grads = coupling_network_setting(
+        "overlap_weight_grads",
         """Whether the coupling networks compute their weight gradients on a second CUDA stream, beside the
         chain of input gradients (see ``nice_ext.mlp``): the same gradients, a shorter critical path at small
-        batch sizes. A speed setting, not part of the model: it is not saved with it."""
-        return all(layer.net.overlap_weight_grads for layer in self.layers)
-
-    @overlap_weight_grads.setter
-    def overlap_weight_grads(self, enabled: bool) -> None:
-        if not isinstance(enabled, bool):
-            raise TypeError(f"overlap_weight_grads must be a bool, got {type(enabled).__name__}")
-        for layer in self.layers:
-            layer.net.overlap_weight_grads = enabled
+        batch sizes. A speed setting, not part of the model: it is not saved with it.""")
+    fuse_bias_relu = coupling_network_setting(
+        "fuse_bias_relu",
+        """Whether the coupling networks compute each hidden layer as one GEMM whose epilogue adds the bias and
+        applies the ReLU (see ``nice_ext.mlp``): the same values, one kernel fewer per hidden layer on CUDA. A
+        speed setting, not part of the model: it is not saved with it.""")
 
     @torch.no_grad()
     def init_uniform_(self, weight_range: float) -> "NICE":

@@ -52,6 +52,18 @@ def needed_shared_libraries(path: str):
     return [line.rsplit("[", 1)[1].rstrip("]") for line in dynamic.splitlines() if "(NEEDED)" in line]
 
 
+# The coupling networks' speed settings (nice_ext.mlp), alone and together: none may change a number.
+NETWORK_SETTINGS = {"overlap": dict(overlap_weight_grads=True), "fuse": dict(fuse_bias_relu=True),
+                    "overlap-fuse": dict(overlap_weight_grads=True, fuse_bias_relu=True)}
+
+
+def with_network_settings(model, setting: str):
+    """``model`` (a NICE or a CouplingMLP) with ``NETWORK_SETTINGS[setting]`` (None: as it is) switched on."""
+    for name, value in NETWORK_SETTINGS.get(setting, {}).items():
+        setattr(model, name, value)
+    return model
+
+
 def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """||actual - expected|| / ||expected|| in float64; NaN anywhere is an infinite error."""
     actual, expected = actual.detach().double().cpu(), expected.detach().double().cpu()

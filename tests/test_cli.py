@@ -936,8 +936,8 @@ def test_overlap_weight_grads_trains_as_without_it(tmp_path, capsys, monkeypatch
     from nice_ext import mlp
 
     calls = []
-    overlapped_apply = mlp._ReluMLPOverlappedBackward.apply
-    monkeypatch.setattr(mlp._ReluMLPOverlappedBackward, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
+    overlapped_apply = mlp._ReluMLP.apply
+    monkeypatch.setattr(mlp._ReluMLP, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
     plain, overlapped = str(tmp_path / "plain"), str(tmp_path / "overlapped")
     assert train.main(["--data-dir", data_dir(), "--out-dir", plain, "--epochs", "1", *TINY]) == 0
     assert not calls

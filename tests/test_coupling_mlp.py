@@ -1,5 +1,6 @@
-"""The coupling network m (nice_ext.mlp): with ``overlap_weight_grads`` its backward, which computes the
-weight and bias gradients on a second CUDA stream, gives the plain nn.Sequential's output and gradients."""
+"""The coupling network m (nice_ext.mlp): with its speed settings (``overlap_weight_grads``: the weight and
+bias gradients on a second CUDA stream; ``fuse_bias_relu``: the hidden layers' bias and ReLU in the GEMM's
+epilogue; or both) it gives the plain nn.Sequential's output and gradients."""
 import contextlib
 import copy
 import threading
@@ -9,22 +10,22 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import DEVICES, sliced
+from conftest import DEVICES, NETWORK_SETTINGS, sliced, with_network_settings
 from nice_ext import NICE
 from nice_ext.mlp import CouplingMLP
 
-OVERLAPPED_NODE = "_ReluMLPOverlappedBackwardBackward"  # the autograd node of the overlapped backward
+OWN_NODE = "_ReluMLPBackward"  # the autograd node of the network's own backward
+settings = pytest.mark.parametrize("setting", list(NETWORK_SETTINGS))
 
 
-def twin_networks(in_features, out_features, hidden_layers, dtype, device, hidden_dim=16):
-    """(plain, overlapped): the same weights; the output layer is given weights too (it starts at zero)."""
+def twin_networks(in_features, out_features, hidden_layers, dtype, device, hidden_dim=16, setting="overlap"):
+    """(plain, tuned): the same weights, the second with ``NETWORK_SETTINGS[setting]``; the output layer is
+    given weights too (it starts at zero)."""
     plain = CouplingMLP(in_features, out_features, hidden_dim, hidden_layers).to(device, dtype)
     with torch.no_grad():
         for p in plain.parameters():
             p.normal_(0.0, 0.5)
-    overlapped = copy.deepcopy(plain)
-    overlapped.overlap_weight_grads = True
-    return plain, overlapped
+    return plain, with_network_settings(copy.deepcopy(plain), setting)
 
 
 def forward_backward(net, x, grad_out):
@@ -47,12 +48,14 @@ def assert_same(actual, expected, device):
 @pytest.mark.parametrize("hidden_layers", [0, 1, 5])
 @pytest.mark.parametrize("batch", [1, 3, 257])
 @pytest.mark.parametrize("input_needs_grad", [False, True], ids=["data-input", "input-needs-grad"])
-def test_same_output_and_gradients_as_the_plain_network(device, dtype, hidden_layers, batch, input_needs_grad):
-    plain, overlapped = twin_networks(7, 5, hidden_layers, dtype, device)
+@settings
+def test_same_output_and_gradients_as_the_plain_network(device, dtype, hidden_layers, batch, input_needs_grad,
+                                                        setting):
+    plain, tuned = twin_networks(7, 5, hidden_layers, dtype, device, setting=setting)
     x = sliced(torch.randn(batch, 7, dtype=dtype, device=device)).requires_grad_(input_needs_grad)
     grad_out = sliced(torch.randn(batch, 5, dtype=dtype, device=device))  # as a chunk of a wider gradient
-    out, x_grad, grads = forward_backward(overlapped, x, grad_out)
-    assert type(out.grad_fn).__name__ == OVERLAPPED_NODE
+    out, x_grad, grads = forward_backward(tuned, x, grad_out)
+    assert type(out.grad_fn).__name__ == OWN_NODE
     expected_out, expected_x_grad, expected_grads = forward_backward(plain, x, grad_out)
     assert_same(out, expected_out, device)
     if input_needs_grad:
@@ -64,26 +67,34 @@ def test_same_output_and_gradients_as_the_plain_network(device, dtype, hidden_la
         assert_same(grad, expected, device)
 
 
-def test_gradcheck_in_float64():
-    _, overlapped = twin_networks(4, 3, 2, torch.float64, "cpu", hidden_dim=6)
-    names = [name for name, _ in overlapped.named_parameters()]
+def as_function(net):
+    """The network as a function of its input and parameters, and inputs for it (float64, needing grad)."""
+    names = [name for name, _ in net.named_parameters()]
 
-    def network(x, *weights_and_biases):  # the network as a function of its input and parameters
-        return torch.func.functional_call(overlapped, dict(zip(names, weights_and_biases)), (x,))
+    def network(x, *weights_and_biases):
+        return torch.func.functional_call(net, dict(zip(names, weights_and_biases)), (x,))
 
     inputs = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
-              *[p.detach().clone().requires_grad_() for p in overlapped.parameters()])
-    assert type(network(*inputs).grad_fn).__name__ == OVERLAPPED_NODE
+              *[p.detach().clone().requires_grad_() for p in net.parameters()])
+    return network, inputs
+
+
+@settings
+def test_gradcheck_in_float64(setting):
+    _, tuned = twin_networks(4, 3, 2, torch.float64, "cpu", hidden_dim=6, setting=setting)
+    network, inputs = as_function(tuned)
+    assert type(network(*inputs).grad_fn).__name__ == OWN_NODE
     assert torch.autograd.gradcheck(network, inputs)
 
 
-def test_parameters_without_gradients_get_none():
-    plain, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
-    for net in (plain, overlapped):
+@settings
+def test_parameters_without_gradients_get_none(setting):
+    plain, tuned = twin_networks(6, 4, 2, torch.float32, "cpu", setting=setting)
+    for net in (plain, tuned):
         net[0].weight.requires_grad_(False)
         net[2].bias.requires_grad_(False)
     x, grad_out = torch.randn(9, 6), torch.randn(9, 4)
-    _, _, grads = forward_backward(overlapped, x, grad_out)
+    _, _, grads = forward_backward(tuned, x, grad_out)
     _, _, expected = forward_backward(plain, x, grad_out)
     assert grads[0] is None and grads[3] is None
     for grad, want in zip(grads, expected):
@@ -92,23 +103,28 @@ def test_parameters_without_gradients_get_none():
             assert torch.equal(grad, want)
 
 
-def test_plain_path_where_the_overlap_does_not_apply():
-    """Without gradients, under autocast, inside torch.func and forward-mode AD the network runs as a plain
-    nn.Sequential: the same values, the autograd of its modules."""
-    plain, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
+@settings
+def test_plain_path_where_the_settings_do_not_apply(setting):
+    """Under autocast, inside torch.func and forward-mode AD, and on inputs that are not 2-D, the network
+    runs as a plain nn.Sequential: the same values, the autograd of its modules. Without gradients it
+    gives the plain network's values."""
+    plain, tuned = twin_networks(6, 4, 2, torch.float32, "cpu", setting=setting)
     x = torch.randn(5, 6)
     with torch.no_grad():
-        assert overlapped(x).grad_fn is None and torch.equal(overlapped(x), plain(x))
+        assert tuned(x).grad_fn is None and torch.equal(tuned(x), plain(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = overlapped(x.requires_grad_())
-        assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ != OVERLAPPED_NODE
+        out = tuned(x.requires_grad_())
+        assert out.dtype == torch.bfloat16 and type(out.grad_fn).__name__ != OWN_NODE
         assert torch.equal(out, plain(x))
+    batches = torch.randn(2, 5, 6, requires_grad=True)  # a batch of batches: nn.Linear takes it
+    out = tuned(batches)
+    assert type(out.grad_fn).__name__ != OWN_NODE and torch.equal(out, plain(batches))
     x = x.detach()
-    grad_of_sum = torch.func.grad(lambda x: overlapped(x).sum())(x)
+    grad_of_sum = torch.func.grad(lambda x: tuned(x).sum())(x)
     torch.testing.assert_close(grad_of_sum, torch.func.grad(lambda x: plain(x).sum())(x), rtol=0, atol=0)
     with torch.autograd.forward_ad.dual_level():
         dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
-        tangent = torch.autograd.forward_ad.unpack_dual(overlapped(dual)).tangent
+        tangent = torch.autograd.forward_ad.unpack_dual(tuned(dual)).tangent
         expected = torch.autograd.forward_ad.unpack_dual(plain(dual)).tangent
     torch.testing.assert_close(tangent, expected, rtol=0, atol=0)
 
@@ -116,56 +132,52 @@ def test_plain_path_where_the_overlap_does_not_apply():
 def test_input_grads_only_runs_the_plain_network_in_its_thread_alone():
     from nice_ext.mlp import input_grads_only
 
-    _, overlapped = twin_networks(6, 4, 2, torch.float32, "cpu")
+    _, tuned = twin_networks(6, 4, 2, torch.float32, "cpu")
     x = torch.randn(5, 6, requires_grad=True)
-    node = lambda: type(overlapped(x).grad_fn).__name__  # noqa: E731
+    node = lambda: type(tuned(x).grad_fn).__name__  # noqa: E731
     seen_in_other_thread = []
     with input_grads_only():
         with input_grads_only():
-            assert node() != OVERLAPPED_NODE
-        assert node() != OVERLAPPED_NODE  # the inner block left the outer one's setting
+            assert node() != OWN_NODE
+        assert node() != OWN_NODE  # the inner block left the outer one's setting
         thread = threading.Thread(target=lambda: seen_in_other_thread.append(node()))
         thread.start()
         thread.join()
-    assert node() == OVERLAPPED_NODE and seen_in_other_thread == [OVERLAPPED_NODE]
+    assert node() == OWN_NODE and seen_in_other_thread == [OWN_NODE]
 
 
-def test_inpainting_asks_for_the_input_gradient_alone(monkeypatch):
-    """Inpainting needs d log p / dx only: with overlap_weight_grads its networks run plain (no weight
-    gradients computed), and it fills in what it fills in without it."""
+@settings
+def test_inpainting_asks_for_the_input_gradient_alone(monkeypatch, setting):
+    """Inpainting needs d log p / dx only: with the speed settings its networks run plain (no weight
+    gradients computed), and it fills in what it fills in without them."""
     from nice_ext import mlp
 
     calls = []
-    overlapped_apply = mlp._ReluMLPOverlappedBackward.apply
-    monkeypatch.setattr(mlp._ReluMLPOverlappedBackward, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
+    own_apply = mlp._ReluMLP.apply
+    monkeypatch.setattr(mlp._ReluMLP, "apply", lambda *a: calls.append(1) or own_apply(*a))
     model = NICE(12, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.2)
     x, observed = torch.rand(3, 12), torch.arange(12) % 3 == 0
     plain = model.inpaint(x, observed, steps=5, generator=torch.Generator().manual_seed(1))
-    model.overlap_weight_grads = True
+    with_network_settings(model, setting)
     filled = model.inpaint(x, observed, steps=5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(filled, plain) and not calls
-    model.log_prob(x).sum().backward()  # (the spy sees the overlapped path where it applies)
+    model.log_prob(x).sum().backward()  # (the spy sees the network's own path where it applies)
     assert len(calls) == 2
 
 
-def test_second_derivatives_in_float64():
+@settings
+def test_second_derivatives_in_float64(setting):
     """A backward with create_graph=True gives gradients that can be differentiated again (the network is
     run again from its input and parameters): gradgradcheck, and the first derivatives of that backward
     are those of the usual one."""
-    plain, overlapped = twin_networks(4, 3, 2, torch.float64, "cpu", hidden_dim=6)
-    names = [name for name, _ in overlapped.named_parameters()]
-
-    def network(x, *weights_and_biases):
-        return torch.func.functional_call(overlapped, dict(zip(names, weights_and_biases)), (x,))
-
-    inputs = (torch.randn(5, 4, dtype=torch.float64, requires_grad=True),
-              *[p.detach().clone().requires_grad_() for p in overlapped.parameters()])
+    plain, tuned = twin_networks(4, 3, 2, torch.float64, "cpu", hidden_dim=6, setting=setting)
+    network, inputs = as_function(tuned)
     assert torch.autograd.gradgradcheck(network, inputs)
     x = inputs[0].detach().clone().requires_grad_()
-    (with_graph,) = torch.autograd.grad(overlapped(x).square().sum(), x, create_graph=True)
+    (with_graph,) = torch.autograd.grad(tuned(x).square().sum(), x, create_graph=True)
     (without,) = torch.autograd.grad(plain(x).square().sum(), x)
     assert with_graph.grad_fn is not None
     torch.testing.assert_close(with_graph, without, rtol=0, atol=0)
@@ -194,8 +206,8 @@ class StreamLog(TorchDispatchMode):
         return fake
 
     @contextlib.contextmanager
-    def on_stream(self, stream):
-        before, self.current = self.current, stream.name
+    def on_stream(self, stream):  # (None: where launches would go anyway)
+        before, self.current = self.current, self.current if stream is None else stream.name
         try:
             yield
         finally:
@@ -246,53 +258,97 @@ def test_the_backward_launches_weight_gradients_on_the_side_stream_after_a_wait(
         assert torch.equal(p.grad, q.grad)
 
 
+@pytest.mark.parametrize("records_grad", [False, True], ids=["no-grad", "grad"])
+def test_fuse_bias_relu_launches_one_gemm_per_hidden_layer_and_one_stream(monkeypatch, records_grad):
+    """With fuse_bias_relu alone the forward is one _addmm_activation per hidden layer (no ReLU of its own),
+    with or without gradients; the backward is the plain one's operators, all on the main stream, with no
+    stream waits."""
+    from nice_ext import mlp
+
+    hidden_layers = 2
+    plain, fused = twin_networks(6, 4, hidden_layers, torch.float32, "cpu", setting="fuse")
+    log = StreamLog()
+    monkeypatch.setattr(mlp, "_weight_grad_streams", lambda device: (log.stream("main"), log.stream("side")))
+    monkeypatch.setattr(mlp, "_on_stream", log.on_stream)
+    x = torch.randn(5, 6)
+    with log, torch.set_grad_enabled(records_grad):
+        out = fused(x)
+    forward_ops = [e[2] for e in log.entries]
+    assert forward_ops == ["_addmm_activation"] * hidden_layers + ["addmm"]
+    assert torch.equal(out, plain(x))
+    if not records_grad:
+        return
+    grad_out = torch.randn_like(out)
+    log.entries.clear()
+    with log:
+        out.backward(grad_out)
+    assert all(e[:2] == ("op", "main") for e in log.entries), log.entries  # no waits, no side stream
+    backward_ops = [e[2] for e in log.entries]
+    assert backward_ops.count("threshold_backward") == hidden_layers
+    assert backward_ops.count("sum") == hidden_layers + 1
+    plain(x).backward(grad_out)
+    for p, q in zip(fused.parameters(), plain.parameters()):
+        assert torch.equal(p.grad, q.grad)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
-def test_nice_log_prob_gradients_are_unchanged(device, coupling):
+@settings
+def test_nice_log_prob_and_gradients_are_unchanged(device, coupling, setting):
     torch.manual_seed(0)
     plain = NICE(20, num_coupling_layers=3, num_hidden_layers=2, hidden_dim=16, coupling=coupling).to(device)
     with torch.no_grad():
         for p in plain.parameters():
             p.normal_(0.0, 0.2)
-    overlapped = copy.deepcopy(plain)
-    overlapped.overlap_weight_grads = True
+    tuned = with_network_settings(copy.deepcopy(plain), setting)
     x = torch.rand(11, 20, device=device)
-    plain.log_prob(x).mean().backward()
-    overlapped.log_prob(x).mean().backward()
-    for p, q in zip(overlapped.parameters(), plain.parameters()):
+    log_p = plain.log_prob(x)
+    tuned_log_p = tuned.log_prob(x)
+    assert_same(tuned_log_p, log_p, device)
+    log_p.mean().backward()
+    tuned_log_p.mean().backward()
+    for p, q in zip(tuned.parameters(), plain.parameters()):
         assert_same(p.grad, q.grad, device)
+    with torch.no_grad():  # evaluation and sampling (the epilogues without a backward)
+        assert_same(tuned.log_prob(x), log_p.detach(), device)
+        z = torch.randn(4, 20, device=device)
+        assert_same(tuned.inverse(z), plain.inverse(z), device)
 
 
-def test_a_speed_setting_not_part_of_the_model():
+@pytest.mark.parametrize("name", ["overlap_weight_grads", "fuse_bias_relu"])
+def test_a_speed_setting_not_part_of_the_model(name):
     model = NICE(12, num_coupling_layers=2, num_hidden_layers=1, hidden_dim=8)
-    assert model.overlap_weight_grads is False
+    assert getattr(model, name) is False
     keys = set(model.state_dict())
-    model.overlap_weight_grads = True
-    assert all(layer.net.overlap_weight_grads for layer in model.layers)
+    setattr(model, name, True)
+    assert all(getattr(layer.net, name) for layer in model.layers)
     assert set(model.state_dict()) == keys and "layers.0.net.0.weight" in keys  # the names of nn.Sequential's
-    assert "overlap_weight_grads" not in model.config
-    assert NICE(12, 2, 1, 8, overlap_weight_grads=True).overlap_weight_grads is True
-    with pytest.raises(TypeError, match="overlap_weight_grads must be a bool"):
-        model.overlap_weight_grads = "yes"
+    assert name not in model.config
+    assert getattr(NICE(12, 2, 1, 8, **{name: True}), name) is True
+    with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        setattr(model, name, "yes")
     assert isinstance(model.layers[0].net, nn.Sequential)
+    assert f"{name}=True" in repr(model.layers[0].net)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_paper_sized_network_on_cuda_over_several_steps():
+@settings
+def test_paper_sized_network_on_cuda_over_several_steps(setting):
     """The paper's coupling network at its batch size (200 rows, 392 -> 5 x 1000 -> 392), where the two
-    streams' GEMMs run side by side; steps one after another with other allocations in between, so that
-    memory freed too early would be reused while the side stream still reads it."""
-    plain, overlapped = twin_networks(392, 392, 5, torch.float32, "cuda", hidden_dim=1000)
+    streams' GEMMs run side by side and cuBLASLt takes the epilogues; steps one after another with other
+    allocations in between, so that memory freed too early would be reused while the side stream still
+    reads it."""
+    plain, tuned = twin_networks(392, 392, 5, torch.float32, "cuda", hidden_dim=1000, setting=setting)
     with torch.no_grad():
-        for net in (plain, overlapped):
+        for net in (plain, tuned):
             for p in net.parameters():
                 p.mul_(0.1)
     for step in range(4):
         x = torch.randn(200, 392, device="cuda", requires_grad=step % 2 == 1)
         grad_out = torch.randn(200, 392, device="cuda")
-        for net in (plain, overlapped):
+        for net in (plain, tuned):
             net.zero_grad(set_to_none=True)
-        out, x_grad, grads = forward_backward(overlapped, x, grad_out)
+        out, x_grad, grads = forward_backward(tuned, x, grad_out)
         scratch = [torch.full((200, 1000), float("nan"), device="cuda") for _ in range(8)]  # reuse freed blocks
         expected_out, expected_x_grad, expected_grads = forward_backward(plain, x, grad_out)
         del scratch

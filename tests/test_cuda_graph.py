@@ -2,16 +2,17 @@
 import pytest
 import torch
 
+from conftest import NETWORK_SETTINGS, with_network_settings
 from nice_ext import NICE
 from nice_ext.cuda_graph import GraphedTrainStep, optimizer_step
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def make(device, capturable, overlap_weight_grads=False):
+def make(device, capturable, network_setting=None):
     torch.manual_seed(0)
-    model = NICE(12, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=16,
-                 overlap_weight_grads=overlap_weight_grads).to(device)
+    model = NICE(12, num_coupling_layers=4, num_hidden_layers=2, hidden_dim=16).to(device)
+    with_network_settings(model, network_setting)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, capturable=capturable)
     return model, optimizer
 
@@ -49,11 +50,12 @@ def test_rejects_cpu_batches():
 
 
 @needs_cuda
-@pytest.mark.parametrize("overlap_weight_grads", [False, True], ids=["one-stream", "overlap-weight-grads"])
+@pytest.mark.parametrize("network_setting", [None, *NETWORK_SETTINGS])
 @pytest.mark.parametrize("clip_grad", [None, 0.5])
-def test_graphed_steps_match_eager_steps(clip_grad, overlap_weight_grads):
-    """With overlap_weight_grads the graph has a second branch (the weight gradients' stream); the eager
-    model it is compared with runs on one stream."""
+def test_graphed_steps_match_eager_steps(clip_grad, network_setting):
+    """With overlap_weight_grads the graph has a second branch (the weight gradients' stream), with
+    fuse_bias_relu cuBLASLt's epilogues are captured; the eager model it is compared with runs as a plain
+    network on one stream."""
     batches = [torch.rand(8, 12, device="cuda") for _ in range(7)] + [torch.rand(5, 12, device="cuda")]
     batches += [torch.rand(8, 12, device="cuda") for _ in range(2)]  # after an odd-sized (eager) batch
 
@@ -68,7 +70,7 @@ def test_graphed_steps_match_eager_steps(clip_grad, overlap_weight_grads):
         eager_opt.step()
         eager_losses.append(loss.item())
 
-    model, optimizer = make("cuda", capturable=True, overlap_weight_grads=overlap_weight_grads)
+    model, optimizer = make("cuda", capturable=True, network_setting=network_setting)
     step = GraphedTrainStep(lambda x: -model.log_prob(x).mean(), optimizer, model.parameters(), clip_grad)
     losses = [step(x).item() for x in batches]
     assert step.graph is not None  # the capture happened and later steps were replays

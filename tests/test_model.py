@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICES, rel_error
+from conftest import DEVICES, NETWORK_SETTINGS, rel_error, with_network_settings
 from nice_ext import NICE, reference
 from nice_ext.masks import odd_even_mask
 from nice_ext.seed_model import SeedMaskedNICE
@@ -143,12 +143,12 @@ def test_fused_and_pure_pytorch_models_agree(device, coupling, prior):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("coupling", ["additive", "affine", "affine-unbounded"])
 @pytest.mark.parametrize("prior", ["logistic", "gaussian"])
-@pytest.mark.parametrize("overlap_weight_grads", [False, True], ids=["one-stream", "overlap-weight-grads"])
-def test_second_order_gradients_match_the_pure_pytorch_model(device, coupling, prior, overlap_weight_grads):
+@pytest.mark.parametrize("network_setting", [None, *NETWORK_SETTINGS])
+def test_second_order_gradients_match_the_pure_pytorch_model(device, coupling, prior, network_setting):
     # A gradient penalty: the parameters' gradient of |d log p / dx|^2 needs the backward of the backward.
     # (Before the backward ops had autograd, the fused model's came out wrong, with only a warning.)
     fused = small_model(prior, coupling, dim=6, device=device)
-    fused.overlap_weight_grads = overlap_weight_grads  # (its create_graph backward runs the networks again)
+    with_network_settings(fused, network_setting)  # (their create_graph backward runs the networks again)
     plain = small_model(prior, coupling, fused=False, dim=6, device=device, seed=1)
     plain.load_state_dict(fused.state_dict())
     x = torch.rand(5, 6, dtype=torch.float64, device=device)
