@@ -170,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="compute the coupling networks' weight gradients on a second CUDA stream, beside the "
                             "chain of input gradients (the same gradients; for small batches, with --cuda-graph). "
                             "Not with --compile/--compile-mode or --precision bf16, where it would do nothing")
+    speed.add_argument("--fuse-bias-relu", action="store_true",
+                       help="compute each hidden layer of the coupling networks as one GEMM whose epilogue adds the "
+                            "bias and applies the ReLU (cuBLASLt on a GPU; the same values, one kernel fewer per "
+                            "layer). Not with --compile/--compile-mode or --precision bf16, where it would do nothing")
     return p
 
 
@@ -238,7 +242,22 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 # The output folder is not inherited either: a resumed run continues in the checkpoint's own folder
 # (wherever the run was moved or copied) unless --out-dir says otherwise.
 NOT_INHERITED = ("resume", "overwrite", "device", "compile", "compile_mode", "cuda_graph", "overlap_weight_grads",
-                 "time_limit", "no_download", "out_dir", "explicit", "command")
+                 "fuse_bias_relu", "time_limit", "no_download", "out_dir", "explicit", "command")
+# The coupling networks' speed settings (``CouplingMLP``'s, set model-wide), each with the note printed when
+# it is given for a CPU run, where it changes nothing but does no harm.
+COUPLING_NETWORK_SETTINGS = {
+    "overlap_weight_grads": "overlaps work on a GPU's second stream; on the CPU the backward is the same "
+                            "computation on one stream, as fast as without it",
+    "fuse_bias_relu": "hands the bias and ReLU to the GEMM's epilogue on a GPU; on the CPU it is the same GEMM and "
+                      "ReLU, as fast as without it",
+}
+
+
+def option(dest: str) -> str:
+    """The command-line spelling of an argparse destination."""
+    return "--" + dest.replace("_", "-")
+
+
 # Architecture flags and the model-config entries they set: a resumed run cannot change them.
 ARCHITECTURE = {"coupling": "num_coupling_layers", "hidden": "num_hidden_layers", "mid_dim": "hidden_dim",
                 "latent": "prior", "coup_type": "coupling", "mask": "mask"}
@@ -290,11 +309,13 @@ def check_resolved_settings(args: argparse.Namespace) -> None:
                          f"the paper")
     if args.momentum_warmup and args.optimizer != "rmsprop":
         raise UsageError("--momentum-warmup applies to --optimizer rmsprop (Adam's --momentum is its beta1)")
-    if args.overlap_weight_grads and (args.compile or args.compile_mode or args.precision == "bf16"):
-        # (--precision may come from the checkpoint a run resumes)
-        raise UsageError(f"--overlap-weight-grads does nothing with "
-                         f"{'--compile/--compile-mode' if args.compile or args.compile_mode else '--precision bf16'} "
-                         f"(the coupling networks then run as compiled or autocast code); leave it out")
+    compiled = args.compile or args.compile_mode
+    for flag in COUPLING_NETWORK_SETTINGS:
+        if getattr(args, flag) and (compiled or args.precision == "bf16"):
+            # (--precision may come from the checkpoint a run resumes)
+            raise UsageError(f"{option(flag)} does nothing with "
+                             f"{'--compile/--compile-mode' if compiled else '--precision bf16'} (the coupling "
+                             f"networks then run as compiled or autocast code); leave it out")
 
 
 def make_optimizer(parameters, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -729,9 +750,9 @@ class Trainer:
                 print("note: --precision bf16: this CPU has no native bf16 arithmetic (AVX512-BF16 or AMX), so bf16 "
                       "matmuls are emulated and run many times slower than fp32; --precision fp32 is faster here",
                       flush=True)
-            if args.overlap_weight_grads and device.type == "cpu" and ctx.is_main:
-                print("note: --overlap-weight-grads overlaps work on a GPU's second stream; on the CPU the backward "
-                      "is the same computation on one stream, as fast as without it", flush=True)
+            for flag, cpu_note in COUPLING_NETWORK_SETTINGS.items():
+                if getattr(args, flag) and device.type == "cpu" and ctx.is_main:
+                    print(f"note: {option(flag)} {cpu_note}", flush=True)
             note = launch_bound_note(args, device, ctx.enabled)
             if note and ctx.is_main:
                 print(note, flush=True)
@@ -802,7 +823,8 @@ class Trainer:
         if mismatch:
             raise CheckpointError(f"{args.resume}: {mismatch}")
         self.model.to(self.device)
-        self.model.overlap_weight_grads = args.overlap_weight_grads  # a speed setting, not saved with the model
+        for flag in COUPLING_NETWORK_SETTINGS:  # speed settings, not saved with the model
+            setattr(self.model, flag, getattr(args, flag))
         if args.cuda_graph and (self.device.type != "cuda" or self.ctx.enabled):
             raise UsageError("--cuda-graph needs a single CUDA device (not the CPU, not torchrun)")
         self.log_prob_module = self.ctx.wrap(self.model)  # DistributedDataParallel under torchrun

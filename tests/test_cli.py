@@ -929,34 +929,37 @@ def test_compiled_training_matches_eager(tmp_path):
     assert float(a["train_ll_nats"]) == pytest.approx(float(b["train_ll_nats"]), abs=0.05)
 
 
-def test_overlap_weight_grads_trains_as_without_it(tmp_path, capsys, monkeypatch):
-    """On the CPU the overlapped backward is the same computation on one stream: the same metrics to the last
-    digit. The flag is a speed setting: a resumed run takes it from its own command line only, and refuses it
-    where the precision it inherits (bf16 autocast) would leave it doing nothing."""
+@pytest.mark.parametrize("flag, note", [
+    ("--overlap-weight-grads", "overlaps work on a GPU's second stream"),
+    ("--fuse-bias-relu", "hands the bias and ReLU to the GEMM's epilogue on a GPU"),
+])
+def test_coupling_network_speed_flags_train_as_without_them(tmp_path, capsys, monkeypatch, flag, note):
+    """On the CPU the networks' own forward and backward are the same computation: the same metrics to the
+    last digit. The flags are speed settings: a resumed run takes them from its own command line only, and
+    refuses them where the precision it inherits (bf16 autocast) would leave them doing nothing."""
     from nice_ext import mlp
 
     calls = []
-    overlapped_apply = mlp._ReluMLP.apply
-    monkeypatch.setattr(mlp._ReluMLP, "apply", lambda *a: calls.append(1) or overlapped_apply(*a))
-    plain, overlapped = str(tmp_path / "plain"), str(tmp_path / "overlapped")
+    own_apply = mlp._ReluMLP.apply
+    monkeypatch.setattr(mlp._ReluMLP, "apply", lambda *a: calls.append(1) or own_apply(*a))
+    plain, tuned = str(tmp_path / "plain"), str(tmp_path / "tuned")
     assert train.main(["--data-dir", data_dir(), "--out-dir", plain, "--epochs", "1", *TINY]) == 0
     assert not calls
-    assert train.main(["--data-dir", data_dir(), "--out-dir", overlapped, "--epochs", "1", "--overlap-weight-grads",
-                       *TINY]) == 0
+    assert train.main(["--data-dir", data_dir(), "--out-dir", tuned, "--epochs", "1", flag, *TINY]) == 0
     assert len(calls) == 4 * 10  # every coupling network (TINY: 4 layers) in each of the epoch's 10 steps
     # (the note once: the run with the flag has it, the one before without it does not)
-    assert capsys.readouterr().out.count("note: --overlap-weight-grads overlaps work on a GPU's second stream") == 1
+    assert capsys.readouterr().out.count(f"note: {flag} {note}") == 1
     untimed = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
-    assert untimed(metrics(plain)) == untimed(metrics(overlapped))
+    assert untimed(metrics(plain)) == untimed(metrics(tuned))
     calls.clear()
-    assert train.main(["--resume", os.path.join(overlapped, "last.pt"), "--epochs", "2"]) == 0
+    assert train.main(["--resume", os.path.join(tuned, "last.pt"), "--epochs", "2"]) == 0
     assert not calls  # not taken over from the run it resumes
     bf16 = str(tmp_path / "bf16")
     assert train.main(["--data-dir", data_dir(), "--out-dir", bf16, "--epochs", "1", "--precision", "bf16",
                        *TINY]) == 0
     capsys.readouterr()
-    assert train.main(["--resume", os.path.join(bf16, "last.pt"), "--epochs", "2", "--overlap-weight-grads"]) == 2
-    assert "--overlap-weight-grads does nothing with --precision bf16" in capsys.readouterr().err
+    assert train.main(["--resume", os.path.join(bf16, "last.pt"), "--epochs", "2", flag]) == 2
+    assert f"{flag} does nothing with --precision bf16" in capsys.readouterr().err
 
 
 def test_cuda_graph_needs_a_cuda_device(tmp_path):
@@ -1049,6 +1052,8 @@ def test_every_flag_is_explained_in_help(tool):
     (["--clip-grad", "nan"], "--clip-grad must be positive"),
     (["--overlap-weight-grads", "--precision", "bf16"], "--overlap-weight-grads does nothing with --precision bf16"),
     (["--overlap-weight-grads", "--compile"], "--overlap-weight-grads does nothing with --compile/--compile-mode"),
+    (["--fuse-bias-relu", "--compile-mode", "default"], "--fuse-bias-relu does nothing with --compile/--compile-mode"),
+    (["--fuse-bias-relu", "--precision", "bf16"], "--fuse-bias-relu does nothing with --precision bf16"),
 ])
 def test_bad_cli_values(args, message, tmp_path):
     result = run_tool("train", "--out-dir", str(tmp_path), *args)

@@ -30,10 +30,12 @@ def run(launcher, out, *extra, timeout=600):
     return result.stdout
 
 
-@pytest.mark.parametrize("speed_flags", [[], ["--overlap-weight-grads"]], ids=["plain", "overlap-weight-grads"])
+@pytest.mark.parametrize("speed_flags", [[], ["--overlap-weight-grads", "--fuse-bias-relu"]],
+                         ids=["plain", "networks-own-backward"])
 def test_two_processes_take_the_same_step_as_one(tmp_path, speed_flags):
-    """(With --overlap-weight-grads the ranks' coupling networks return their weight gradients from a backward
-    of their own, which DistributedDataParallel's gradient hooks must see as they see autograd's.)"""
+    """(With --overlap-weight-grads and --fuse-bias-relu the ranks' coupling networks return their weight
+    gradients from a backward of their own, which DistributedDataParallel's gradient hooks must see as they
+    see autograd's.)"""
     single, double = str(tmp_path / "single"), str(tmp_path / "double")
     run([], single, "--max_iter", "1")
     stdout = run(TORCHRUN, double, "--max_iter", "1", *speed_flags)
