@@ -179,7 +179,8 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
         else:
             model = NICE(784, 4, hidden, width, coupling="affine" if "affine" in variant else "additive",
                          fused=not variant.startswith("reference"),
-                         overlap_weight_grads=variant.endswith("-overlap")).to(device)
+                         overlap_weight_grads="-overlap" in variant,
+                         fuse_bias_relu=variant.endswith("-fuse-bias-relu")).to(device)
         graphed = "graphed" in variant
         # Every variant steps with fused Adam, as training does, except the one that shows what torch's
         # default Adam (a loop over parameters on a CPU, foreach on a GPU) costs.
@@ -207,7 +208,8 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
         return step
 
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
-    # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph).
+    # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph) and/or the
+    # hidden layers' bias and ReLU in the GEMMs' epilogues (one kernel fewer per hidden layer).
     # The affine variants: the same model with affine couplings (paper §3.2.2), reference ops vs fused.
     # fused-eager-overlap: the coupling networks' own backward (weight gradients on a second stream on a GPU,
     # the same work on one on a CPU), eagerly: what it costs where it cannot overlap anything.
@@ -215,7 +217,8 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
                 "fused-eager-overlap", "fused-eager-bf16", "reference-eager-affine", "fused-eager-affine"]
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
-                     "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16", "fused-graphed-tf32-overlap"]
+                     "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16", "fused-graphed-tf32-overlap",
+                     "fused-graphed-tf32-fuse-bias-relu", "fused-graphed-tf32-overlap-fuse-bias-relu"]
     elif not quick:
         variants += ["fused-compiled"]
     # A CPU step takes a few hundred ms: time several, so that p20 and p80 mean something.
