@@ -165,47 +165,55 @@ def bench_ops(device, quick, dtypes, min_run_time):
     return rows
 
 
+PAPER_MNIST = (784, 4, 5, 1000)  # data_dim, coupling layers, hidden layers, hidden units (paper §5.1)
+
+
+def make_train_step(variant: str, pixels: torch.Tensor):
+    """One optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) on ``pixels``, as ``variant``
+    names it: the model (``seed-masked``, ``reference``: pure-PyTorch ops, ``fused``; ``-affine``), how it
+    runs (``-eager``, ``-compiled``, ``-graphed``: one CUDA graph), its precision (``-tf32``, ``-bf16``), the
+    coupling networks' speed settings (``-overlap``, ``-fuse-bias-relu``) and ``-default-adam``. Returns a
+    callable that takes the step. (TF32 is torch's global matmul setting: the caller sets it.)"""
+    device = pixels.device
+    torch.manual_seed(0)
+    if variant.startswith("seed-masked"):
+        model = SeedMaskedNICE(*PAPER_MNIST).to(device)
+    else:
+        model = NICE(*PAPER_MNIST, coupling="affine" if "affine" in variant else "additive",
+                     fused=not variant.startswith("reference"), overlap_weight_grads="-overlap" in variant,
+                     fuse_bias_relu="-fuse-bias-relu" in variant).to(device)
+    graphed = "graphed" in variant
+    # Every variant steps with fused Adam, as training does, except the one that shows what torch's
+    # default Adam (a loop over parameters on a CPU, foreach on a GPU) costs.
+    adam_flags = dict() if variant.endswith("default-adam") else dict(fused=True, capturable=graphed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4, **adam_flags)
+    if "bf16" in variant:  # the coupling networks under bf16 autocast; the likelihood sums stay float32
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed)
+
+        def loss_fn(x):
+            with autocast:
+                return -model.log_prob(x).float().mean()
+    else:
+        loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
+    if "compiled" in variant:
+        loss_fn = torch.compile(loss_fn)
+    if graphed:  # forward, backward and Adam replayed as one CUDA graph
+        graphed_step = GraphedTrainStep(loss_fn, optimizer, model.parameters())
+        return lambda: graphed_step(pixels)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(pixels).backward()
+        optimizer.step()
+
+    return step
+
+
 def train_step_variants(device, batch, quick, min_run_time, failures):
     """ms per optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) in several variants. A variant
     that fails is appended to ``failures`` (variant, batch, error) and the others still run."""
-    hidden, width = (5, 1000)
     rows = []
     pixels = torch.rand(batch, 784, device=device)
-
-    def make(variant):
-        torch.manual_seed(0)
-        if variant.startswith("seed-masked"):
-            model = SeedMaskedNICE(784, 4, hidden, width).to(device)
-        else:
-            model = NICE(784, 4, hidden, width, coupling="affine" if "affine" in variant else "additive",
-                         fused=not variant.startswith("reference"),
-                         overlap_weight_grads="-overlap" in variant,
-                         fuse_bias_relu=variant.endswith("-fuse-bias-relu")).to(device)
-        graphed = "graphed" in variant
-        # Every variant steps with fused Adam, as training does, except the one that shows what torch's
-        # default Adam (a loop over parameters on a CPU, foreach on a GPU) costs.
-        adam_flags = dict() if variant.endswith("default-adam") else dict(fused=True, capturable=graphed)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.9, 0.99), eps=1e-4, **adam_flags)
-        if "bf16" in variant:  # the coupling networks under bf16 autocast; the likelihood sums stay float32
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graphed)
-
-            def loss_fn(x):
-                with autocast:
-                    return -model.log_prob(x).float().mean()
-        else:
-            loss_fn = lambda x: -model.log_prob(x).mean()  # noqa: E731
-        if "compiled" in variant:
-            loss_fn = torch.compile(loss_fn)
-        if graphed:  # forward, backward and Adam replayed as one CUDA graph
-            graphed_step = GraphedTrainStep(loss_fn, optimizer, model.parameters())
-            return lambda: graphed_step(pixels)
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)
-            loss_fn(pixels).backward()
-            optimizer.step()
-
-        return step
 
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
     # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph) and/or the
@@ -226,7 +234,7 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
     for variant in variants:
         torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
         try:
-            step = make(variant)
+            step = make_train_step(variant, pixels)
             for _ in range(5):  # warm-up (and, for graphed variants, the capture)
                 step()
             if device.type == "cuda":
