@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -166,6 +167,8 @@ def bench_ops(device, quick, dtypes, min_run_time):
 
 
 PAPER_MNIST = (784, 4, 5, 1000)  # data_dim, coupling layers, hidden layers, hidden units (paper §5.1)
+TRAIN_STEP_VARIANT = re.compile(r"(seed-masked|reference|fused)-(eager|compiled|graphed)(-tf32|-bf16)?(-affine)?"
+                                r"(-overlap)?(-fuse-bias-relu)?(-default-adam)?")
 
 
 def make_train_step(variant: str, pixels: torch.Tensor):
@@ -174,6 +177,8 @@ def make_train_step(variant: str, pixels: torch.Tensor):
     runs (``-eager``, ``-compiled``, ``-graphed``: one CUDA graph), its precision (``-tf32``, ``-bf16``), the
     coupling networks' speed settings (``-overlap``, ``-fuse-bias-relu``) and ``-default-adam``. Returns a
     callable that takes the step. (TF32 is torch's global matmul setting: the caller sets it.)"""
+    if not TRAIN_STEP_VARIANT.fullmatch(variant):
+        raise ValueError(f"unknown training-step variant {variant!r} (the pattern: {TRAIN_STEP_VARIANT.pattern})")
     device = pixels.device
     torch.manual_seed(0)
     if variant.startswith("seed-masked"):

@@ -32,6 +32,11 @@
 #                 benchmarks/bench_coupling.py with the default CUDA row kernels, or version 1 or 2 for both
 #                 ops; results (JSON, table, plot) into LOG_DIR/bench (the versions stage compares the
 #                 two generations in a fraction of the time of bench-v1 and bench-v2)
+#     profile-step
+#                 benchmarks/profile_step.py: the paper model's training step at batch 200 under
+#                 torch.profiler, graphed TF32 with each setting of the coupling networks (overlap, fused
+#                 bias + ReLU) and eager: kernels per step, their time, the GPU's busy and idle time
+#                 (LOG_DIR/profile_step.md)
 #
 # Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests with either version
 # about 180-195 s (8 pytest workers), bench 190-240 s per version, bad-input under a minute.
@@ -57,7 +62,7 @@ PYTHON=${PYTHON:-python3}
 SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
 OP_TESTS=(tests/test_op_coupling.py tests/test_op_affine_coupling.py tests/test_op_scale_prior.py)
 ALL_STAGES=(build report bad-input cuda-tests cuda-tests-v1 cuda-tests-v2 tests memcheck racecheck initcheck synccheck
-            memcheck-tests ncu versions bench bench-v1 bench-v2)
+            memcheck-tests ncu versions bench bench-v1 bench-v2 profile-step)
 # not in ALL_STAGES (it repeats the four above): sanitizers
 status=0
 
@@ -160,6 +165,11 @@ run_stage() {
       "$PYTHON" benchmarks/bench_coupling.py --device cuda --min-run-time 0.1 "${versions[@]}" \
         --out "$LOG_DIR/bench" > "$LOG_DIR/$stage.log" 2>&1 || rc=$?
       tail -4 "$LOG_DIR/$stage.log"
+      ;;
+    profile-step)
+      "$PYTHON" benchmarks/profile_step.py --device cuda --out "$LOG_DIR/profile_step.md" \
+        > "$LOG_DIR/profile_step.log" 2>&1 || rc=$?
+      grep -A8 "^| variant" "$LOG_DIR/profile_step.log" || tail -5 "$LOG_DIR/profile_step.log"
       ;;
     *)
       echo "unknown stage '$stage'; the stages are: ${ALL_STAGES[*]}" >&2

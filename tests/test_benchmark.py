@@ -185,6 +185,43 @@ def test_op_dtypes_are_chosen_by_name():
     assert "argument --dtypes: unknown dtype 'int8': choose from float32, float64, bfloat16, float16" in result.stderr
 
 
+def test_step_profile_counts_the_operators_of_each_setting(tmp_path):
+    """benchmarks/profile_step.py on the CPU: the paper model's step has one ReLU per hidden layer (4 x 5)
+    and none with --fuse-bias-relu, whose hidden layers are _addmm_activation calls; per step, whatever
+    the number of steps profiled."""
+    profile = load_script("profile_step")
+    cpu = torch.device("cpu")
+    plain = profile.profile_variant("fused-eager", cpu, batch=4, steps=2, warmup=1)
+    fused = profile.profile_variant("fused-eager-fuse-bias-relu", cpu, batch=4, steps=1, warmup=1)
+    assert plain["names"]["aten::relu"]["count"] == 20 and "aten::_addmm_activation" not in plain["names"]
+    assert fused["names"]["aten::_addmm_activation"]["count"] == 20 and "aten::relu" not in fused["names"]
+    assert plain["names"]["aten::mm"]["count"] == fused["names"]["aten::mm"]["count"] == 47
+    assert plain["names"]["aten::addmm"]["count"] == 24 and fused["names"]["aten::addmm"]["count"] == 4
+    for result in (plain, fused):
+        assert result["wall_us"] > 0 and result["event_us"] > 0 and result["busy_us"] is None
+        assert result["events_per_step"] == sum(entry["count"] for entry in result["names"].values())
+    assert profile.union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.75)]) == 4
+    out = tmp_path / "step.md"
+    result = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--device", "cpu", "--batch", "2",
+                             "--steps", "1", "--variants", "fused-eager-fuse-bias-relu", "--top", "3",
+                             "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    assert table == result.stdout[:len(table)] and "--variants fused-eager-fuse-bias-relu" in table
+    assert "| fused-eager-fuse-bias-relu |" in table and table.count("| aten::") == 3
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--variants", "fused-eager,fused-eagr"], "unknown variant(s) fused-eagr"),
+    (["--variants", "fused-graphed-tf32"], "graphed and tf32 variants need --device cuda"),
+    (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+])
+def test_step_profile_refuses_what_it_cannot_do(args, message):
+    result = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--device", "cpu", *args],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
 def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
     """benchmarks/profile_kernels.py runs under ncu on a GPU (check_cuda.sh ncu); here its calls run on the
     CPU kernels at a small batch, and its summary reads a log in ncu's --csv layout."""
