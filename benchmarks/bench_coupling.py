@@ -11,6 +11,7 @@ write once, and is compared with a device copy measured in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -167,16 +168,33 @@ def bench_ops(device, quick, dtypes, min_run_time):
 
 
 PAPER_MNIST = (784, 4, 5, 1000)  # data_dim, coupling layers, hidden layers, hidden units (paper §5.1)
-TRAIN_STEP_VARIANT = re.compile(r"(seed-masked|reference|fused)-(eager|compiled|graphed)(-tf32|-bf16)?(-affine)?"
-                                r"(-overlap)?(-fuse-bias-relu)?(-default-adam)?")
+TRAIN_STEP_VARIANT = re.compile(r"(seed-masked|reference|fused)-(eager|compiled|graphed)(-tf32|-bf16)?(-cublaslt)?"
+                                r"(-affine)?(-overlap)?(-fuse-bias-relu)?(-default-adam)?")
+
+
+@contextlib.contextmanager
+def matmul_settings(variant: str):
+    """torch's global matmul settings that a training-step variant names, restored afterwards: TF32
+    (``-tf32``) and cuBLASLt for every GEMM (``-cublaslt``: its heuristics choose the kernels, which for GEMMs
+    of a few hundred rows may differ from cuBLAS's)."""
+    tf32, blas = torch.backends.cuda.matmul.allow_tf32, torch.backends.cuda.preferred_blas_library()
+    torch.backends.cuda.matmul.allow_tf32 = "-tf32" in variant
+    if "-cublaslt" in variant:
+        torch.backends.cuda.preferred_blas_library("cublaslt")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cuda.preferred_blas_library(blas)
 
 
 def make_train_step(variant: str, pixels: torch.Tensor):
     """One optimizer step of the paper's MNIST model (4 couplings, 5 x 1000) on ``pixels``, as ``variant``
     names it: the model (``seed-masked``, ``reference``: pure-PyTorch ops, ``fused``; ``-affine``), how it
     runs (``-eager``, ``-compiled``, ``-graphed``: one CUDA graph), its precision (``-tf32``, ``-bf16``), the
-    coupling networks' speed settings (``-overlap``, ``-fuse-bias-relu``) and ``-default-adam``. Returns a
-    callable that takes the step. (TF32 is torch's global matmul setting: the caller sets it.)"""
+    GEMM library (``-cublaslt``), the coupling networks' speed settings (``-overlap``, ``-fuse-bias-relu``)
+    and ``-default-adam``. Returns a callable that takes the step, to be built and called within
+    ``matmul_settings(variant)`` (TF32 and the GEMM library are torch's global settings)."""
     if not TRAIN_STEP_VARIANT.fullmatch(variant):
         raise ValueError(f"unknown training-step variant {variant!r} (the pattern: {TRAIN_STEP_VARIANT.pattern})")
     device = pixels.device
@@ -222,7 +240,8 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
 
     # Ablation: default -> fused Adam; seed -> odd/even model (halved first/last GEMMs) -> fused ops -> TF32 or
     # bf16 -> one CUDA graph -> weight gradients on a second stream (a second branch of the graph) and/or the
-    # hidden layers' bias and ReLU in the GEMMs' epilogues (one kernel fewer per hidden layer).
+    # hidden layers' bias and ReLU in the GEMMs' epilogues (one kernel fewer per hidden layer); and every GEMM
+    # through cuBLASLt, whose heuristics may choose other kernels than cuBLAS's for GEMMs of 200 rows.
     # The affine variants: the same model with affine couplings (paper §3.2.2), reference ops vs fused.
     # fused-eager-overlap: the coupling networks' own backward (weight gradients on a second stream on a GPU,
     # the same work on one on a CPU), eagerly: what it costs where it cannot overlap anything.
@@ -231,21 +250,16 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
     if device.type == "cuda":
         variants += ["fused-eager-tf32", "fused-compiled-tf32", "seed-masked-graphed-tf32", "reference-graphed-tf32",
                      "fused-graphed", "fused-graphed-tf32", "fused-graphed-bf16", "fused-graphed-tf32-overlap",
-                     "fused-graphed-tf32-fuse-bias-relu", "fused-graphed-tf32-overlap-fuse-bias-relu"]
+                     "fused-graphed-tf32-fuse-bias-relu", "fused-graphed-tf32-overlap-fuse-bias-relu",
+                     "fused-graphed-tf32-cublaslt"]
     elif not quick:
         variants += ["fused-compiled"]
     # A CPU step takes a few hundred ms: time several, so that p20 and p80 mean something.
     step_run_time = max(min_run_time, 2.0) if device.type == "cpu" else min_run_time
     for variant in variants:
-        torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
         try:
-            step = make_train_step(variant, pixels)
-            for _ in range(5):  # warm-up (and, for graphed variants, the capture)
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            median, p20, p80 = timeit(step, step_run_time)
+            with matmul_settings(variant):
+                median, p20, p80 = time_train_step(variant, pixels, step_run_time)
         except Exception as error:  # noqa: BLE001 (one variant's failure is a result, not the end of the run)
             failures.append(dict(variant=variant, batch=batch, error=f"{type(error).__name__}: {error}"))
             print(f"  train step {variant} batch {batch}: FAILED ({failures[-1]['error']})", file=sys.stderr,
@@ -255,8 +269,19 @@ def train_step_variants(device, batch, quick, min_run_time, failures):
         rows.append(dict(variant=variant, batch=batch, ms_per_step=median, p20_ms=p20, p80_ms=p80,
                          samples_per_s=batch / (median * 1e-3), peak_mem_mb=peak))
         print(f"  train step {variant} batch {batch}: {median:.2f} ms", file=sys.stderr, flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = False
     return rows
+
+
+def time_train_step(variant, pixels, run_time):
+    """(median, p20, p80) ms of ``variant``'s step, after five steps of warm-up (and, for a graphed variant,
+    the capture); on a GPU the peak memory statistics start after them."""
+    step = make_train_step(variant, pixels)
+    for _ in range(5):
+        step()
+    if pixels.device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    return timeit(step, run_time)
 
 
 def bench_call_cost(device, min_run_time):

@@ -29,13 +29,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from bench_coupling import TRAIN_STEP_VARIANT, make_train_step  # noqa: E402
+from bench_coupling import TRAIN_STEP_VARIANT, make_train_step, matmul_settings  # noqa: E402
 from nice_ext import provenance  # noqa: E402
 from nice_ext.cli_common import UsageError, run_script  # noqa: E402
 
 DEFAULT_VARIANTS = {
     "cuda": ["fused-graphed-tf32", "fused-graphed-tf32-overlap", "fused-graphed-tf32-fuse-bias-relu",
-             "fused-graphed-tf32-overlap-fuse-bias-relu", "fused-eager-tf32"],
+             "fused-graphed-tf32-overlap-fuse-bias-relu", "fused-graphed-tf32-cublaslt", "fused-eager-tf32",
+             "fused-eager-tf32-cublaslt"],
     "cpu": ["fused-eager", "fused-eager-fuse-bias-relu"],
 }
 
@@ -59,8 +60,7 @@ def profile_variant(variant: str, device: torch.device, batch: int, steps: int, 
     """Wall time per step, then one profile of ``steps`` steps: per name, how often it ran and its time
     (device events on a GPU, ATen operators' self time on a CPU), and on a GPU the union of the device
     events' intervals. Times in microseconds per step."""
-    torch.backends.cuda.matmul.allow_tf32 = "tf32" in variant
-    try:
+    with matmul_settings(variant):
         pixels = torch.rand(batch, 784, device=device, generator=torch.Generator(device).manual_seed(0))
         step = make_train_step(variant, pixels)
         for _ in range(warmup):  # (a graphed variant captures its graph here)
@@ -76,8 +76,6 @@ def profile_variant(variant: str, device: torch.device, batch: int, steps: int, 
             for _ in range(steps):
                 step()
             synchronize(device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
     on_device = device.type == "cuda"
     if on_device:  # what ran on the GPU
         events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
@@ -153,8 +151,8 @@ def main():
     if unknown:
         raise UsageError(f"unknown variant(s) {', '.join(unknown)}: names as bench_coupling.py's training step "
                          f"spells them ({TRAIN_STEP_VARIANT.pattern})")
-    if device.type != "cuda" and any("graphed" in v or "tf32" in v for v in variants):
-        raise UsageError("graphed and tf32 variants need --device cuda")
+    if device.type != "cuda" and any(part in v for v in variants for part in ("graphed", "tf32", "cublaslt")):
+        raise UsageError("graphed, tf32 and cublaslt variants need --device cuda")
     header = provenance.record(device, "python benchmarks/profile_step.py " + " ".join(sys.argv[1:]))
     results = []
     for variant in variants:

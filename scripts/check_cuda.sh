@@ -35,7 +35,8 @@
 #     profile-step
 #                 benchmarks/profile_step.py: the paper model's training step at batch 200 under
 #                 torch.profiler, graphed TF32 with each setting of the coupling networks (overlap, fused
-#                 bias + ReLU) and eager: kernels per step, their time, the GPU's busy and idle time
+#                 bias + ReLU), with every GEMM through cuBLASLt, and eager: kernels per step, their time,
+#                 the GPU's busy and idle time
 #                 (LOG_DIR/profile_step.md)
 #
 # Durations seen on an H100 machine (16 cores, 2026-11-24): build 130-170 s, cuda-tests with either version

@@ -211,9 +211,23 @@ def test_step_profile_counts_the_operators_of_each_setting(tmp_path):
     assert "| fused-eager-fuse-bias-relu |" in table and table.count("| aten::") == 3
 
 
+def test_a_variant_sets_the_matmul_settings_it_names_and_restores_them():
+    bench = load_script("bench_coupling")
+    with bench.matmul_settings("fused-graphed-tf32-cublaslt"):
+        assert torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublaslt
+    assert not torch.backends.cuda.matmul.allow_tf32
+    assert torch.backends.cuda.preferred_blas_library() == torch._C._BlasBackend.Cublas
+    with bench.matmul_settings("fused-eager"):
+        assert not torch.backends.cuda.matmul.allow_tf32
+    with pytest.raises(ValueError, match="unknown training-step variant 'fused-eager-tf23'"):
+        bench.make_train_step("fused-eager-tf23", torch.rand(2, 784))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--variants", "fused-eager,fused-eagr"], "unknown variant(s) fused-eagr"),
-    (["--variants", "fused-graphed-tf32"], "graphed and tf32 variants need --device cuda"),
+    (["--variants", "fused-graphed-tf32"], "graphed, tf32 and cublaslt variants need --device cuda"),
+    (["--variants", "fused-eager-cublaslt"], "graphed, tf32 and cublaslt variants need --device cuda"),
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
 ])
 def test_step_profile_refuses_what_it_cannot_do(args, message):
