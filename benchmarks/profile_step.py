@@ -30,7 +30,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from bench_coupling import TRAIN_STEP_VARIANT, make_train_step, matmul_settings  # noqa: E402
-from nice_ext import provenance  # noqa: E402
+from nice_ext import files, provenance  # noqa: E402
 from nice_ext.cli_common import UsageError, run_script  # noqa: E402
 
 DEFAULT_VARIANTS = {
@@ -153,6 +153,10 @@ def main():
                          f"spells them ({TRAIN_STEP_VARIANT.pattern})")
     if device.type != "cuda" and any(part in v for v in variants for part in ("graphed", "tf32", "cublaslt")):
         raise UsageError("graphed, tf32 and cublaslt variants need --device cuda")
+    if args.out:  # a folder that cannot take the file fails now, not after the profiles
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        files.check_can_write_in(folder, args.out)
     header = provenance.record(device, "python benchmarks/profile_step.py " + " ".join(sys.argv[1:]))
     results = []
     for variant in variants:
@@ -161,8 +165,7 @@ def main():
     table = markdown(results, device, args.top, header)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+        files.write_bytes(table.encode(), args.out)
     return results
 
 

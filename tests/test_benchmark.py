@@ -201,7 +201,7 @@ def test_step_profile_counts_the_operators_of_each_setting(tmp_path):
         assert result["wall_us"] > 0 and result["event_us"] > 0 and result["busy_us"] is None
         assert result["events_per_step"] == sum(entry["count"] for entry in result["names"].values())
     assert profile.union_length([(0, 2), (1, 3), (5, 6), (5.5, 5.75)]) == 4
-    out = tmp_path / "step.md"
+    out = tmp_path / "profiles" / "step.md"  # (its folder made)
     result = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--device", "cpu", "--batch", "2",
                              "--steps", "1", "--variants", "fused-eager-fuse-bias-relu", "--top", "3",
                              "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -229,11 +229,14 @@ def test_a_variant_sets_the_matmul_settings_it_names_and_restores_them():
     (["--variants", "fused-graphed-tf32"], "graphed, tf32 and cublaslt variants need --device cuda"),
     (["--variants", "fused-eager-cublaslt"], "graphed, tf32 and cublaslt variants need --device cuda"),
     (["--steps", "0"], "argument --steps: must be a positive integer, got 0"),
+    (["--out", "/dev/null/step.md"], "/dev/null"),  # before any profile runs
 ])
 def test_step_profile_refuses_what_it_cannot_do(args, message):
     result = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--device", "cpu", *args],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    status = 1 if "--out" in args else 2  # (a file system's refusal, not a usage error)
+    assert result.returncode == status and message in result.stderr and "Traceback" not in result.stderr
+    assert "us per step" not in result.stderr  # refused before any profile ran
 
 
 def test_kernel_profile_calls_are_valid_and_its_summary_reads_ncu_csv(tmp_path):
