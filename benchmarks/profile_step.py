@@ -85,7 +85,7 @@ def profile_variant(variant: str, device: torch.device, batch: int, steps: int, 
     times: Dict[str, float] = collections.defaultdict(float)
     for event in events:
         counts[event.name] += 1
-        times[event.name] += event.device_time_total if on_device else event.self_cpu_time_total
+        times[event.name] += event.time_range.elapsed_us() if on_device else event.self_cpu_time_total
     busy = union_length((e.time_range.start, e.time_range.end) for e in events) if on_device else None
     return dict(variant=variant, batch=batch, steps=steps, wall_us=wall_us,
                 events_per_step=sum(counts.values()) / steps, event_us=sum(times.values()) / steps,
