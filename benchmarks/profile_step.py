@@ -76,19 +76,27 @@ def profile_variant(variant: str, device: torch.device, batch: int, steps: int, 
             for _ in range(steps):
                 step()
             synchronize(device)
-    on_device = device.type == "cuda"
-    if on_device:  # what ran on the GPU
-        events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    else:  # the ATen operators (not the Python-side record_function ranges)
-        events = [e for e in prof.events() if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
+    summary = summarize(prof.events(), steps, on_device=device.type == "cuda")
+    return dict(variant=variant, batch=batch, steps=steps, wall_us=wall_us, **summary)
+
+
+def summarize(events, steps: int, on_device: bool) -> Dict:
+    """Per step, from a profile's events: how many ran and their summed time (``events_per_step``,
+    ``event_us``), per name (``names``), and on a GPU the time at least one ran (``busy_us``, the union of
+    their intervals; None on a CPU). On a GPU the events are what ran on the device (kernels, copies,
+    fills), each timed by its own interval; on a CPU the ATen operators, by their self time (not the
+    Python-side record_function ranges)."""
+    if on_device:
+        events = [e for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        events = [e for e in events if e.device_type == DeviceType.CPU and e.name.startswith("aten::")]
     counts: Dict[str, int] = collections.Counter()
     times: Dict[str, float] = collections.defaultdict(float)
     for event in events:
         counts[event.name] += 1
         times[event.name] += event.time_range.elapsed_us() if on_device else event.self_cpu_time_total
     busy = union_length((e.time_range.start, e.time_range.end) for e in events) if on_device else None
-    return dict(variant=variant, batch=batch, steps=steps, wall_us=wall_us,
-                events_per_step=sum(counts.values()) / steps, event_us=sum(times.values()) / steps,
+    return dict(events_per_step=sum(counts.values()) / steps, event_us=sum(times.values()) / steps,
                 busy_us=busy / steps if busy is not None else None,
                 names={name: dict(count=counts[name] / steps, us=times[name] / steps) for name in counts})
 

@@ -224,6 +224,28 @@ def test_a_variant_sets_the_matmul_settings_it_names_and_restores_them():
         bench.make_train_step("fused-eager-tf23", torch.rand(2, 784))
 
 
+def test_step_profile_summary_of_device_events_counts_two_streams_once():
+    """The GPU branch of the summary, on made-up events: kernels on two streams that overlap count once in
+    the busy time and twice in the sum; CPU events are left out."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    profile = load_script("profile_step")
+
+    def event(name, start, end, device_type=DeviceType.CUDA):
+        return type("Event", (), dict(name=name, device_type=device_type, time_range=Interval(start, end),
+                                      self_cpu_time_total=1000.0))()
+
+    events = [event("gemm", 0, 10), event("weight_gemm", 5, 15), event("relu", 20, 22), event("gemm", 30, 40),
+              event("weight_gemm", 30, 38), event("aten::mm", 0, 40, DeviceType.CPU)]
+    summary = profile.summarize(events, steps=2, on_device=True)
+    assert summary["events_per_step"] == 2.5 and summary["event_us"] == (10 + 10 + 2 + 10 + 8) / 2
+    assert summary["busy_us"] == (15 + 2 + 10) / 2
+    assert summary["names"]["gemm"] == dict(count=1, us=10) and "aten::mm" not in summary["names"]
+    on_cpu = profile.summarize(events, steps=2, on_device=False)
+    assert on_cpu["names"] == {"aten::mm": dict(count=0.5, us=500.0)} and on_cpu["busy_us"] is None
+
+
 @pytest.mark.parametrize("args, message", [
     (["--variants", "fused-eager,fused-eagr"], "unknown variant(s) fused-eagr"),
     (["--variants", "fused-graphed-tf32"], "graphed, tf32 and cublaslt variants need --device cuda"),
