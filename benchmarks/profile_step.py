@@ -56,14 +56,14 @@ def union_length(intervals) -> float:
     return total
 
 
-def profile_variant(variant: str, device: torch.device, batch: int, steps: int, warmup: int = 3) -> Dict:
+def profile_variant(variant: str, device: torch.device, batch: int, steps: int, warmup: int = 5) -> Dict:
     """Wall time per step, then one profile of ``steps`` steps: per name, how often it ran and its time
     (device events on a GPU, ATen operators' self time on a CPU), and on a GPU the union of the device
     events' intervals. Times in microseconds per step."""
     with matmul_settings(variant):
         pixels = torch.rand(batch, 784, device=device, generator=torch.Generator(device).manual_seed(0))
         step = make_train_step(variant, pixels)
-        for _ in range(warmup):  # (a graphed variant captures its graph here)
+        for _ in range(warmup):  # (a graphed variant: three eager steps, then the capture, as in the benchmark)
             step()
         synchronize(device)
         started = time.perf_counter()
