@@ -80,10 +80,19 @@ def sliced(t: torch.Tensor, pad_rows: int = 2, pad_cols: int = 3) -> torch.Tenso
     return view
 
 
+def column_offset(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t``, as a view one column into a wider buffer: its rows no longer start on a
+    16-byte boundary, while a tensor beside it may."""
+    wide = torch.zeros(t.shape[0], t.shape[1] + 1, dtype=t.dtype, device=t.device)
+    wide[:, 1:] = t
+    return wide[:, 1:]
+
+
 # Mask pairs (a layer's mask, the next layer's) for the coupling ops' tests. The CPU kernels (additive and
-# affine) take their stride-2 path for odd/even masks whose next layer keeps the other parity (odd-even,
-# even-odd), the same parity (odd-even-same-next) or is absent (odd-even-last); a next mask that keeps only
-# a prefix of one parity, a random next mask or a random mask take the general one.
+# affine) and the additive coupling's CUDA version 2 take their stride-2 path for odd/even masks whose next
+# layer keeps the other parity (odd-even, even-odd), the same parity (odd-even-same-next) or is absent
+# (odd-even-last); a next mask that keeps only a prefix of one parity, a random next mask or a random mask
+# take the general one.
 MASK_KINDS = ["odd-even", "even-odd", "odd-even-same-next", "odd-even-last", "odd-even-prefix-next",
               "odd-even-random-next", "random"]
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import CUDA_KERNELS_EMULATED, DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
+from conftest import CUDA_KERNELS_EMULATED, DEVICES, MASK_KINDS, column_offset, coupling_masks, rel_error, sliced
 from nice_ext import cuda_kernels_built, ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
@@ -75,6 +75,33 @@ def test_backward_op_matches_its_reference(device, features, mask_kind, inverse)
         fused = torch.ops.nice_ext.coupling_update_backward(*args)
         for name, got, expected in zip(("grad_x", "grad_shift"), fused, reference.coupling_update_backward(*args)):
             assert rel_error(got, expected) < 1e-12, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch", [1, 257])
+@pytest.mark.parametrize("features", [2, 8, 784])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+def test_aligned_rows_match_reference_bit_for_bit(device, dtype, batch, features, mask_kind):
+    # The layouts that choose how CUDA's version 2 walks a row: contiguous rows are read in 16-byte packs of
+    # x, and for the paper's odd/even maps (find_odd_even_maps in csrc/cuda/coupling_rows.cuh) shift and
+    # the next layer's input in half packs, with no index maps; a shift (or, backward, a gradient of the
+    # next layer's input) one column into its buffer keeps the packs of x and takes the general loop.
+    # Either way each element is one rounding of x +/- shift, as in the reference in the same dtype.
+    x, shift, shift_col, gather_index, _, _ = make_case(batch, features, mask_kind, device, dtype)
+    grad_y, grad_gathered = torch.randn_like(x), torch.randn(batch, gather_index.numel(), device=device).to(dtype)
+    for inverse in (False, True):
+        expected = reference.coupling_update(x.cpu(), shift.cpu(), shift_col.cpu(), gather_index.cpu(), inverse)
+        for layout in (lambda t: t, column_offset):
+            got = ops.coupling_update_indexed(x, layout(shift), shift_col, gather_index, inverse)
+            for name, a, b in zip(("y", "gathered"), got, expected):
+                assert torch.equal(a.cpu(), b), (name, inverse)
+        for gathered in (grad_gathered, column_offset(grad_gathered), None):
+            args = (grad_y, gathered, shift_col, gather_index, shift.shape[1], inverse)
+            expected = reference.coupling_update_backward(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+            got = torch.ops.nice_ext.coupling_update_backward(*args)
+            for name, a, b in zip(("grad_x", "grad_shift"), got, expected):
+                assert torch.equal(a.cpu(), b), (name, inverse, gathered is None)
 
 
 @pytest.mark.parametrize("device", DEVICES)

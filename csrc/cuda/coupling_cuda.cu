@@ -92,20 +92,117 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
 // int32 of shared memory (feature_table_fits); wider rows take version 1.
 // ---------------------------------------------------------------------------------------------------
 
+// The odd/even rows (find_odd_even_maps): pack p of a row (V features from p * V, an even feature)
+// updates the features of parity maps.first with shift columns p * V / 2 ... p * V / 2 + V / 2 - 1 and
+// gives the next layer the features of parity maps.start at its inputs p * V / 2 ...: half packs of shift
+// and gathered, read and written in one access each (halves_aligned), and no index loads. The parities are
+// runtime values, uniform over the grid: they choose between registers (selects), never index them. Each
+// element is computed as the general loop computes it, so the results are the same bit for bit.
+template <typename scalar_t, int V>
+__device__ __forceinline__ void coupling_update_odd_even_rows(const scalar_t* __restrict__ x, int64_t x_row_stride,
+                                              const scalar_t* __restrict__ shift, int64_t shift_row_stride,
+                                              scalar_t* __restrict__ y, scalar_t* __restrict__ gathered,
+                                              int64_t batch, int64_t features, int64_t gathered_n,
+                                              at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int H = V / 2;
+  using Values = Pack<scalar_t, V>;
+  using Halves = Pack<scalar_t, H>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
+    const Values* xr = reinterpret_cast<const Values*>(x + b * x_row_stride);
+    const Halves* sr = reinterpret_cast<const Halves*>(shift + b * shift_row_stride);
+    Values* yr = reinterpret_cast<Values*>(y + b * features);
+    Halves* gr = reinterpret_cast<Halves*>(gathered + b * gathered_n);
+#pragma unroll 2
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values xv = xr[p];
+      const Halves s = sr[p];
+      Values yv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        yv.v[e] = (e & 1) == maps.first ? static_cast<scalar_t>(opmath_t(xv.v[e]) + sign * opmath_t(s.v[e / 2]))
+                                        : xv.v[e];
+      }
+      yr[p] = yv;
+      if (gathered_n > 0) {
+        Halves g;
+#pragma unroll
+        for (int i = 0; i < H; ++i) g.v[i] = maps.start == 0 ? yv.v[2 * i] : yv.v[2 * i + 1];
+        gr[p] = g;
+      }
+    }
+  }
+}
+
+// The backward of the odd/even rows: grad_x = grad_y plus the next layer's gradient at the gathered
+// features, grad_shift the signed grad_x of the updated ones, in half packs as in the forward.
+template <typename scalar_t, int V>
+__device__ __forceinline__ void coupling_update_backward_odd_even_rows(const scalar_t* __restrict__ grad_y, int64_t gy_row_stride,
+                                                       const scalar_t* __restrict__ grad_gathered,
+                                                       int64_t gg_row_stride, int64_t gathered_n,
+                                                       scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_shift,
+                                                       int64_t batch, int64_t features, int64_t updated,
+                                                       at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  constexpr int H = V / 2;
+  using Values = Pack<scalar_t, V>;
+  using Halves = Pack<scalar_t, H>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
+    const Values* gyr = reinterpret_cast<const Values*>(grad_y + b * gy_row_stride);
+    const Halves* ggr = gathered_n > 0 ? reinterpret_cast<const Halves*>(grad_gathered + b * gg_row_stride) : nullptr;
+    Values* gxr = reinterpret_cast<Values*>(grad_x + b * features);
+    Halves* gsr = reinterpret_cast<Halves*>(grad_shift + b * updated);
+#pragma unroll 2
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values g = gyr[p];
+      Halves gg;
+      if (gathered_n > 0) gg = ggr[p];
+      opmath_t total[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        // As the general loop sums: g alone where nothing was gathered (adding 0 would turn -0 into +0).
+        total[e] = gathered_n > 0 && (e & 1) == maps.start ? opmath_t(g.v[e]) + opmath_t(gg.v[e / 2])
+                                                           : opmath_t(g.v[e]);
+      }
+      Values gx;
+      Halves gs;
+#pragma unroll
+      for (int e = 0; e < V; ++e) gx.v[e] = static_cast<scalar_t>(total[e]);
+#pragma unroll
+      for (int i = 0; i < H; ++i) gs.v[i] = static_cast<scalar_t>(sign * (maps.first == 0 ? total[2 * i] : total[2 * i + 1]));
+      gxr[p] = gx;
+      gsr[p] = gs;
+    }
+  }
+}
+
 template <typename scalar_t, int V>
 __global__ void __launch_bounds__(kRowBlockThreads)
     coupling_update_rows_kernel(const scalar_t* __restrict__ x, int64_t x_row_stride,
                                 const scalar_t* __restrict__ shift, int64_t shift_row_stride,
                                 const int32_t* __restrict__ shift_col, const int32_t* __restrict__ gather_index,
                                 scalar_t* __restrict__ y, scalar_t* __restrict__ gathered, int64_t batch,
-                                int64_t features, int64_t updated, int64_t gathered_n, bool inverse) {
+                                int64_t features, int64_t updated, int64_t gathered_n, bool inverse,
+                                bool halves_aligned) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
+  if constexpr (V % 2 == 0) {
+    const OddEvenMaps maps = find_odd_even_maps(shift_col, gather_index, features, updated, gathered_n);
+    if (maps.found() && halves_aligned) {  // the same for the whole block
+      coupling_update_odd_even_rows<scalar_t, V>(x, x_row_stride, shift, shift_row_stride, y, gathered, batch,
+                                                 features, gathered_n, sign, maps);
+      return;
+    }
+  }
   extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
   int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
   const bool repeats = inverse_gather_map(gather_index, gathered_n, features, slot);
-  const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;  // V divides features (row_pack_width)
   for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
@@ -148,13 +245,22 @@ __global__ void __launch_bounds__(kRowBlockThreads)
                                          int64_t gathered_n, const int32_t* __restrict__ shift_col,
                                          const int32_t* __restrict__ gather_index, scalar_t* __restrict__ grad_x,
                                          scalar_t* __restrict__ grad_shift, int64_t batch, int64_t features,
-                                         int64_t updated, bool inverse) {
+                                         int64_t updated, bool inverse, bool halves_aligned) {
   using opmath_t = at::opmath_type<scalar_t>;
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
+  if constexpr (V % 2 == 0) {
+    const OddEvenMaps maps = find_odd_even_maps(shift_col, gather_index, features, updated, gathered_n);
+    if (maps.found() && halves_aligned) {  // the same for the whole block
+      coupling_update_backward_odd_even_rows<scalar_t, V>(grad_y, gy_row_stride, grad_gathered, gg_row_stride,
+                                                          gathered_n, grad_x, grad_shift, batch, features,
+                                                          updated, sign, maps);
+      return;
+    }
+  }
   extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
   const int32_t* slot = backward_gather_slots(gather_index, gathered_n, features, shared_bytes);
-  const opmath_t sign = inverse ? opmath_t(-1) : opmath_t(1);
   const int lane = threadIdx.x % kWarpSize;
   const int64_t packs = features / V;
   for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
@@ -199,12 +305,16 @@ const char* coupling_update_kernel_cuda(const at::Tensor& x, const at::Tensor& s
       const int width = index_map_pack_width(row_pack_width<scalar_t>(x.const_data_ptr(), x.stride(0), features),
                                              shift_col);
       with_pack_width<scalar_t>(width, [&](auto pack) {
+        constexpr int half = decltype(pack)::value / 2 > 0 ? decltype(pack)::value / 2 : 1;
+        const bool halves_aligned =
+            rows_in_packs_of<scalar_t>(shift.const_data_ptr(), shift.stride(0), updated, half) &&
+            rows_in_packs_of<scalar_t>(gathered.const_data_ptr(), gathered_n, gathered_n, half);
         coupling_update_rows_kernel<scalar_t, decltype(pack)::value>
             <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
                 x.const_data_ptr<scalar_t>(), x.stride(0), shift.const_data_ptr<scalar_t>(), shift.stride(0),
                 shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(),
                 y.mutable_data_ptr<scalar_t>(), gathered.mutable_data_ptr<scalar_t>(), batch, features, updated,
-                gathered_n, inverse);
+                gathered_n, inverse, halves_aligned);
       });
       return;
     }
@@ -227,6 +337,11 @@ const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const
       const int width = index_map_pack_width(row_pack_width<scalar_t>(grad_y.const_data_ptr(), grad_y.stride(0), features),
                                              shift_col);
       with_pack_width<scalar_t>(width, [&](auto pack) {
+        constexpr int half = decltype(pack)::value / 2 > 0 ? decltype(pack)::value / 2 : 1;
+        const bool halves_aligned =
+            rows_in_packs_of<scalar_t>(grad_shift.const_data_ptr(), updated, updated, half) &&
+            (!has_gathered || rows_in_packs_of<scalar_t>(grad_gathered.const_data_ptr(), grad_gathered.stride(0),
+                                                         grad_gathered.size(1), half));
         coupling_update_backward_rows_kernel<scalar_t, decltype(pack)::value>
             <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
                 grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0),
@@ -234,7 +349,7 @@ const char* coupling_update_backward_kernel_cuda(const at::Tensor& grad_y, const
                 has_gathered ? grad_gathered.stride(0) : 0, has_gathered ? gather_index.size(0) : 0,
                 shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(),
                 grad_x.mutable_data_ptr<scalar_t>(), grad_shift.mutable_data_ptr<scalar_t>(), batch, features,
-                updated, inverse);
+                updated, inverse, halves_aligned);
       });
       return;
     }
