@@ -89,7 +89,7 @@ def column_offset(t: torch.Tensor) -> torch.Tensor:
 
 
 # Mask pairs (a layer's mask, the next layer's) for the coupling ops' tests. The CPU kernels (additive and
-# affine) and the additive coupling's CUDA version 2 take their stride-2 path for odd/even masks whose next
+# affine) and both couplings' CUDA version 2 kernels take their stride-2 path for odd/even masks whose next
 # layer keeps the other parity (odd-even, even-odd), the same parity (odd-even-same-next) or is absent
 # (odd-even-last); a next mask that keeps only a prefix of one parity, a random next mask or a random mask
 # take the general one.

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import DEVICES, MASK_KINDS, coupling_masks, rel_error, sliced
+from conftest import DEVICES, MASK_KINDS, column_offset, coupling_masks, rel_error, sliced
 from nice_ext import ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
@@ -122,6 +122,36 @@ def test_gradcheck_float64(device, mask_kind, law, inverse, check):
     inputs = tuple(t.detach().clone().requires_grad_(True) for t in (x, raw, shift))
     assert check(lambda a, r, b: ops.affine_coupling_update_indexed(a, r, b, shift_col, gather_index, law, inverse),
                  inputs)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("features", [2, 8, 784])
+@pytest.mark.parametrize("mask_kind", MASK_KINDS)
+@pytest.mark.parametrize("law", LAWS)
+def test_layouts_of_log_scales_and_shifts_give_the_same_bits(device, dtype, features, mask_kind, law):
+    # For the paper's odd/even maps CUDA's version 2 reads the log-scales and shifts (and writes their
+    # gradients) in half packs where their rows allow it, and takes the general loop where they start one
+    # column into their buffers (find_odd_even_maps in csrc/cuda/coupling_rows.cuh). Both compute each
+    # element alike and sum a row's log|det| in one order, so every output is the same to the bit.
+    x, raw, shift, shift_col, gather_index, _ = make_case(257, features, mask_kind, device, dtype)
+    g = torch.Generator().manual_seed(2)
+    grad_y = torch.randn(x.shape, generator=g).to(device, dtype)
+    grad_gathered = torch.randn(x.shape[0], gather_index.numel(), generator=g).to(device, dtype)
+    log_det_dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the kernels' accumulation
+    grad_log_det = torch.randn(x.shape[0], generator=g).to(device, log_det_dtype)
+    for inverse in (False, True):
+        outputs = []
+        for layout in (lambda t: t, column_offset):
+            forward = torch.ops.nice_ext.affine_coupling_update(x, layout(raw), layout(shift), shift_col,
+                                                                gather_index, law, inverse)
+            backward = torch.ops.nice_ext.affine_coupling_update_backward(
+                grad_y, layout(grad_gathered), grad_log_det, x, layout(raw), layout(shift), shift_col, gather_index,
+                law, inverse)
+            outputs.append((*forward, *backward))
+        names = ("y", "gathered", "log_det", "grad_x", "grad_log_scale_raw", "grad_shift")
+        for name, a, b in zip(names, *outputs):
+            assert torch.equal(a, b), (name, inverse)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -98,7 +98,8 @@ def test_aligned_rows_match_reference_bit_for_bit(device, dtype, batch, features
                 assert torch.equal(a.cpu(), b), (name, inverse)
         for gathered in (grad_gathered, column_offset(grad_gathered), None):
             args = (grad_y, gathered, shift_col, gather_index, shift.shape[1], inverse)
-            expected = reference.coupling_update_backward(*(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+            on_cpu = (a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
+            expected = reference.coupling_update_backward(*on_cpu)
             got = torch.ops.nice_ext.coupling_update_backward(*args)
             for name, a, b in zip(("grad_x", "grad_shift"), got, expected):
                 assert torch.equal(a.cpu(), b), (name, inverse, gathered is None)

@@ -45,8 +45,9 @@ inline void check_gather_index_cpu(const at::Tensor& gather_index, int64_t featu
 // first, first + 2, ... (shift column k is feature first + 2k), and the next layer's kept features
 // start, start + 2, ... Rows then need no index loads: each pair of features (2p, 2p + 1) is one step
 // of a loop that the compiler vectorises with shuffles (benchmarks/NOTES.md); the additive and the affine
-// kernels both take such a path (the additive coupling's CUDA version 2 too, checking the same maps on the
-// device: find_odd_even_maps in csrc/cuda/coupling_rows.cuh). Returns `first` (0 or 1), or -1 for any other mask.
+// kernels both take such a path (their CUDA version 2 kernels too, checking the same maps on the
+// device: find_odd_even_maps in csrc/cuda/coupling_rows.cuh). Returns `first` (0 or 1), or -1 for any
+// other mask.
 inline int64_t stride2_first_updated(const int32_t* col, int64_t features, int64_t updated) {
   for (int64_t first = 0; first <= 1; ++first) {
     if ((features - first + 1) / 2 != updated) continue;

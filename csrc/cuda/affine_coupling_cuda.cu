@@ -136,6 +136,109 @@ __global__ void affine_coupling_update_backward_kernel(
 // summed in one order: the same for every layout, deterministic, and another order than version 1's.
 // The table needs features int32 of shared memory (feature_table_fits); wider rows take version 1.
 // ---------------------------------------------------------------------------------------------------
+// The odd/even rows (find_odd_even_maps, csrc/cuda/coupling_rows.cuh), as in the additive coupling: pack
+// p of a row (V features from the even feature p * V) updates the features of parity maps.first with the
+// log-scales and shifts of columns p * V / 2 ... p * V / 2 + V / 2 - 1, read in half packs, and gives the
+// next layer the features of parity maps.start in a half pack: no index loads. The parities are runtime
+// values, uniform over the grid (branches every lane takes alike). Each element's math and the order of the
+// row's log|det| sum (pack by pack, element by element, then warp_sum) are the general loop's, so the
+// results are the same bit for bit.
+template <typename scalar_t, int V, typename opmath_t>
+__device__ __forceinline__ void affine_coupling_update_odd_even_rows(
+    const scalar_t* __restrict__ x, int64_t x_row_stride, const scalar_t* __restrict__ log_scale_raw,
+    int64_t r_row_stride, const scalar_t* __restrict__ shift, int64_t s_row_stride, scalar_t* __restrict__ y,
+    scalar_t* __restrict__ gathered, opmath_t* __restrict__ log_det, int64_t batch, int64_t features,
+    int64_t gathered_n, AffineLaw law, bool inverse, OddEvenMaps maps) {
+  constexpr int H = V / 2;
+  using Values = Pack<scalar_t, V>;
+  using Halves = Pack<scalar_t, H>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
+    const Values* xr = reinterpret_cast<const Values*>(x + b * x_row_stride);
+    const Halves* rr = reinterpret_cast<const Halves*>(log_scale_raw + b * r_row_stride);
+    const Halves* sr = reinterpret_cast<const Halves*>(shift + b * s_row_stride);
+    Values* yr = reinterpret_cast<Values*>(y + b * features);
+    Halves* gr = reinterpret_cast<Halves*>(gathered + b * gathered_n);
+    opmath_t sum = 0;
+#pragma unroll 2
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values xv = xr[p];
+      const Halves r = rr[p], s = sr[p];
+      Values yv;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        yv.v[e] = (e & 1) == maps.first ? static_cast<scalar_t>(affine_forward_element(
+                                              law, inverse, opmath_t(xv.v[e]), opmath_t(r.v[e / 2]),
+                                              opmath_t(s.v[e / 2]), sum))
+                                        : xv.v[e];
+      }
+      yr[p] = yv;
+      if (gathered_n > 0) gr[p] = elements_of_parity(yv, maps.start);
+    }
+    const opmath_t total = warp_sum(sum);
+    if (lane == 0) log_det[b] = inverse ? -total : total;
+  }
+}
+
+// The backward of the odd/even rows: the general loop's arithmetic, element by element, with the next
+// layer's gradient, the log-scales and the shifts read, and their gradients written, in half packs.
+template <typename scalar_t, int V, typename opmath_t>
+__device__ __forceinline__ void affine_coupling_update_backward_odd_even_rows(
+    const scalar_t* __restrict__ grad_y, int64_t gy_row_stride, const scalar_t* __restrict__ grad_gathered,
+    int64_t gg_row_stride, int64_t gathered_n, const opmath_t* __restrict__ grad_log_det,
+    const scalar_t* __restrict__ x, int64_t x_row_stride, const scalar_t* __restrict__ log_scale_raw,
+    int64_t r_row_stride, const scalar_t* __restrict__ shift, int64_t s_row_stride, scalar_t* __restrict__ grad_x,
+    scalar_t* __restrict__ grad_log_scale_raw, scalar_t* __restrict__ grad_shift, int64_t batch, int64_t features,
+    int64_t updated, AffineLaw law, bool inverse, OddEvenMaps maps) {
+  constexpr int H = V / 2;
+  using Values = Pack<scalar_t, V>;
+  using Halves = Pack<scalar_t, H>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t packs = features / V;
+  for (int64_t b = warp_first_row(); b < batch; b += warp_row_step()) {
+    const Values* gyr = reinterpret_cast<const Values*>(grad_y + b * gy_row_stride);
+    const Halves* ggr = gathered_n > 0 ? reinterpret_cast<const Halves*>(grad_gathered + b * gg_row_stride) : nullptr;
+    const opmath_t gld = grad_log_det != nullptr ? grad_log_det[b] : opmath_t(0);
+    const Values* xr = reinterpret_cast<const Values*>(x + b * x_row_stride);
+    const Halves* rr = reinterpret_cast<const Halves*>(log_scale_raw + b * r_row_stride);
+    const Halves* sr = reinterpret_cast<const Halves*>(shift + b * s_row_stride);
+    Values* gxr = reinterpret_cast<Values*>(grad_x + b * features);
+    Halves* grr = reinterpret_cast<Halves*>(grad_log_scale_raw + b * updated);
+    Halves* gsr = reinterpret_cast<Halves*>(grad_shift + b * updated);
+    // Two packs in flight per lane, as in the general loop, except for 16-bit types: the math of two
+    // 8-element packs needs more than 80 registers (ptxas spilled 24 bytes; one pack: 71, no spill).
+    constexpr int kUnroll = sizeof(scalar_t) == 2 ? 1 : 2;
+#pragma unroll kUnroll
+    for (int64_t p = lane; p < packs; p += kWarpSize) {
+      const Values gv = gyr[p], xv = xr[p];
+      const Halves r = rr[p], s = sr[p];
+      Halves gg;
+      if (gathered_n > 0) gg = ggr[p];
+      Values gx;
+      Halves grad_r, grad_s;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const scalar_t g = gathered_n > 0 && (e & 1) == maps.start
+                               ? static_cast<scalar_t>(opmath_t(gv.v[e]) + opmath_t(gg.v[e / 2]))
+                               : gv.v[e];
+        if ((e & 1) != maps.first) {
+          gx.v[e] = g;
+          continue;
+        }
+        const AffineGrads<opmath_t> grads = affine_backward_element(
+            law, inverse, opmath_t(g), opmath_t(xv.v[e]), opmath_t(r.v[e / 2]), opmath_t(s.v[e / 2]), gld);
+        gx.v[e] = static_cast<scalar_t>(grads.x);
+        grad_r.v[e / 2] = static_cast<scalar_t>(grads.log_scale_raw);
+        grad_s.v[e / 2] = static_cast<scalar_t>(grads.shift);
+      }
+      gxr[p] = gx;
+      grr[p] = grad_r;
+      gsr[p] = grad_s;
+    }
+  }
+}
+
 template <typename scalar_t, int V, bool kAligned, typename opmath_t = at::opmath_type<scalar_t>>
 __global__ void __launch_bounds__(kRowBlockThreads)
     affine_coupling_update_rows_kernel(const scalar_t* __restrict__ x, int64_t x_row_stride,
@@ -144,9 +247,19 @@ __global__ void __launch_bounds__(kRowBlockThreads)
                                        const int32_t* __restrict__ shift_col, const int32_t* __restrict__ gather_index,
                                        scalar_t* __restrict__ y, scalar_t* __restrict__ gathered,
                                        opmath_t* __restrict__ log_det, int64_t batch, int64_t features,
-                                       int64_t updated, int64_t gathered_n, AffineLaw law, bool inverse) {
+                                       int64_t updated, int64_t gathered_n, AffineLaw law, bool inverse,
+                                       bool halves_aligned) {
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  if constexpr (V % 2 == 0 && kAligned) {
+    const OddEvenMaps maps = find_odd_even_maps(shift_col, gather_index, features, updated, gathered_n);
+    if (maps.found() && halves_aligned) {  // the same for the whole block
+      affine_coupling_update_odd_even_rows<scalar_t, V>(x, x_row_stride, log_scale_raw, r_row_stride, shift,
+                                                        s_row_stride, y, gathered, log_det, batch, features,
+                                                        gathered_n, law, inverse, maps);
+      return;
+    }
+  }
   extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
   int32_t* slot = reinterpret_cast<int32_t*>(shared_bytes);
   const bool repeats = inverse_gather_map(gather_index, gathered_n, features, slot);
@@ -202,9 +315,19 @@ __global__ void __launch_bounds__(kRowBlockThreads) affine_coupling_update_backw
     int64_t r_row_stride, const scalar_t* __restrict__ shift, int64_t s_row_stride,
     const int32_t* __restrict__ shift_col, const int32_t* __restrict__ gather_index, scalar_t* __restrict__ grad_x,
     scalar_t* __restrict__ grad_log_scale_raw, scalar_t* __restrict__ grad_shift, int64_t batch, int64_t features,
-    int64_t updated, AffineLaw law, bool inverse) {
+    int64_t updated, AffineLaw law, bool inverse, bool halves_aligned) {
   using Values = Pack<scalar_t, V>;
   using Indices = Pack<int32_t, V>;
+  if constexpr (V % 2 == 0 && kAligned) {
+    const OddEvenMaps maps = find_odd_even_maps(shift_col, gather_index, features, updated, gathered_n);
+    if (maps.found() && halves_aligned) {  // the same for the whole block
+      affine_coupling_update_backward_odd_even_rows<scalar_t, V>(
+          grad_y, gy_row_stride, grad_gathered, gg_row_stride, gathered_n, grad_log_det, x, x_row_stride,
+          log_scale_raw, r_row_stride, shift, s_row_stride, grad_x, grad_log_scale_raw, grad_shift, batch, features,
+          updated, law, inverse, maps);
+      return;
+    }
+  }
   extern __shared__ __align__(32) unsigned char shared_bytes[];  // read in packs of up to 8 int32
   const int32_t* slot = backward_gather_slots(gather_index, gathered_n, features, shared_bytes);
   const int lane = threadIdx.x % kWarpSize;
@@ -266,13 +389,19 @@ const char* affine_coupling_update_kernel_cuda(const at::Tensor& x, const at::Te
     if (cuda_kernel_version(RowKernelOp::AffineCoupling) == 2 && feature_table_fits(features, sizeof(int32_t))) {
       const bool aligned = rows_aligned_for_packs<scalar_t>(x) && index_map_aligned_for_packs<scalar_t>(shift_col);
       with_row_packs<scalar_t>(features, aligned, [&](auto pack, auto aligned_loads) {
+        constexpr int half = decltype(pack)::value / 2 > 0 ? decltype(pack)::value / 2 : 1;
+        const bool halves_aligned =
+            rows_in_packs_of<scalar_t>(log_scale_raw.const_data_ptr(), log_scale_raw.stride(0), updated, half) &&
+            rows_in_packs_of<scalar_t>(shift.const_data_ptr(), shift.stride(0), updated, half) &&
+            rows_in_packs_of<scalar_t>(gathered.const_data_ptr(), gathered_n, gathered_n, half);
         affine_coupling_update_rows_kernel<scalar_t, decltype(pack)::value, decltype(aligned_loads)::value>
             <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
                 x.const_data_ptr<scalar_t>(), x.stride(0), log_scale_raw.const_data_ptr<scalar_t>(),
                 log_scale_raw.stride(0), shift.const_data_ptr<scalar_t>(), shift.stride(0),
                 shift_col.const_data_ptr<int32_t>(), gather_index.const_data_ptr<int32_t>(),
                 y.mutable_data_ptr<scalar_t>(), gathered.mutable_data_ptr<scalar_t>(),
-                log_det.mutable_data_ptr<opmath_t>(), batch, features, updated, gathered_n, law, inverse);
+                log_det.mutable_data_ptr<opmath_t>(), batch, features, updated, gathered_n, law, inverse,
+                halves_aligned);
       });
       return;
     }
@@ -300,6 +429,14 @@ const char* affine_coupling_update_backward_kernel_cuda(const at::Tensor& grad_y
       const bool aligned = rows_aligned_for_packs<scalar_t>(grad_y) && rows_aligned_for_packs<scalar_t>(x) &&
                            index_map_aligned_for_packs<scalar_t>(shift_col);
       with_row_packs<scalar_t>(features, aligned, [&](auto pack, auto aligned_loads) {
+        constexpr int half = decltype(pack)::value / 2 > 0 ? decltype(pack)::value / 2 : 1;
+        const bool halves_aligned =
+            rows_in_packs_of<scalar_t>(log_scale_raw.const_data_ptr(), log_scale_raw.stride(0), updated, half) &&
+            rows_in_packs_of<scalar_t>(shift.const_data_ptr(), shift.stride(0), updated, half) &&
+            rows_in_packs_of<scalar_t>(grad_log_scale_raw.const_data_ptr(), updated, updated, half) &&
+            rows_in_packs_of<scalar_t>(grad_shift.const_data_ptr(), updated, updated, half) &&
+            (!has_gathered || rows_in_packs_of<scalar_t>(grad_gathered.const_data_ptr(), grad_gathered.stride(0),
+                                                         grad_gathered.size(1), half));
         affine_coupling_update_backward_rows_kernel<scalar_t, decltype(pack)::value, decltype(aligned_loads)::value>
             <<<row_blocks(batch), kRowBlockThreads, features * sizeof(int32_t), stream>>>(
                 grad_y.const_data_ptr<scalar_t>(), grad_y.stride(0),
@@ -310,7 +447,7 @@ const char* affine_coupling_update_backward_kernel_cuda(const at::Tensor& grad_y
                 shift.const_data_ptr<scalar_t>(), shift.stride(0), shift_col.const_data_ptr<int32_t>(),
                 gather_index.const_data_ptr<int32_t>(), grad_x.mutable_data_ptr<scalar_t>(),
                 grad_log_scale_raw.mutable_data_ptr<scalar_t>(), grad_shift.mutable_data_ptr<scalar_t>(), batch,
-                features, updated, law, inverse);
+                features, updated, law, inverse, halves_aligned);
       });
       return;
     }

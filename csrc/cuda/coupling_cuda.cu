@@ -99,11 +99,10 @@ __global__ void coupling_update_backward_kernel(const scalar_t* __restrict__ gra
 // runtime values, uniform over the grid: they choose between registers (selects), never index them. Each
 // element is computed as the general loop computes it, so the results are the same bit for bit.
 template <typename scalar_t, int V>
-__device__ __forceinline__ void coupling_update_odd_even_rows(const scalar_t* __restrict__ x, int64_t x_row_stride,
-                                              const scalar_t* __restrict__ shift, int64_t shift_row_stride,
-                                              scalar_t* __restrict__ y, scalar_t* __restrict__ gathered,
-                                              int64_t batch, int64_t features, int64_t gathered_n,
-                                              at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
+__device__ __forceinline__ void coupling_update_odd_even_rows(
+    const scalar_t* __restrict__ x, int64_t x_row_stride, const scalar_t* __restrict__ shift,
+    int64_t shift_row_stride, scalar_t* __restrict__ y, scalar_t* __restrict__ gathered, int64_t batch,
+    int64_t features, int64_t gathered_n, at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int H = V / 2;
   using Values = Pack<scalar_t, V>;
@@ -126,12 +125,7 @@ __device__ __forceinline__ void coupling_update_odd_even_rows(const scalar_t* __
                                         : xv.v[e];
       }
       yr[p] = yv;
-      if (gathered_n > 0) {
-        Halves g;
-#pragma unroll
-        for (int i = 0; i < H; ++i) g.v[i] = maps.start == 0 ? yv.v[2 * i] : yv.v[2 * i + 1];
-        gr[p] = g;
-      }
+      if (gathered_n > 0) gr[p] = elements_of_parity(yv, maps.start);
     }
   }
 }
@@ -139,12 +133,10 @@ __device__ __forceinline__ void coupling_update_odd_even_rows(const scalar_t* __
 // The backward of the odd/even rows: grad_x = grad_y plus the next layer's gradient at the gathered
 // features, grad_shift the signed grad_x of the updated ones, in half packs as in the forward.
 template <typename scalar_t, int V>
-__device__ __forceinline__ void coupling_update_backward_odd_even_rows(const scalar_t* __restrict__ grad_y, int64_t gy_row_stride,
-                                                       const scalar_t* __restrict__ grad_gathered,
-                                                       int64_t gg_row_stride, int64_t gathered_n,
-                                                       scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_shift,
-                                                       int64_t batch, int64_t features, int64_t updated,
-                                                       at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
+__device__ __forceinline__ void coupling_update_backward_odd_even_rows(
+    const scalar_t* __restrict__ grad_y, int64_t gy_row_stride, const scalar_t* __restrict__ grad_gathered,
+    int64_t gg_row_stride, int64_t gathered_n, scalar_t* __restrict__ grad_x, scalar_t* __restrict__ grad_shift,
+    int64_t batch, int64_t features, int64_t updated, at::opmath_type<scalar_t> sign, OddEvenMaps maps) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int H = V / 2;
   using Values = Pack<scalar_t, V>;
@@ -173,7 +165,9 @@ __device__ __forceinline__ void coupling_update_backward_odd_even_rows(const sca
 #pragma unroll
       for (int e = 0; e < V; ++e) gx.v[e] = static_cast<scalar_t>(total[e]);
 #pragma unroll
-      for (int i = 0; i < H; ++i) gs.v[i] = static_cast<scalar_t>(sign * (maps.first == 0 ? total[2 * i] : total[2 * i + 1]));
+      for (int i = 0; i < H; ++i) {
+        gs.v[i] = static_cast<scalar_t>(sign * (maps.first == 0 ? total[2 * i] : total[2 * i + 1]));
+      }
       gxr[p] = gx;
       gsr[p] = gs;
     }

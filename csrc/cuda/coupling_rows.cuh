@@ -6,6 +6,8 @@
 
 #include <cstdint>
 
+#include "cuda_utils.cuh"  // Pack (a path from this folder: the CUDA emulation rewrites both headers)
+
 namespace nice_ext {
 
 // slot[j] = k where gather_index[k] = j, else -1, for every feature j. Returns whether gather_index
@@ -73,6 +75,16 @@ __device__ inline OddEvenMaps find_odd_even_maps(const int32_t* __restrict__ shi
   else if (!(bits & 4) && gathered_n == (features + 1) / 2) maps.start = 0;
   else if (!(bits & 8) && gathered_n == features / 2) maps.start = 1;
   return maps;
+}
+
+// The elements of one parity (0: 0, 2, 4, ...; 1: 1, 3, 5, ...) of a pack of an even number V of
+// consecutive features: with odd/even maps, the half pack of the next layer's inputs a pack gives.
+template <typename T, int V>
+__device__ inline Pack<T, V / 2> elements_of_parity(const Pack<T, V>& pack, int parity) {
+  Pack<T, V / 2> half;
+#pragma unroll
+  for (int i = 0; i < V / 2; ++i) half.v[i] = parity == 0 ? pack.v[2 * i] : pack.v[2 * i + 1];
+  return half;
 }
 
 // Whether every row of a (rows, length) tensor with this data pointer and row stride can be read in
