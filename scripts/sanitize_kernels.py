@@ -12,8 +12,9 @@ backward (with and without the optional gradients) over:
     (packs on strided rows), and rows at odd offsets and strides (one element per access);
   - widths below and above a warp and a block, and past the 32 KiB of shared-memory scales (9000);
   - one row, a few hundred, and more rows than the grid holds (the grid-stride loop);
-  - index maps of each kind (odd/even with and without a next layer, random masks), index maps that
-    start 4 bytes into their buffer (no packs), and (on a GPU) a gather_index that repeats a feature.
+  - index maps of each kind (odd/even with and without a next layer, which version 2 walks without the
+    maps where the rows allow half packs, and random masks), index maps that start 4 bytes into their
+    buffer (no packs), and (on a GPU) a gather_index that repeats a feature.
 Each result is compared loosely with the op's CPU kernel, so that a launch that does nothing, or reads
 garbage, fails here too; values in detail are the tests' job. Tensors are allocated without PyTorch's
 caching allocator where the caller sets PYTORCH_NO_CUDA_MEMORY_CACHING=1 (check_cuda.sh does), so that
