@@ -132,8 +132,9 @@ def test_gradcheck_float64(device, mask_kind, law, inverse, check):
 def test_layouts_of_log_scales_and_shifts_give_the_same_bits(device, dtype, features, mask_kind, law):
     # For the paper's odd/even maps CUDA's version 2 reads the log-scales and shifts (and writes their
     # gradients) in half packs where their rows allow it, and takes the general loop where they start one
-    # column into their buffers (find_odd_even_maps in csrc/cuda/coupling_rows.cuh). Both compute each
-    # element alike and sum a row's log|det| in one order, so every output is the same to the bit.
+    # column into their buffers (find_odd_even_maps in csrc/cuda/coupling_rows.cuh; float64's half pack is
+    # one element, which any row allows). Both compute each element alike and sum a row's log|det| in one
+    # order, so every output is the same to the bit.
     x, raw, shift, shift_col, gather_index, _ = make_case(257, features, mask_kind, device, dtype)
     g = torch.Generator().manual_seed(2)
     grad_y = torch.randn(x.shape, generator=g).to(device, dtype)

@@ -86,8 +86,8 @@ def test_aligned_rows_match_reference_bit_for_bit(device, dtype, batch, features
     # The layouts that choose how CUDA's version 2 walks a row: contiguous rows are read in 16-byte packs of
     # x, and for the paper's odd/even maps (find_odd_even_maps in csrc/cuda/coupling_rows.cuh) shift and
     # the next layer's input in half packs, with no index maps; a shift (or, backward, a gradient of the
-    # next layer's input) one column into its buffer keeps the packs of x and takes the general loop.
-    # Either way each element is one rounding of x +/- shift, as in the reference in the same dtype.
+    # next layer's input) one column into its buffer keeps the packs of x and takes the general loop
+    # (except in float64, whose half pack is one element). Either way each element is one rounding of x +/- shift, as in the reference in the same dtype.
     x, shift, shift_col, gather_index, _, _ = make_case(batch, features, mask_kind, device, dtype)
     grad_y, grad_gathered = torch.randn_like(x), torch.randn(batch, gather_index.numel(), device=device).to(dtype)
     for inverse in (False, True):
