@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from conftest import CUDA_KERNELS_EMULATED, DEVICES, MASK_KINDS, column_offset, coupling_masks, rel_error, sliced
+from conftest import (CUDA_KERNELS_EMULATED, DEVICES, MASK_KINDS, column_offset, coupling_masks, rel_error,
+                      sliced)
 from nice_ext import cuda_kernels_built, ops, reference
 from nice_ext.masks import checkerboard_mask, coupling_maps, odd_even_mask
 
@@ -87,7 +88,8 @@ def test_aligned_rows_match_reference_bit_for_bit(device, dtype, batch, features
     # x, and for the paper's odd/even maps (find_odd_even_maps in csrc/cuda/coupling_rows.cuh) shift and
     # the next layer's input in half packs, with no index maps; a shift (or, backward, a gradient of the
     # next layer's input) one column into its buffer keeps the packs of x and takes the general loop
-    # (except in float64, whose half pack is one element). Either way each element is one rounding of x +/- shift, as in the reference in the same dtype.
+    # (except in float64, whose half pack is one element). Either way each element is one rounding of
+    # x +/- shift, as in the reference in the same dtype.
     x, shift, shift_col, gather_index, _, _ = make_case(batch, features, mask_kind, device, dtype)
     grad_y, grad_gathered = torch.randn_like(x), torch.randn(batch, gather_index.numel(), device=device).to(dtype)
     for inverse in (False, True):
